@@ -1,0 +1,115 @@
+"""Argument checks shared by every optimizer.
+
+Each check raises ``ValueError`` (bad value) or ``TypeError`` (bad type) with a message that
+names the argument and the accepted values, so a mistake surfaces at construction time and
+never as an obscure failure deep inside a training run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+def _is_real_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_float(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Check that ``value`` is a finite real number within the given bounds."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if not _is_real_number(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    bad = (
+        math.isnan(value)
+        or (low is not None and (value < low or (low_open and value == low)))
+        or (high is not None and (value > high or (high_open and value == high)))
+        or (math.isinf(value) and not (low is None or high is None))
+    )
+    if bad:
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: Any, *, low: int | None = None) -> int:
+    """Check that ``value`` is an integer (not a bool), optionally ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    value = int(value)
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Check that ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_betas(value: Any, *, allow_beta2_one: bool = True) -> tuple[float, float]:
+    """Check ``betas=(beta1, beta2)``: beta1 in [0, 1); beta2 in [0, 1] (or [0, 1))."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
+    b1 = check_float("betas[0]", value[0], low=0.0, high=1.0, high_open=True)
+    b2 = check_float("betas[1]", value[1], low=0.0, high=1.0, high_open=not allow_beta2_one)
+    return (b1, b2)
+
+
+def check_params_dtype(params: Iterable[torch.Tensor], optimizer: str) -> None:
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{optimizer}: params must be tensors, got {type(p).__name__}")
+        if p.is_complex():
+            raise TypeError(
+                f"{optimizer} does not support complex parameters (got dtype {p.dtype}); "
+                "view them as real with torch.view_as_real"
+            )
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{optimizer} needs floating-point parameters, got dtype {p.dtype}"
+            )
+
+
+def check_grad(p: torch.Tensor, optimizer: str) -> None:
+    """Reject gradients this library cannot handle (sparse, complex)."""
+    g = p.grad
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(
+            f"{optimizer} does not support sparse gradients (got layout {g.layout}); "
+            "use a dense optimizer state or torch.optim.SparseAdam"
+        )
+    if g.is_complex():
+        raise TypeError(f"{optimizer} does not support complex gradients (got dtype {g.dtype})")
+    if g.shape != p.shape:
+        raise ValueError(
+            f"{optimizer}: gradient shape {tuple(g.shape)} does not match parameter "
+            f"shape {tuple(p.shape)}"
+        )

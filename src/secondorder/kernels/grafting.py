@@ -1,0 +1,83 @@
+"""Grafting: take the step *size* of a diagonal method and the *direction* of a preconditioner.
+
+One implementation shared by Shampoo and SONew. All functions are pure tensor math on
+float tensors; the optimizer classes own the state.
+
+Conventions (``beta`` is the EMA coefficient, ``t >= 1`` the step):
+
+* ``ema_weight(beta)`` is ``1 - beta``, or ``1`` when ``beta == 1`` (a running sum);
+* ``bias_correction(beta, t)`` is ``1 - beta**t``, or ``1`` when ``beta == 1`` or ``beta == 0``.
+
+Graft kinds and their accumulator ``v`` / direction ``a`` (for an input vector ``m``, which
+is the gradient or its momentum):
+
+=========  ================================  ==================================
+kind       accumulator update                direction ``a``
+=========  ================================  ==================================
+sgd        none                              ``m``
+adagrad    ``v += g**2``                     ``m / (sqrt(v) + eps)``
+rmsprop    ``v = beta2 v + w g**2``          ``m / (sqrt(v) + eps)``
+adam       as rmsprop                        ``m / (sqrt(v / bc(beta2, t)) + eps)``
+None       none                              no rescaling
+=========  ================================  ==================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAFT_KINDS: tuple[str | None, ...] = ("adam", "rmsprop", "adagrad", "sgd", None)
+#: graft kinds that keep a per-element second-moment accumulator
+GRAFTS_WITH_STATE = ("adam", "rmsprop", "adagrad")
+
+
+def ema_weight(beta: float) -> float:
+    """Weight of the new sample in an EMA with coefficient ``beta`` (1 for a running sum)."""
+    return 1.0 if beta == 1.0 else 1.0 - beta
+
+
+def bias_correction(beta: float, step: int) -> float:
+    """Adam-style bias correction ``1 - beta**step`` (1 for ``beta`` in {0, 1})."""
+    if beta == 1.0 or beta == 0.0:
+        return 1.0
+    return 1.0 - beta**step
+
+
+def update_second_moment(kind: str | None, v: torch.Tensor, g: torch.Tensor, beta2: float) -> None:
+    """Update the graft accumulator ``v`` in place with gradient ``g`` (no-op for sgd/None)."""
+    if kind == "adagrad":
+        v.addcmul_(g, g)
+    elif kind in ("rmsprop", "adam"):
+        if beta2 == 1.0:
+            v.addcmul_(g, g)
+        else:
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def graft_direction(
+    kind: str | None, m: torch.Tensor, v: torch.Tensor | None, step: int, beta2: float, eps: float
+) -> torch.Tensor:
+    """The diagonal method's direction ``a`` for input ``m`` (a new tensor)."""
+    if kind in (None, "sgd"):
+        return m.clone()
+    if kind not in GRAFTS_WITH_STATE:
+        raise ValueError(f"graft must be one of {GRAFT_KINDS}, got {kind!r}")
+    assert v is not None
+    bc = bias_correction(beta2, step) if kind == "adam" else 1.0
+    denom = (v / bc).sqrt_().add_(eps) if bc != 1.0 else v.sqrt().add_(eps)
+    return m / denom
+
+
+def block_norms(x: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each block of a stacked ``(B, ...)`` tensor, shape ``(B, 1, ..., 1)``."""
+    b = x.shape[0]
+    n = torch.linalg.vector_norm(x.reshape(b, -1), dim=1)
+    return n.reshape((b,) + (1,) * (x.dim() - 1))
+
+
+def graft_rescale(d: torch.Tensor, a: torch.Tensor, tiny: float = 1e-16) -> torch.Tensor:
+    """Rescale each block of ``d`` (stacked ``(B, ...)``) to the norm of the same block of ``a``.
+
+    Returns ``d * ||a_b|| / (||d_b|| + tiny)`` per block ``b`` (in place on ``d``).
+    """
+    return d.mul_(block_norms(a).div_(block_norms(d).add_(tiny)))

@@ -1,0 +1,182 @@
+"""The machinery every ``secondorder`` optimizer shares.
+
+Subclasses implement :meth:`SecondOrderOptimizer._validate_group` (raise on bad
+hyperparameters) and :meth:`SecondOrderOptimizer._update` (the math). This base class owns
+the behaviour users rely on being identical across optimizers:
+
+* every param group (including ``add_param_group`` later) is validated when it is added;
+* ``step(closure)`` evaluates the closure with grad enabled and returns its loss;
+* parameters whose ``grad`` is ``None`` and empty parameters are skipped (no state created);
+* sparse and complex gradients raise ``TypeError`` before anything is modified;
+* **non-finite gradients** (NaN/Inf anywhere in the step) follow ``nonfinite``:
+  ``"skip"`` (default) leaves every parameter and every state tensor bit-identical and
+  counts the skipped step; ``"raise"`` raises ``FloatingPointError`` before anything is
+  modified. The check costs one reduction and one host read per step;
+* ``load_state_dict`` keeps the dtype of every saved state tensor (``torch.optim`` would cast
+  float32 statistics to a bfloat16 parameter's dtype) and rejects a state dict whose tensors
+  do not fit the parameters with a clear ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .._validation import check_choice, check_grad, check_params_dtype
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class SecondOrderOptimizer(torch.optim.Optimizer):
+    """Base class; see the module docstring for the shared contract."""
+
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, nonfinite: str = "skip"
+    ) -> None:
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._validate_group({k: v for k, v in defaults.items()})
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        check_params_dtype(params, type(self).__name__)
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate_group(merged)
+        super().add_param_group(param_group)
+
+    # -------------------------------------------------------------------- step
+    def _params_with_grad(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+        name = type(self).__name__
+        out = []
+        for group in self.param_groups:
+            ps = []
+            for p in group["params"]:
+                if p.grad is None or p.numel() == 0:
+                    continue
+                check_grad(p, name)
+                ps.append(p)
+            out.append((group, ps))
+        return out
+
+    @staticmethod
+    def _all_finite(grads: list[torch.Tensor]) -> bool:
+        if not grads:
+            return True
+        # One fused reduction per device, one host read in total.
+        flags = []
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        for dev_grads in by_device.values():
+            sums = torch._foreach_norm(dev_grads, ord=float("inf")) if len(dev_grads) > 1 else [
+                dev_grads[0].abs().max()
+            ]
+            flags.append(torch.isfinite(torch.stack([s.float() for s in sums])).all().cpu())
+        return bool(torch.stack(flags).all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; returns the closure's loss (or ``None``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._params_with_grad()
+        grads = [p.grad for _, ps in work for p in ps]
+        if not self._all_finite(grads):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"{type(self).__name__}: non-finite gradient (NaN or Inf); parameters and "
+                    "optimizer state were left unchanged (nonfinite='raise')"
+                )
+            self.skipped_steps += 1
+            return loss
+        self._update(work)
+        return loss
+
+    def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # ------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        skipped = state_dict.pop("skipped_steps", 0)
+        saved_state = state_dict.get("state", {})
+        groups = state_dict.get("param_groups", [])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        # Map saved ids to our params to check that every state tensor fits its parameter.
+        id_to_param = {}
+        for saved, ours in zip(groups, self.param_groups):
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size "
+                    f"of this optimizer's group ({len(saved['params'])} vs {len(ours['params'])})"
+                )
+            id_to_param.update(zip(saved["params"], ours["params"]))
+        for pid, st in saved_state.items():
+            p = id_to_param.get(pid)
+            if p is None:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
+            self._check_loaded_state(p, st)
+        for saved, ours in zip(groups, self.param_groups):
+            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            self._validate_group(merged)
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype; restore saved dtypes.
+        for pid, st in saved_state.items():
+            p = id_to_param[pid]
+            self.state[p] = _tree_to_device(st, p)
+        self.skipped_steps = int(skipped)
+        self._after_load_state_dict()
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``st`` cannot belong to ``p``; subclasses may extend."""
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and key in self._param_shaped_keys:
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"state {key!r} has shape {tuple(value.shape)} but its parameter has "
+                        f"shape {tuple(p.shape)}: the state dict does not match these parameters"
+                    )
+
+    #: state keys whose tensors have the parameter's shape (checked on load)
+    _param_shaped_keys: tuple[str, ...] = ()
+
+    def _after_load_state_dict(self) -> None:
+        """Hook for subclasses to rebuild derived (non-checkpointed) caches."""
+
+
+def _tree_to_device(x: Any, p: torch.Tensor) -> Any:
+    """Copy a saved state tree onto ``p``'s device, keeping every tensor's dtype."""
+    if isinstance(x, torch.Tensor):
+        # 0-d CPU tensors (step counters) stay on the CPU, as torch.optim keeps them.
+        if x.dim() == 0 and x.device.type == "cpu":
+            return x.clone()
+        return x.to(device=p.device, copy=True)
+    if isinstance(x, dict):
+        return {k: _tree_to_device(v, p) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_tree_to_device(v, p) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_tree_to_device(v, p) for v in x)
+    return x

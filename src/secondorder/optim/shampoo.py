@@ -1,0 +1,7 @@
+"""Shampoo (placeholder while the implementation lands)."""
+
+from .base import SecondOrderOptimizer
+
+
+class Shampoo(SecondOrderOptimizer):
+    pass
