@@ -1,0 +1,340 @@
+"""Inverse p-th roots of symmetric positive (semi-)definite matrices, batched.
+
+Shampoo needs ``(S + eps_eff * I)^(-1/p)`` for every factor ``S`` of every block. Factors of
+the same size are stacked into one ``(B, n, n)`` batch and solved together, so every
+function here takes a batch (a single ``(n, n)`` matrix is accepted too and gives unbatched
+results).
+
+* :func:`power_iteration` -- largest eigenvalue of each matrix (for the relative ridge).
+* :func:`inverse_root_newton` -- coupled Newton iteration (matmuls only; ALGORITHMS.md 1.4).
+* :func:`inverse_root_eigh` -- eigendecomposition (exact, robust, slower on accelerators).
+* :func:`inverse_root` -- the pipeline the optimizer calls: relative ridge, solve, accept
+  or reject each matrix, optionally retry the rejected ones with a larger ridge.
+
+Precision: work is done in float32, or float64 when the input is float64. Half-precision
+inputs (bf16/fp16) are upcast to float32 and the results stay float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METHODS",
+    "RootResult",
+    "inverse_root",
+    "inverse_root_eigh",
+    "inverse_root_newton",
+    "power_iteration",
+]
+
+#: accepted values of ``inverse_root(method=...)``
+METHODS = ("newton", "eigh")
+
+#: smallest ridge ever added (keeps all-zero statistics invertible in fp32 without overflow)
+_RIDGE_FLOOR = 1e-30
+
+
+class RootResult(NamedTuple):
+    """Result of :func:`inverse_root` for a ``(B, n, n)`` batch.
+
+    Attributes:
+        root: ``(B, n, n)`` approximation of ``(A + eps_eff I)^(-1/p)``.
+        error: ``(B,)`` error estimate of each root (method specific, see the solvers).
+        lambda_max: ``(B,)`` largest eigenvalue of each raw matrix ``A`` (power iteration).
+        ok: ``(B,)`` bool; ``True`` where the root is finite and ``error < failure_threshold``.
+            Where it is ``False`` the caller should keep its previous root.
+    """
+
+    root: Tensor
+    error: Tensor
+    lambda_max: Tensor
+    ok: Tensor
+
+
+def _check_p(p: object) -> int:
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"p must be an integer >= 1, got {p!r}")
+    return p
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16, ints) is solved in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_batch(A: Tensor, name: str = "A") -> tuple[Tensor, bool]:
+    """Return ``A`` as a ``(B, n, n)`` tensor in the compute dtype, and whether it was 2-d."""
+    if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{name} must have shape (n, n) or (B, n, n), got {tuple(A.shape)}")
+    unbatched = A.dim() == 2
+    if unbatched:
+        A = A.unsqueeze(0)
+    return A.to(_compute_dtype(A.dtype)), unbatched
+
+
+def _eye_like(A: Tensor) -> Tensor:
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+
+
+def _fro_norm(A: Tensor) -> Tensor:
+    """Frobenius norm of each matrix, scaled first so that tiny entries do not underflow."""
+    scale = A.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(A.dtype).tiny)
+    return scale * torch.linalg.matrix_norm(A / scale[:, None, None], ord="fro")
+
+
+def _start_vector(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Deterministic unit start vector: uniform plus a small non-uniform perturbation.
+
+    The uniform part overlaps the top eigenvector of any matrix with positive entries (e.g.
+    Gram matrices of mostly same-signed data); the perturbation breaks the symmetry for
+    matrices whose top eigenvector is orthogonal to the all-ones vector.
+    """
+    i = torch.arange(n, dtype=dtype, device=device)
+    v = 1.0 + 0.1 * torch.sin(1.0 + 2.7 * i)
+    return v / torch.linalg.vector_norm(v)
+
+
+def power_iteration(A: Tensor, max_iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Largest eigenvalue of each symmetric PSD matrix in ``A`` by power iteration.
+
+    Args:
+        A: ``(B, n, n)`` batch (or one ``(n, n)`` matrix).
+        max_iters: maximum number of multiplications by ``A``.
+        tol: a matrix is converged when its Rayleigh quotient changes by at most
+            ``tol * |lambda|`` in one iteration. Convergence is checked every 10 iterations
+            (one host sync each); converged matrices are frozen, so the result for a matrix
+            does not depend on the other matrices of the batch.
+
+    Returns:
+        ``(B,)`` estimates of ``lambda_max`` (a 0-d tensor for 2-d input), in the compute
+        dtype. All-zero matrices give 0; non-finite matrices give NaN.
+    """
+    A, unbatched = _as_batch(A)
+    B, n, _ = A.shape
+    v = _start_vector(n, A.dtype, A.device).expand(B, n).unsqueeze(-1).contiguous()
+    lam = torch.zeros(B, dtype=A.dtype, device=A.device)
+    done = torch.zeros(B, dtype=torch.bool, device=A.device)
+    for it in range(max_iters):
+        w = torch.bmm(A, v)
+        lam_new = (v * w).sum(dim=(-2, -1))  # Rayleigh quotient, v has unit norm
+        norm = torch.linalg.vector_norm(w, dim=(-2, -1), keepdim=True)
+        v_new = torch.where(norm > 0, w / norm.clamp_min(torch.finfo(A.dtype).tiny), v)
+        converged = (lam_new - lam).abs() <= tol * lam_new.abs()
+        lam = torch.where(done, lam, lam_new)
+        v = torch.where(done[:, None, None], v, v_new)
+        if (it + 1) % 10 == 0:
+            done = done | converged | ~torch.isfinite(lam_new)
+            if bool(done.all()):
+                break
+    # The final Rayleigh quotient of the current vector (w was computed from the old one).
+    lam = torch.where(done, lam, (v * torch.bmm(A, v)).sum(dim=(-2, -1)))
+    return lam[0] if unbatched else lam
+
+
+def inverse_root_newton(
+    A: Tensor, p: int, *, max_iters: int = 100, tol: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """``A^(-1/p)`` for a batch of SPD matrices by the coupled Newton iteration.
+
+    The iteration (ALGORITHMS.md 1.4) keeps the pair ``(H, M)`` with ``M = H^p A``, starting
+    from ``M = z A``, ``H = z^(1/p) I`` with ``z = (1 + p) / (2 ||A||_F)``, and repeats
+    ``T = ((p + 1) I - M) / p``, ``M <- T^p M``, ``H <- H T`` until ``M`` is the identity.
+
+    Every matrix of the batch runs its own iteration: it stops when its error
+    ``e = max|M - I|`` drops to ``tol``, or when ``e`` grows above ``1.2`` times the
+    previous error (then the previous, better ``H`` is kept). Stopped matrices are no
+    longer computed on; the loop ends when all have stopped or after ``max_iters``
+    iterations. One host sync per iteration (cheap next to the ``p + 1`` matmuls).
+
+    Args:
+        A: ``(B, n, n)`` SPD batch (or one ``(n, n)`` matrix), ridge already added.
+        p: root order, an integer ``>= 1``.
+        max_iters: maximum number of Newton iterations.
+        tol: target for ``max|M - I|``.
+
+    Returns:
+        ``(H, err)``: ``H`` of shape ``(B, n, n)`` in the compute dtype (fp32, or fp64 for
+        fp64 input) and ``err`` of shape ``(B,)``, the final ``max|M - I|`` of the returned
+        ``H`` (NaN/Inf when the input or the iteration blew up).
+    """
+    p = _check_p(p)
+    A, unbatched = _as_batch(A)
+    B = A.shape[0]
+    eye = _eye_like(A)
+    norm = _fro_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
+    z = (1.0 + p) / (2.0 * norm)
+    M = z[:, None, None] * A
+    H = z.pow(1.0 / p)[:, None, None] * eye
+    err = (M - eye).abs().amax(dim=(-2, -1))
+    active = err > tol  # NaN compares False: a non-finite start is returned as is
+    idx = torch.arange(B, device=A.device)
+    for _ in range(max_iters):
+        if not bool(active.any()):
+            break
+        if not bool(active.all()):
+            idx_a = idx[active]
+            M_a, H_a, err_a = M[idx_a], H[idx_a], err[idx_a]
+        else:
+            idx_a, M_a, H_a, err_a = None, M, H, err
+        eye_a = eye[: M_a.shape[0]]
+        T = ((p + 1) * eye_a - M_a) / p
+        M_new = torch.linalg.matrix_power(T, p) @ M_a if p > 1 else T @ M_a
+        H_new = H_a @ T
+        err_new = (M_new - eye_a).abs().amax(dim=(-2, -1))
+        accept = err_new <= 1.2 * err_a  # False for NaN: keep the previous (good) H
+        M_a = torch.where(accept[:, None, None], M_new, M_a)
+        H_a = torch.where(accept[:, None, None], H_new, H_a)
+        err_a = torch.where(accept, err_new, err_a)
+        still = accept & (err_new > tol)
+        if idx_a is None:
+            M, H, err, active = M_a, H_a, err_a, still
+        else:
+            M = M.index_copy(0, idx_a, M_a)
+            H = H.index_copy(0, idx_a, H_a)
+            err = err.index_copy(0, idx_a, err_a)
+            active = active.index_copy(0, idx_a, still)
+    if unbatched:
+        return H[0], err[0]
+    return H, err
+
+
+def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched eigh in ``A``'s dtype, retried in fp64 (whole batch, then matrix by matrix).
+
+    Matrices whose decomposition fails even in fp64 get NaN eigenvalues and vectors.
+    Results are returned in ``A``'s dtype.
+    """
+    try:
+        L, Q = torch.linalg.eigh(A)
+        if bool(torch.isfinite(L).all()) and bool(torch.isfinite(Q).all()):
+            return L, Q
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        pass
+    A64 = A.to(torch.float64)
+    try:
+        L, Q = torch.linalg.eigh(A64)
+    except RuntimeError:
+        Ls, Qs = [], []
+        for a in A64:
+            try:
+                l_i, q_i = torch.linalg.eigh(a)
+            except RuntimeError:
+                l_i = torch.full_like(a[0], float("nan"))
+                q_i = torch.full_like(a, float("nan"))
+            Ls.append(l_i)
+            Qs.append(q_i)
+        L, Q = torch.stack(Ls), torch.stack(Qs)
+    return L.to(A.dtype), Q.to(A.dtype)
+
+
+def inverse_root_eigh(A: Tensor, p: int, *, eps: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """``A^(-1/p)`` for a batch of symmetric matrices by eigendecomposition.
+
+    ``A = Q diag(lam) Q^T`` gives ``A^(-1/p) = Q diag(max(lam, eps)^(-1/p)) Q^T``. The
+    decomposition runs in fp32 (fp64 for fp64 input) and is retried in fp64 when it raises
+    or returns non-finite values.
+
+    Args:
+        A: ``(B, n, n)`` symmetric batch (or one ``(n, n)`` matrix).
+        p: root order, an integer ``>= 1``.
+        eps: floor for the eigenvalues, a float or a ``(B,)`` tensor (one floor per matrix).
+            With ``eps = 0`` a singular matrix gives an infinite root (and ``err = inf``).
+
+    Returns:
+        ``(root, err)``: root in the compute dtype (fp32 for half-precision input). ``err``
+        (``(B,)``) is the relative reconstruction error of the decomposition,
+        ``||Q diag(lam) Q^T - A||_F / ||A||_F`` -- about ``n`` machine epsilons when the
+        decomposition is good. It does not measure the effect of the ``eps`` floor. It is
+        ``inf`` where the root is not finite (failed decomposition, NaN input, or a
+        non-positive eigenvalue with ``eps = 0``).
+    """
+    p = _check_p(p)
+    A, unbatched = _as_batch(A)
+    L, Q = _eigh(A)
+    if isinstance(eps, Tensor):
+        eps_t = eps.to(device=A.device, dtype=A.dtype).reshape(-1, 1)
+    else:
+        eps_t = torch.tensor(float(eps), device=A.device, dtype=A.dtype)
+    d = torch.maximum(L, eps_t).pow(-1.0 / p)
+    root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
+    recon = (Q * L.unsqueeze(-2)) @ Q.transpose(-2, -1)
+    a_norm = _fro_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
+    err = _fro_norm(recon - A) / a_norm
+    finite = torch.isfinite(root).all(dim=-1).all(dim=-1)
+    err = torch.where(finite, err, torch.full_like(err, float("inf")))
+    if unbatched:
+        return root[0], err[0]
+    return root, err
+
+
+def _solve(A: Tensor, eps_eff: Tensor, p: int, method: str, max_iters: int, tol: float):
+    A_reg = A + eps_eff[:, None, None] * _eye_like(A)
+    if method == "newton":
+        return inverse_root_newton(A_reg, p, max_iters=max_iters, tol=tol)
+    return inverse_root_eigh(A_reg, p, eps=eps_eff)
+
+
+def _accept(root: Tensor, err: Tensor, failure_threshold: float) -> Tensor:
+    finite = torch.isfinite(root).all(dim=-1).all(dim=-1)
+    return finite & torch.isfinite(err) & (err < failure_threshold)
+
+
+def inverse_root(
+    A: Tensor,
+    p: int,
+    *,
+    method: str = "newton",
+    ridge_epsilon: float = 1e-6,
+    max_iters: int = 100,
+    tol: float = 1e-6,
+    failure_threshold: float = 0.1,
+    retries: int = 0,
+) -> RootResult:
+    """``(A + eps_eff I)^(-1/p)`` for a batch of raw Shampoo statistics, with acceptance.
+
+    Steps: ``lambda_max`` by :func:`power_iteration`; relative ridge
+    ``eps_eff = max(ridge_epsilon * lambda_max, 1e-30)`` (the absolute floor keeps all-zero
+    matrices solvable); solve with ``method`` (``"newton"``: :func:`inverse_root_newton`,
+    error ``max|M - I|``; ``"eigh"``: :func:`inverse_root_eigh` with eigenvalue floor
+    ``eps_eff``, error = relative reconstruction error); accept each root when it is finite
+    and its error is below ``failure_threshold``. With ``retries > 0`` the rejected matrices
+    (only those) are solved again with a ridge ten times larger, up to ``retries`` times
+    (one host sync per retry round; none when ``retries == 0``).
+
+    Args:
+        A: ``(B, n, n)`` symmetric PSD statistics (or one ``(n, n)`` matrix).
+        p: root order, an integer ``>= 1``.
+        method: ``"newton"`` or ``"eigh"``.
+
+    Returns:
+        A :class:`RootResult`; tensors are in the compute dtype (fp32, or fp64 for fp64
+        input). The caller keeps its previous root wherever ``ok`` is ``False``.
+    """
+    p = _check_p(p)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not ridge_epsilon >= 0:
+        raise ValueError(f"ridge_epsilon must be >= 0, got {ridge_epsilon!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+    A, unbatched = _as_batch(A)
+    lam = power_iteration(A, max_iters=max_iters, tol=tol)
+    eps_eff = (ridge_epsilon * lam).clamp_min(_RIDGE_FLOOR)
+    root, err = _solve(A, eps_eff, p, method, max_iters, tol)
+    ok = _accept(root, err, failure_threshold)
+    for _ in range(retries):
+        if bool(ok.all()):
+            break
+        bad = (~ok).nonzero().squeeze(-1)
+        eps_eff = eps_eff.index_copy(0, bad, eps_eff[bad] * 10.0)
+        r_bad, e_bad = _solve(A[bad], eps_eff[bad], p, method, max_iters, tol)
+        root = root.index_copy(0, bad, r_bad)
+        err = err.index_copy(0, bad, e_bad)
+        ok = ok.index_copy(0, bad, _accept(r_bad, e_bad, failure_threshold))
+    if unbatched:
+        return RootResult(root[0], err[0], lam[0], ok[0])
+    return RootResult(root, err, lam, ok)
