@@ -1,0 +1,50 @@
+"""Kronecker-factored statistics and their application, batched over stacked blocks.
+
+A *stack* is a tensor of shape ``(B, n_1, ..., n_k)``: ``B`` independent order-``k`` blocks
+of the same shape. Every function here works on a whole stack with batched matmuls, so
+same-size blocks cost one kernel launch, not one per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grafting import ema_weight
+
+
+def unfold(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mode-``axis`` unfolding of each block: ``(B, n_axis, prod(other dims))``."""
+    b, n = x.shape[0], x.shape[axis + 1]
+    return x.movedim(axis + 1, 1).reshape(b, n, -1)
+
+
+def update_statistics(stats: list[torch.Tensor], x: torch.Tensor, beta2: float) -> None:
+    """In place: ``stats[i] <- beta2 * stats[i] + w * X_(i) X_(i)^T`` for each axis ``i``.
+
+    ``x`` is a stack ``(B, n_1, ..., n_k)``; ``stats[i]`` has shape ``(B, n_i, n_i)``;
+    ``w = 1 - beta2`` (or ``1`` for ``beta2 == 1``, a running sum).
+    """
+    w = ema_weight(beta2)
+    for i, s in enumerate(stats):
+        xi = unfold(x, i)
+        s.baddbmm_(xi, xi.transpose(1, 2), beta=beta2, alpha=w)
+
+
+def precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
+    """Apply one (symmetric) factor per axis: ``x ×_1 P_1 ×_2 P_2 ... ×_k P_k``.
+
+    For a matrix stack this is ``P_1 @ X @ P_2``. Returns a new tensor of ``x``'s shape.
+    """
+    k = x.dim() - 1
+    if k == 2:
+        return torch.bmm(torch.bmm(roots[0], x), roots[1])
+    if k == 1:
+        return torch.bmm(roots[0], x.unsqueeze(-1)).squeeze(-1)
+    # Contract the leading block axis, then rotate it to the back; after k rotations the
+    # axes are in their original order again.
+    for i in range(k):
+        b, n = x.shape[0], x.shape[1]
+        rest = x.shape[2:]
+        y = torch.bmm(roots[i], x.reshape(b, n, -1)).reshape(b, n, *rest)
+        x = y.movedim(1, -1)
+    return x.contiguous()
