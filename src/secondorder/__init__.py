@@ -1,6 +1,7 @@
 """secondorder: practical second-order optimizers for PyTorch."""
 
 from .optim.shampoo import Shampoo
+from .optim.sonew import SONew
 
-__all__ = ["Shampoo"]
+__all__ = ["Shampoo", "SONew"]
 __version__ = "0.1.0"

@@ -1,0 +1,223 @@
+"""SONew: the sparsified online Newton method with LogDet-optimal banded preconditioners.
+
+Math in ``ALGORITHMS.md`` §2; the kernels are in :mod:`secondorder.kernels.sonew`, grafting
+is shared with Shampoo (:mod:`secondorder.kernels.grafting`). This module only orchestrates:
+state, dtypes and step order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .._validation import check_betas, check_bool, check_choice, check_float, check_int
+from ..kernels import sonew as K
+from ..kernels.grafting import bias_correction, ema_weight, graft_direction, graft_rescale
+from .base import SecondOrderOptimizer
+
+__all__ = ["SONew"]
+
+GRAFTS = ("adam", None)
+DAMPINGS = ("relative", "absolute")
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
+
+
+class SONew(SecondOrderOptimizer):
+    r"""SONew (Devvrit et al., NeurIPS 2023): ``θ ← θ − lr · (X m̂ + λ θ)``.
+
+    ``X`` is the sparse (diagonal, tridiagonal or banded) matrix minimising
+    ``−log det X + tr(X Ĥ)`` where ``Ĥ`` is the band of the bias-corrected EMA of ``g gᵀ``;
+    it is built in closed form by an LDLᵀ factorisation, in O(n·b³) work and O(n·b) memory.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: learning rate (``>= 0``).
+        betas: ``(β1, β2)``: momentum EMA ``β1 ∈ [0, 1)``; statistics EMA ``β2 ∈ [0, 1]``
+            (``β2 = 1``: a running sum). Both are bias-corrected (Adam style).
+        eps: damping ``ε > 0`` added to the diagonal of ``Ĥ`` before factorising. With
+            ``damping="relative"`` (default) the added value is ``ε · ‖Ĥ‖_∞`` (exact max
+            row sum of the band, computed on device, no host sync), which bounds the
+            condition number of ``Ĥ + δI`` by about ``1 + 1/ε`` independent of the gradient
+            scale; with ``damping="absolute"`` it is ``ε`` itself (the reference code's
+            convention). For ``band=0`` this gives ``X = diag(1 / (Ĥ_jj + δ))``.
+        weight_decay: decoupled (AdamW style) weight decay ``λ >= 0``.
+        band: ``0`` diagonal, ``1`` tridiagonal (elementwise closed form), ``b > 1`` banded
+            (batched ``b×b`` Cholesky solves over all columns at once).
+        graft: ``"adam"`` (default) rescales each tensor's direction ``u = X m̂`` to the
+            norm of Adam's direction ``m̂ / (√v̂ + graft_eps)``, with ``v`` the diagonal of
+            the band statistics (no extra state); ``None`` uses ``X m̂`` as is (its scale is
+            that of an *inverse*, not inverse square root, so ``lr`` must be retuned).
+        graft_eps: the ``ε`` of the Adam graft direction.
+        damping: ``"relative"`` or ``"absolute"``, see ``eps``.
+        state_dtype: dtype of ``exp_avg`` and the band statistics. ``None`` (default) uses
+            each parameter's dtype, so bf16 parameters get bf16 state (half the memory of
+            fp32 state); ``torch.float32`` keeps fp32 state for bf16 parameters.
+        compute_dtype: dtype of the factorisation and of ``X m̂``. ``None`` (default) is
+            float32, or float64 when the state is float64: bf16 statistics are upcast to
+            fp32 for the LDLᵀ (cheap, elementwise). ``torch.bfloat16`` factorises in bf16
+            (less memory traffic; relies on the stability guard).
+        guard_threshold: the stability guard of §2.3. A neighbour edge of column ``j`` is
+            dropped when the Schur complement ``s_j`` falls to ``guard_threshold · d_j`` or
+            below (farthest edges first for ``band > 1``), so every ``D_j > 0``. ``None``
+            (default) uses the machine epsilon of the compute dtype (fp32 1.2e-7, bf16
+            7.8e-3).
+        precondition_1d: if ``True`` (default) every tensor, including 1-d biases and
+            norm scales, gets the banded preconditioner; if ``False``, tensors with fewer
+            than 2 dims take the plain Adam update (``m̂ / (√v̂ + graft_eps)``).
+        nonfinite: ``"skip"`` (default) or ``"raise"``: what a step with a NaN/Inf gradient
+            does (see :class:`~secondorder.optim.base.SecondOrderOptimizer`); either way
+            parameters and state are left untouched.
+
+    **Flattening order.** Each tensor is flattened row-major (``p.reshape(-1)``, C order):
+    for a linear weight ``[out, in]`` neighbours are consecutive input weights of one output
+    unit; for a conv kernel ``[out, in, kh, kw]`` consecutive kernel taps. The chain runs
+    on across row boundaries (the last weight of unit ``i`` neighbours the first weight of
+    unit ``i + 1``); the statistics decide how much that edge matters.
+
+    **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped),
+    ``band_stats`` (``(numel, b + 1)``; column ``k`` holds the EMA of ``g_j · g_{j+k}``).
+    """
+
+    _param_shaped_keys = ("exp_avg",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        band: int = 1,
+        graft: str | None = "adam",
+        *,
+        graft_eps: float = 1e-8,
+        damping: str = "relative",
+        state_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
+        guard_threshold: float | None = None,
+        precondition_1d: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            band=band,
+            graft=graft,
+            graft_eps=graft_eps,
+            damping=damping,
+            state_dtype=state_dtype,
+            compute_dtype=compute_dtype,
+            guard_threshold=guard_threshold,
+            precondition_1d=precondition_1d,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ groups
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_float("lr", group["lr"], low=0.0)
+        group["betas"] = check_betas(group["betas"], allow_beta2_one=True)
+        check_float("eps", group["eps"], low=0.0, low_open=True)
+        check_float("weight_decay", group["weight_decay"], low=0.0)
+        check_int("band", group["band"], low=0)
+        check_choice("graft", group["graft"], GRAFTS)
+        check_float("graft_eps", group["graft_eps"], low=0.0)
+        check_choice("damping", group["damping"], DAMPINGS)
+        check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
+        check_choice("compute_dtype", group["compute_dtype"], COMPUTE_DTYPES)
+        if group["guard_threshold"] is not None:
+            check_float("guard_threshold", group["guard_threshold"], low=0.0, high=1.0)
+        check_bool("precondition_1d", group["precondition_1d"])
+
+    @staticmethod
+    def _band_for(group: dict[str, Any], p: torch.Tensor) -> int | None:
+        """Half-bandwidth used for ``p``, or ``None`` for the plain Adam update."""
+        if p.dim() < 2 and not group["precondition_1d"]:
+            return None
+        return group["band"]
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        super()._check_loaded_state(p, st)
+        h = st.get("band_stats")
+        if isinstance(h, torch.Tensor) and (h.dim() != 2 or h.shape[0] != p.numel()):
+            raise ValueError(
+                f"state 'band_stats' has shape {tuple(h.shape)} but its parameter has "
+                f"{p.numel()} elements (expected ({p.numel()}, band + 1))"
+            )
+
+    # -------------------------------------------------------------------- step
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        sdt = group["state_dtype"] or p.dtype
+        band = self._band_for(group, p)
+        width = 1 if band is None else band + 1
+        st["step"] = torch.tensor(0.0)
+        st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
+        st["band_stats"] = torch.zeros((p.numel(), width), dtype=sdt, device=p.device)
+
+    def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        for group, params in work:
+            for p in params:
+                st = self.state[p]
+                if len(st) == 0:
+                    self._init_state(group, p, st)
+                self._step_param(group, p, st)
+
+    def _step_param(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        band = self._band_for(group, p)
+        m, h = st["exp_avg"], st["band_stats"]
+        width = 1 if band is None else band + 1
+        if h.shape[1] != width:
+            raise ValueError(
+                f"SONew: band_stats of a parameter has width {h.shape[1]} but band={band} "
+                f"needs {width}; band (and precondition_1d) cannot change during training"
+            )
+        sdt = m.dtype
+        cdt = group["compute_dtype"] or (torch.float64 if sdt == torch.float64 else torch.float32)
+
+        st["step"] += 1
+        t = int(st["step"].item())  # CPU scalar: no device sync
+        bc1 = bias_correction(beta1, t)
+        bc2 = bias_correction(beta2, t)
+
+        g = p.grad.reshape(-1).to(sdt)
+        mf = m.view(-1)
+        mf.lerp_(g, 1.0 - beta1)
+        K.update_band_stats(h, g, beta2, ema_weight(beta2))
+
+        hc = h.to(cdt)
+        mc = mf.to(cdt)
+        if band is None:
+            u = graft_direction("adam", mc, hc[:, 0], t, beta2, group["graft_eps"])
+            scale = 1.0 / bc1
+        else:
+            # Factorise H + δ'I with the raw (not bias-corrected) statistics: with
+            # Ĥ = H / bc2 and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard
+            # decisions, which are scale invariant); the scalar is folded into the step.
+            if group["damping"] == "relative":
+                delta = (K.band_inf_norm(hc) * group["eps"]).clamp_min_(torch.finfo(cdt).tiny)
+            else:
+                delta = group["eps"] * bc2
+            if band == 0:
+                u = K.diag_preconditioner(hc, delta).mul_(mc)
+            else:
+                gamma = group["guard_threshold"]
+                if gamma is None:
+                    gamma = K.guard_threshold(cdt)
+                ldl = K.tridiag_ldl if band == 1 else K.band_ldl
+                psi, D = ldl(hc, delta, gamma)
+                u = K.apply_preconditioner(psi, D, mc)
+            if group["graft"] == "adam":
+                a = graft_direction("adam", mc, hc[:, 0], t, beta2, group["graft_eps"])
+                graft_rescale(u.unsqueeze(0), a.unsqueeze(0))
+                scale = 1.0 / bc1
+            else:
+                scale = bc2 / bc1
+        if wd != 0.0:
+            p.mul_(1.0 - lr * wd)
+        p.add_(u.view(p.shape), alpha=-lr * scale)

@@ -1,0 +1,196 @@
+"""SONew kernels against dense float64 references (ALGORITHMS.md §2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secondorder.kernels import sonew as K
+
+
+def _band_mask(n: int, b: int) -> torch.Tensor:
+    i = torch.arange(n)
+    return (i[:, None] - i[None, :]).abs() <= b
+
+
+def _random_stats(n: int, b: int, seed: int, dtype=torch.float64, samples: int | None = None):
+    """Band of an EMA of g gᵀ over random gradients: every fully specified block is PSD."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = samples or 2 * n
+    h = torch.zeros(n, b + 1, dtype=dtype)
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5 + torch.eye(n)
+    for _ in range(samples):
+        g = (mix @ torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype)
+        K.update_band_stats(h, g, 0.95, 0.05)
+    return h
+
+
+def _ldl(h, delta, gamma):
+    b = h.shape[1] - 1
+    if b == 1:
+        return K.tridiag_ldl(h, delta, gamma)
+    return K.band_ldl(h, delta, gamma)
+
+
+def test_update_band_stats_matches_dense_outer_products():
+    gen = torch.Generator().manual_seed(0)
+    n, b = 13, 3
+    h = torch.zeros(n, b + 1, dtype=torch.float64)
+    dense = torch.zeros(n, n, dtype=torch.float64)
+    for _ in range(5):
+        g = torch.randn(n, generator=gen, dtype=torch.float64)
+        K.update_band_stats(h, g, 0.9, 0.1)
+        dense = 0.9 * dense + 0.1 * torch.outer(g, g)
+    expected = torch.where(_band_mask(n, b), dense, torch.zeros(()))
+    torch.testing.assert_close(K.band_to_dense(h), expected)
+    # entries past the end stay zero
+    for k in range(1, b + 1):
+        assert torch.all(h[n - k :, k] == 0)
+
+
+def test_band_stats_running_sum_when_beta2_is_one():
+    g = torch.arange(1.0, 6.0, dtype=torch.float64)
+    h = torch.zeros(5, 2, dtype=torch.float64)
+    K.update_band_stats(h, g, 1.0, 1.0)
+    K.update_band_stats(h, g, 1.0, 1.0)
+    torch.testing.assert_close(h[:, 0], 2 * g * g)
+    torch.testing.assert_close(h[:-1, 1], 2 * g[:-1] * g[1:])
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 50), b=st.integers(0, 4), seed=st.integers(0, 10_000))
+def test_band_inf_norm_is_exact(n, b, seed):
+    h = _random_stats(n, b, seed, samples=3)
+    dense = K.band_to_dense(h)
+    torch.testing.assert_close(K.band_inf_norm(h), dense.abs().sum(dim=1).max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(12, 50), b=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_ldl_is_the_max_det_completion(n, b, seed):
+    """X has the band pattern, (X⁻¹)_ij = Ĥ_ij + δ[i=j] on the band, X m = dense product."""
+    h = _random_stats(n, b, seed)
+    delta = 1e-3
+    psi, D = _ldl(h, delta, gamma=K.guard_threshold(torch.float64))
+    assert psi.shape == (n, b) and D.shape == (n,)
+    assert torch.all(D > 0)
+    X = K.ldl_to_dense(psi, D)
+    mask = _band_mask(n, b)
+    assert torch.all(X[~mask] == 0), "X must have the band pattern"
+    torch.testing.assert_close(X, X.T)
+    assert torch.linalg.eigvalsh(X).min() > 0
+    target = K.band_to_dense(h, delta)
+    Xinv = torch.linalg.inv(X)
+    torch.testing.assert_close(Xinv[mask], target[mask], rtol=1e-8, atol=1e-10)
+    m = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(K.apply_preconditioner(psi, D, m), X @ m)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17])
+def test_band_ldl_handles_short_vectors_and_matches_tridiag(n):
+    h = _random_stats(n, 1, seed=n)
+    p1, d1 = K.tridiag_ldl(h, 1e-3, 1e-12)
+    p2, d2 = K.band_ldl(h, 1e-3, 1e-12)
+    torch.testing.assert_close(p1, p2)
+    torch.testing.assert_close(d1, d2)
+    for b in (2, 3, 4):
+        hb = _random_stats(n, b, seed=n)
+        psi, D = K.band_ldl(hb, 1e-3, 1e-12)
+        X = K.ldl_to_dense(psi, D)
+        mask = _band_mask(n, b)
+        torch.testing.assert_close(
+            torch.linalg.inv(X)[mask], K.band_to_dense(hb, 1e-3)[mask], rtol=1e-8, atol=1e-10
+        )
+
+
+def test_tridiag_explicit_entries():
+    """§2.2: X_jj = D_j + ψ_{j−1}² D_{j−1}, X_{j+1,j} = −ψ_j D_j."""
+    h = _random_stats(20, 1, seed=3)
+    psi, D = K.tridiag_ldl(h, 1e-4, None)
+    X = K.ldl_to_dense(psi, D)
+    p = psi[:, 0]
+    diag = D.clone()
+    diag[1:] += p[:-1] ** 2 * D[:-1]
+    torch.testing.assert_close(torch.diagonal(X), diag)
+    torch.testing.assert_close(torch.diagonal(X, -1), -p[:-1] * D[:-1])
+
+
+def test_diag_preconditioner_has_no_square_root():
+    h = torch.tensor([[4.0], [9.0]])
+    torch.testing.assert_close(K.diag_preconditioner(h, 1.0), torch.tensor([1 / 5, 1 / 10]))
+    psi, D = K.band_ldl(h, 1.0, None)
+    assert psi.shape == (2, 0)
+    torch.testing.assert_close(K.apply_preconditioner(psi, D, torch.ones(2)), D)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    b=st.integers(0, 4),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 1000),
+)
+def test_low_precision_close_to_fp64(n, b, dtype, seed):
+    h64 = _random_stats(n, b, seed)
+    m64 = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    delta = 1e-2 * float(K.band_inf_norm(h64))
+    psi, D = K.band_ldl(h64, delta, K.guard_threshold(torch.float64))
+    ref = K.apply_preconditioner(psi, D, m64)
+    psi, D = K.band_ldl(h64.to(dtype), delta, K.guard_threshold(dtype))
+    out = K.apply_preconditioner(psi, D, m64.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = 0.05 if dtype == torch.float32 else 0.6
+    rel = (out.double() - ref).norm() / ref.norm()
+    assert rel < tol
+
+
+# ------------------------------------------------------------------ stability guard (§2.3)
+def _correlated_bf16_stats(n: int, b: int) -> torch.Tensor:
+    """bf16 statistics of strongly correlated gradients: neighbours nearly proportional."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.zeros(n, b + 1, dtype=torch.bfloat16)
+    base = torch.linspace(1.0, 2.0, n)
+    for _ in range(40):
+        g = base * torch.randn((), generator=gen) + 1e-3 * torch.randn(n, generator=gen)
+        K.update_band_stats(h, g.to(torch.bfloat16), 0.9, 0.1)
+    return h
+
+
+@pytest.mark.parametrize("b", [1, 2, 4])
+def test_guard_keeps_X_positive_definite_in_bf16(b):
+    n = 32
+    h = _correlated_bf16_stats(n, b)
+    delta = torch.tensor(1e-6, dtype=torch.bfloat16)
+
+    # Unguarded: the Schur complements cancel to zero or below in bf16 -> X is not PD.
+    psi, D = _ldl(h, delta, gamma=None)
+    X = K.ldl_to_dense(psi.double(), D.double())
+    bad = (~torch.isfinite(D)).any() or (D <= 0).any()
+    if not bad:
+        bad = bool(torch.linalg.eigvalsh(X).min() <= 0)
+    assert bad, "the unguarded formula was expected to fail on these statistics"
+
+    # Guarded: every D_j > 0 and finite, X positive definite, X m finite.
+    psi, D = _ldl(h, delta, gamma=K.guard_threshold(torch.bfloat16))
+    assert torch.isfinite(psi).all() and torch.isfinite(D).all()
+    assert (D > 0).all()
+    X = K.ldl_to_dense(psi.double(), D.double())
+    assert torch.linalg.eigvalsh(X).min() > 0
+    u = K.apply_preconditioner(psi, D, torch.ones(n, dtype=torch.bfloat16))
+    assert torch.isfinite(u).all()
+
+
+def test_guard_drops_only_bad_edges():
+    """On well-conditioned statistics the guard changes nothing."""
+    h = _random_stats(30, 3, seed=7)
+    p0, d0 = K.band_ldl(h, 1e-3, None)
+    p1, d1 = K.band_ldl(h, 1e-3, K.guard_threshold(torch.float64))
+    torch.testing.assert_close(p0, p1)
+    torch.testing.assert_close(d0, d1)
+
+
+def test_guard_threshold_follows_dtype():
+    assert K.guard_threshold(torch.bfloat16) == torch.finfo(torch.bfloat16).eps
+    assert K.guard_threshold(torch.float32) == torch.finfo(torch.float32).eps
