@@ -27,8 +27,14 @@ def check_float(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    allow_inf: bool = False,
 ) -> float:
-    """Check that ``value`` is a finite real number within the given bounds."""
+    """Check that ``value`` is a real number within the given bounds.
+
+    ``inf``/``-inf`` are rejected (an infinite learning rate or weight decay is never
+    meant) unless ``allow_inf=True`` and the infinite end of the interval is unbounded.
+    ``nan`` is always rejected.
+    """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
@@ -38,12 +44,14 @@ def check_float(
     value = float(value)
     lo = "-inf" if low is None else f"{low:g}"
     hi = "inf" if high is None else f"{high:g}"
-    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    interval = f"{left}{lo}, {hi}{right}"
     bad = (
         math.isnan(value)
         or (low is not None and (value < low or (low_open and value == low)))
         or (high is not None and (value > high or (high_open and value == high)))
-        or (math.isinf(value) and not (low is None or high is None))
+        or (math.isinf(value) and not (allow_inf and (high is None if value > 0 else low is None)))
     )
     if bad:
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
@@ -93,9 +101,7 @@ def check_params_dtype(params: Iterable[torch.Tensor], optimizer: str) -> None:
                 "view them as real with torch.view_as_real"
             )
         if not p.is_floating_point():
-            raise TypeError(
-                f"{optimizer} needs floating-point parameters, got dtype {p.dtype}"
-            )
+            raise TypeError(f"{optimizer} needs floating-point parameters, got dtype {p.dtype}")
 
 
 def check_grad(p: torch.Tensor, optimizer: str) -> None:

@@ -49,7 +49,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not isinstance(params, set):  # torch.optim raises its own error for sets
+            # Materialize once: a generator (``model.parameters()``) must not be consumed
+            # by our checks and then reach torch.optim empty.
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            param_group["params"] = params
         check_params_dtype(params, type(self).__name__)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate_group(merged)
@@ -79,9 +83,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
         for dev_grads in by_device.values():
-            sums = torch._foreach_norm(dev_grads, ord=float("inf")) if len(dev_grads) > 1 else [
-                dev_grads[0].abs().max()
-            ]
+            sums = (
+                torch._foreach_norm(dev_grads, ord=float("inf"))
+                if len(dev_grads) > 1
+                else [dev_grads[0].abs().max()]
+            )
             flags.append(torch.isfinite(torch.stack([s.float() for s in sums])).all().cpu())
         return bool(torch.stack(flags).all())
 
@@ -112,11 +118,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["skipped_steps"] = self.skipped_steps
+        # Shapes of all parameters, in order: lets load_state_dict reject a checkpoint of
+        # another model even where no state tensor would reveal it.
+        sd["param_shapes"] = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; on any mismatch raise ``ValueError`` and change nothing."""
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
+        shapes = state_dict.pop("param_shapes", None)  # absent in older checkpoints
         saved_state = state_dict.get("state", {})
         groups = state_dict.get("param_groups", [])
         if len(groups) != len(self.param_groups):
@@ -133,14 +144,29 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     f"of this optimizer's group ({len(saved['params'])} vs {len(ours['params'])})"
                 )
             id_to_param.update(zip(saved["params"], ours["params"]))
+        if shapes is not None:
+            for gi, (saved_shapes, ours) in enumerate(zip(shapes, self.param_groups)):
+                for pi, (shape, p) in enumerate(zip(saved_shapes, ours["params"])):
+                    if tuple(shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"loaded state dict was saved for a parameter of shape "
+                            f"{tuple(shape)} at param_groups[{gi}]['params'][{pi}], but this "
+                            f"optimizer's parameter there has shape {tuple(p.shape)}: the state "
+                            "dict does not match these parameters"
+                        )
         for pid, st in saved_state.items():
             p = id_to_param.get(pid)
             if p is None:
                 raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
             self._check_loaded_state(p, st)
-        for saved, ours in zip(groups, self.param_groups):
+        # Hyperparameters missing from an older checkpoint take this optimizer's defaults
+        # (torch.optim would drop them and fail at the next step); all are validated.
+        new_groups = []
+        for saved in groups:
             merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
             self._validate_group(merged)
+            new_groups.append({**merged, "params": saved["params"]})
+        state_dict["param_groups"] = new_groups
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to the parameter's dtype; restore saved dtypes.
         for pid, st in saved_state.items():
@@ -152,12 +178,32 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         """Raise ``ValueError`` if ``st`` cannot belong to ``p``; subclasses may extend."""
         for key, value in st.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and key in self._param_shaped_keys:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() > 0
+                and key in self._param_shaped_keys
+            ):
                 if value.shape != p.shape:
                     raise ValueError(
                         f"state {key!r} has shape {tuple(value.shape)} but its parameter has "
                         f"shape {tuple(p.shape)}: the state dict does not match these parameters"
                     )
+
+    # ------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults/state/param_groups, so ``copy.deepcopy`` and
+        # pickling would lose ``nonfinite``, ``skipped_steps`` and subclass attributes
+        # (caches set in ``__init__``). Keep every attribute but the hook registries.
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "skip")
+        self.__dict__.setdefault("skipped_steps", 0)
 
     #: state keys whose tensors have the parameter's shape (checked on load)
     _param_shaped_keys: tuple[str, ...] = ()
