@@ -20,6 +20,15 @@ PS = [2, 4, 6, 8]
 NS = [1, 2, 7, 64]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matrices: one thread is faster and immune to oversubscribed CI machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_spd(n: int, cond: float, batch: int = 1, seed: int = 0, scale: float = 1.0):
     """fp64 SPD batch with eigenvalues log-spaced in [scale/cond, scale], random eigvecs."""
     g = torch.Generator().manual_seed(seed)
@@ -264,3 +273,46 @@ def test_invalid_method_and_shapes():
         inverse_root(torch.ones(2, 3, 4), 2)
     with pytest.raises(ValueError, match="retries"):
         inverse_root(torch.eye(3), 2, retries=-1)
+
+
+def test_eigh_falls_back_to_fp64(monkeypatch):
+    """fp32 eigh raising, or returning NaN for one matrix, is redone in fp64 (only there)."""
+    real_eigh = torch.linalg.eigh
+    A = random_spd(6, 1e3, batch=3, seed=5).float()
+    want, _ = inverse_root_eigh(A, 2)
+    calls = []
+
+    def raising(x):
+        calls.append((x.dtype, tuple(x.shape)))
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated failure")
+        return real_eigh(x)
+
+    monkeypatch.setattr(torch.linalg, "eigh", raising)
+    root, err = inverse_root_eigh(A, 2)
+    assert calls == [(torch.float32, (3, 6, 6)), (torch.float64, (3, 6, 6))]
+    assert root.dtype == torch.float32 and (err < 1e-5).all()
+    torch.testing.assert_close(root, want, rtol=1e-3, atol=1e-5)
+
+    calls.clear()
+
+    def nan_for_second(x):
+        calls.append((x.dtype, tuple(x.shape)))
+        L, Q = real_eigh(x)
+        if x.dtype == torch.float32:
+            L = L.clone()
+            L[1] = torch.nan
+        return L, Q
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_for_second)
+    root, err = inverse_root_eigh(A, 2)
+    assert calls == [(torch.float32, (3, 6, 6)), (torch.float64, (1, 6, 6))]
+    assert (err < 1e-5).all()
+    torch.testing.assert_close(root, want, rtol=1e-3, atol=1e-5)
+
+    def always_raising(x):
+        raise torch.linalg.LinAlgError("simulated failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", always_raising)
+    res = inverse_root(A, 2, method="eigh")
+    assert not res.ok.any() and not torch.isfinite(res.error).any()

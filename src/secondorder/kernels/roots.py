@@ -202,33 +202,45 @@ def inverse_root_newton(
     return H, err
 
 
-def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
-    """Batched eigh in ``A``'s dtype, retried in fp64 (whole batch, then matrix by matrix).
+def _eigh_fp64(A: Tensor) -> tuple[Tensor, Tensor]:
+    """fp64 eigh of a batch; matrix by matrix if the batch call raises (failures -> NaN)."""
+    A64 = A.to(torch.float64)
+    try:
+        return torch.linalg.eigh(A64)
+    except RuntimeError:
+        pass
+    Ls, Qs = [], []
+    for a in A64:
+        try:
+            l_i, q_i = torch.linalg.eigh(a)
+        except RuntimeError:
+            l_i = torch.full_like(a[0], float("nan"))
+            q_i = torch.full_like(a, float("nan"))
+        Ls.append(l_i)
+        Qs.append(q_i)
+    return torch.stack(Ls), torch.stack(Qs)
 
+
+def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched eigh in ``A``'s dtype; matrices where it fails are redone in fp64.
+
+    "Fails" means the batched call raises (then every matrix is redone) or returns
+    non-finite values for a matrix (then only that matrix is redone; one host sync).
     Matrices whose decomposition fails even in fp64 get NaN eigenvalues and vectors.
     Results are returned in ``A``'s dtype.
     """
     try:
         L, Q = torch.linalg.eigh(A)
-        if bool(torch.isfinite(L).all()) and bool(torch.isfinite(Q).all()):
-            return L, Q
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-        pass
-    A64 = A.to(torch.float64)
-    try:
-        L, Q = torch.linalg.eigh(A64)
-    except RuntimeError:
-        Ls, Qs = [], []
-        for a in A64:
-            try:
-                l_i, q_i = torch.linalg.eigh(a)
-            except RuntimeError:
-                l_i = torch.full_like(a[0], float("nan"))
-                q_i = torch.full_like(a, float("nan"))
-            Ls.append(l_i)
-            Qs.append(q_i)
-        L, Q = torch.stack(Ls), torch.stack(Qs)
-    return L.to(A.dtype), Q.to(A.dtype)
+        L64, Q64 = _eigh_fp64(A)
+        return L64.to(A.dtype), Q64.to(A.dtype)
+    finite = torch.isfinite(L).all(dim=-1) & torch.isfinite(Q).all(dim=-1).all(dim=-1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().squeeze(-1)
+        L64, Q64 = _eigh_fp64(A[bad])
+        L = L.index_copy(0, bad, L64.to(A.dtype))
+        Q = Q.index_copy(0, bad, Q64.to(A.dtype))
+    return L, Q
 
 
 def inverse_root_eigh(A: Tensor, p: int, *, eps: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
@@ -309,6 +321,11 @@ def inverse_root(
         A: ``(B, n, n)`` symmetric PSD statistics (or one ``(n, n)`` matrix).
         p: root order, an integer ``>= 1``.
         method: ``"newton"`` or ``"eigh"``.
+        ridge_epsilon: relative ridge ``epsilon`` (``>= 0``).
+        max_iters, tol: iteration limit and tolerance of both the power iteration and the
+            Newton iteration.
+        failure_threshold: largest accepted error.
+        retries: how many times to retry rejected matrices with a 10x larger ridge.
 
     Returns:
         A :class:`RootResult`; tensors are in the compute dtype (fp32, or fp64 for fp64
