@@ -165,6 +165,15 @@ def test_any_dtype_roundtrip(dtype):
     assert y.dtype == dtype and torch.equal(y, x)
 
 
+def test_non_contiguous_input():
+    base = torch.randn(11, 6, dtype=torch.float64)
+    x = base.T  # (6, 11), non-contiguous
+    plan = BlockPlan(x.shape, 4)
+    blocks = plan.split(x)
+    torch.testing.assert_close(blocks[0][1], x[0:4, 4:8], rtol=0, atol=0)
+    assert torch.equal(plan.merge(blocks), x)
+
+
 def test_large_matrix_classes():
     plan = BlockPlan((2500, 1300), 1024)
     assert plan.block_shapes == [(1024, 1024), (1024, 276), (452, 1024), (452, 276)]

@@ -148,7 +148,7 @@ def inverse_root_newton(
     ``e = max|M - I|`` drops to ``tol``, or when ``e`` grows above ``1.2`` times the
     previous error (then the previous, better ``H`` is kept). Stopped matrices are no
     longer computed on; the loop ends when all have stopped or after ``max_iters``
-    iterations. One host sync per iteration (cheap next to the ``p + 1`` matmuls).
+    iterations. One host sync per iteration (cheap next to its ``~log2(p) + 2`` matmuls).
 
     Args:
         A: ``(B, n, n)`` SPD batch (or one ``(n, n)`` matrix), ridge already added.
