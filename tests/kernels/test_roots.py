@@ -316,3 +316,9 @@ def test_eigh_falls_back_to_fp64(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", always_raising)
     res = inverse_root(A, 2, method="eigh")
     assert not res.ok.any() and not torch.isfinite(res.error).any()
+
+
+def test_p_accepts_integral_types():
+    np = pytest.importorskip("numpy")
+    res = inverse_root(torch.eye(2) * 16, np.int64(4))
+    torch.testing.assert_close(res.root, torch.eye(2) / 2)

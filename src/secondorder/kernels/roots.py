@@ -17,6 +17,7 @@ inputs (bf16/fp16) are upcast to float32 and the results stay float32.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -56,9 +57,10 @@ class RootResult(NamedTuple):
 
 
 def _check_p(p: object) -> int:
-    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+    """``p`` must be an integer (any integral type except bool) ``>= 1``."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
         raise ValueError(f"p must be an integer >= 1, got {p!r}")
-    return p
+    return int(p)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
