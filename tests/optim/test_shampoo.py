@@ -518,3 +518,41 @@ def test_step_returns_closure_loss_and_skips_params_without_grad():
 def test_public_api():
     assert secondorder.Shampoo is Shampoo
     assert issubclass(Shampoo, torch.optim.Optimizer)
+
+
+def test_bf16_matmuls_follow_the_fp32_run():
+    torch.manual_seed(0)
+    w = torch.randn(24, 20)
+    target = torch.randn(24, 20)
+    ps, opts = {}, {}
+    for mdt in (None, torch.bfloat16):
+        ps[mdt] = torch.nn.Parameter(w.clone())
+        opts[mdt] = Shampoo(
+            [ps[mdt]], lr=0.05, precondition_frequency=2, block_size=24, matmul_dtype=mdt
+        )
+    for _ in range(40):
+        for mdt, p in ps.items():
+            p.grad = (p - target) @ torch.diag(torch.linspace(0.1, 3, 20))
+            opts[mdt].step()
+    assert opts[torch.bfloat16].state[ps[torch.bfloat16]]["roots"][0][0].dtype == torch.bfloat16
+    gap = (ps[None] - ps[torch.bfloat16]).norm() / (ps[None] - w).norm()
+    assert gap < 0.05, gap
+    assert (ps[torch.bfloat16] - target).norm() < 0.5 * (w - target).norm()
+
+
+def test_root_method_auto_uses_eigh_on_cpu(monkeypatch):
+    import secondorder.optim.shampoo as mod
+
+    seen = []
+    real = mod.inverse_root
+
+    def spy(a, p_, **kw):
+        seen.append(kw["method"])
+        return real(a, p_, **kw)
+
+    monkeypatch.setattr(mod, "inverse_root", spy)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Shampoo([p], lr=0.1, precondition_frequency=1, block_size=6)
+    p.grad = torch.randn(6, 5)
+    opt.step()
+    assert seen and set(seen) == {"eigh"}

@@ -215,8 +215,10 @@ class Shampoo(SecondOrderOptimizer):
         if plan is not None:
             shapes = list(zip(plan.block_shapes, plan.counts))
             state["stats"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
+            # Roots are only ever used in the per-step matmuls: keep them in that dtype.
+            rdt = dict(dtype=group["matmul_dtype"] or torch.float32, device=p.device)
             state["roots"] = [
-                [torch.eye(n, **f32).expand(c, n, n).clone() for n in bs] for bs, c in shapes
+                [torch.eye(n, **rdt).expand(c, n, n).clone() for n in bs] for bs, c in shapes
             ]
             state["root_error"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
             state["lambda_max"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
@@ -376,13 +378,10 @@ class Shampoo(SecondOrderOptimizer):
         a = None if kind is None else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
 
         if preconditioned:
-            mdt = group["matmul_dtype"]
             d_blocks = [
-                kron.precondition(x, roots if mdt is None else [r.to(mdt) for r in roots])
+                kron.precondition(x, roots).float()
                 for x, roots in zip(plan.split(mhat), state["roots"])
             ]
-            if mdt is not None:
-                d_blocks = [d.float() for d in d_blocks]
             if kind is not None:
                 for d, ab in zip(d_blocks, plan.split(a)):
                     graft_rescale(d, ab)
