@@ -19,7 +19,7 @@ def _random_stats(n: int, b: int, seed: int, dtype=torch.float64, samples: int |
     """Band of an EMA of g gᵀ over random gradients: every fully specified block is PSD."""
     gen = torch.Generator().manual_seed(seed)
     samples = samples or 2 * n
-    h = torch.zeros(n, b + 1, dtype=dtype)
+    h = torch.zeros(b + 1, n, dtype=dtype)
     mix = torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5 + torch.eye(n)
     for _ in range(samples):
         g = (mix @ torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype)
@@ -37,7 +37,7 @@ def _ldl(h, delta, gamma):
 def test_update_band_stats_matches_dense_outer_products():
     gen = torch.Generator().manual_seed(0)
     n, b = 13, 3
-    h = torch.zeros(n, b + 1, dtype=torch.float64)
+    h = torch.zeros(b + 1, n, dtype=torch.float64)
     dense = torch.zeros(n, n, dtype=torch.float64)
     for _ in range(5):
         g = torch.randn(n, generator=gen, dtype=torch.float64)
@@ -47,16 +47,16 @@ def test_update_band_stats_matches_dense_outer_products():
     torch.testing.assert_close(K.band_to_dense(h), expected)
     # entries past the end stay zero
     for k in range(1, b + 1):
-        assert torch.all(h[n - k :, k] == 0)
+        assert torch.all(h[k, n - k :] == 0)
 
 
 def test_band_stats_running_sum_when_beta2_is_one():
     g = torch.arange(1.0, 6.0, dtype=torch.float64)
-    h = torch.zeros(5, 2, dtype=torch.float64)
+    h = torch.zeros(2, 5, dtype=torch.float64)
     K.update_band_stats(h, g, 1.0, 1.0)
     K.update_band_stats(h, g, 1.0, 1.0)
-    torch.testing.assert_close(h[:, 0], 2 * g * g)
-    torch.testing.assert_close(h[:-1, 1], 2 * g[:-1] * g[1:])
+    torch.testing.assert_close(h[0], 2 * g * g)
+    torch.testing.assert_close(h[1, :-1], 2 * g[:-1] * g[1:])
 
 
 @settings(max_examples=12, deadline=None)
@@ -74,7 +74,7 @@ def test_ldl_is_the_max_det_completion(n, b, seed):
     h = _random_stats(n, b, seed)
     delta = 1e-3
     psi, D = _ldl(h, delta, gamma=K.guard_threshold(torch.float64))
-    assert psi.shape == (n, b) and D.shape == (n,)
+    assert psi.shape == (b, n) and D.shape == (n,)
     assert torch.all(D > 0)
     X = K.ldl_to_dense(psi, D)
     mask = _band_mask(n, b)
@@ -110,7 +110,7 @@ def test_tridiag_explicit_entries():
     h = _random_stats(20, 1, seed=3)
     psi, D = K.tridiag_ldl(h, 1e-4, None)
     X = K.ldl_to_dense(psi, D)
-    p = psi[:, 0]
+    p = psi[0]
     diag = D.clone()
     diag[1:] += p[:-1] ** 2 * D[:-1]
     torch.testing.assert_close(torch.diagonal(X), diag)
@@ -118,10 +118,10 @@ def test_tridiag_explicit_entries():
 
 
 def test_diag_preconditioner_has_no_square_root():
-    h = torch.tensor([[4.0], [9.0]])
+    h = torch.tensor([[4.0, 9.0]])
     torch.testing.assert_close(K.diag_preconditioner(h, 1.0), torch.tensor([1 / 5, 1 / 10]))
     psi, D = K.band_ldl(h, 1.0, None)
-    assert psi.shape == (2, 0)
+    assert psi.shape == (0, 2)
     torch.testing.assert_close(K.apply_preconditioner(psi, D, torch.ones(2)), D)
 
 
@@ -150,7 +150,7 @@ def test_low_precision_close_to_fp64(n, b, dtype, seed):
 def _correlated_bf16_stats(n: int, b: int) -> torch.Tensor:
     """bf16 statistics of strongly correlated gradients: neighbours nearly proportional."""
     gen = torch.Generator().manual_seed(0)
-    h = torch.zeros(n, b + 1, dtype=torch.bfloat16)
+    h = torch.zeros(b + 1, n, dtype=torch.bfloat16)
     base = torch.linspace(1.0, 2.0, n)
     for _ in range(40):
         g = base * torch.randn((), generator=gen) + 1e-3 * torch.randn(n, generator=gen)

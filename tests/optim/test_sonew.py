@@ -88,7 +88,7 @@ def test_step_matches_hand_computation():
     mask = (torch.arange(4)[:, None] - torch.arange(4)[None, :]).abs() <= 1
     Hb = torch.where(mask, H, torch.zeros(())) + 0.5 * torch.eye(4, dtype=torch.float64)
     # X is the inverse of the max-det completion of Hb; verify through the kernels' dense refs
-    h = torch.stack([g * g, torch.cat([g[:-1] * g[1:], torch.zeros(1, dtype=g.dtype)])], 1)
+    h = torch.stack([g * g, torch.cat([g[:-1] * g[1:], torch.zeros(1, dtype=g.dtype)])])
     psi, D = K.tridiag_ldl(h, 0.5, None)
     X = K.ldl_to_dense(psi, D)
     torch.testing.assert_close(torch.linalg.inv(X)[mask], Hb[mask])
@@ -111,8 +111,8 @@ def test_adam_graft_matches_adam_norm_and_1d_adam_option():
         adam.step()
     # the 1-d tensor took the plain Adam update
     torch.testing.assert_close(bias.detach(), ref_b.detach(), rtol=1e-5, atol=1e-6)
-    assert opt.state[bias]["band_stats"].shape == (5, 1)
-    assert opt.state[W]["band_stats"].shape == (30, 2)
+    assert opt.state[bias]["band_stats"].shape == (1, 5)
+    assert opt.state[W]["band_stats"].shape == (2, 30)
     assert not torch.equal(W.detach(), W0)
 
 
@@ -146,7 +146,7 @@ def test_flattening_order_is_row_major():
     opt.step()
     h = opt.state[w]["band_stats"]
     flat = g.reshape(-1)
-    torch.testing.assert_close(h[:-1, 1], 0.001 * flat[:-1] * flat[1:])
+    torch.testing.assert_close(h[1, :-1], 0.001 * flat[:-1] * flat[1:])
 
 
 # ------------------------------------------------------------------------- dtypes and state
@@ -168,7 +168,7 @@ def test_bf16_params_keep_dtype(band, shape, state_dtype, compute_dtype):
     st_ = opt.state[w]
     expected = state_dtype or torch.bfloat16
     assert st_["exp_avg"].dtype == expected and st_["band_stats"].dtype == expected
-    assert st_["band_stats"].shape == (max(w.numel(), 1), band + 1)
+    assert st_["band_stats"].shape == (band + 1, max(w.numel(), 1))
 
 
 def test_bf16_correlated_gradients_stay_finite():

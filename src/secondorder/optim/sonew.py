@@ -78,7 +78,8 @@ class SONew(SecondOrderOptimizer):
     unit ``i + 1``); the statistics decide how much that edge matters.
 
     **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped),
-    ``band_stats`` (``(numel, b + 1)``; column ``k`` holds the EMA of ``g_j · g_{j+k}``).
+    ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of ``g_j · g_{j+k}``, i.e.
+    the ``n × (b + 1)`` band array stored diagonal-major so every diagonal is contiguous).
     """
 
     _param_shaped_keys = ("exp_avg",)
@@ -88,7 +89,7 @@ class SONew(SecondOrderOptimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
+        eps: float = 1e-5,
         weight_decay: float = 0.0,
         band: int = 1,
         graft: str | None = "adam",
@@ -143,10 +144,10 @@ class SONew(SecondOrderOptimizer):
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         super()._check_loaded_state(p, st)
         h = st.get("band_stats")
-        if isinstance(h, torch.Tensor) and (h.dim() != 2 or h.shape[0] != p.numel()):
+        if isinstance(h, torch.Tensor) and (h.dim() != 2 or h.shape[1] != p.numel()):
             raise ValueError(
                 f"state 'band_stats' has shape {tuple(h.shape)} but its parameter has "
-                f"{p.numel()} elements (expected ({p.numel()}, band + 1))"
+                f"{p.numel()} elements (expected (band + 1, {p.numel()}))"
             )
 
     # -------------------------------------------------------------------- step
@@ -156,7 +157,15 @@ class SONew(SecondOrderOptimizer):
         width = 1 if band is None else band + 1
         st["step"] = torch.tensor(0.0)
         st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
-        st["band_stats"] = torch.zeros((p.numel(), width), dtype=sdt, device=p.device)
+        st["band_stats"] = torch.zeros((width, p.numel()), dtype=sdt, device=p.device)
+
+    def _scratch_buffers(self) -> K.Scratch:
+        """Per-optimizer reusable buffers (not state): about 8 vectors of the largest
+        parameter's size, in the compute dtype."""
+        scratch = self.__dict__.get("_scratch")
+        if scratch is None:
+            scratch = self.__dict__["_scratch"] = K.Scratch()
+        return scratch
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         for group, params in work:
@@ -172,9 +181,9 @@ class SONew(SecondOrderOptimizer):
         band = self._band_for(group, p)
         m, h = st["exp_avg"], st["band_stats"]
         width = 1 if band is None else band + 1
-        if h.shape[1] != width:
+        if h.shape[0] != width:
             raise ValueError(
-                f"SONew: band_stats of a parameter has width {h.shape[1]} but band={band} "
+                f"SONew: band_stats of a parameter has {h.shape[0]} rows but band={band} "
                 f"needs {width}; band (and precondition_1d) cannot change during training"
             )
         sdt = m.dtype
@@ -185,35 +194,44 @@ class SONew(SecondOrderOptimizer):
         bc1 = bias_correction(beta1, t)
         bc2 = bias_correction(beta2, t)
 
-        g = p.grad.reshape(-1).to(sdt)
+        scratch = self._scratch_buffers()
+        n = p.numel()
+        g = p.grad.reshape(-1)
+        if g.dtype != sdt:
+            g = scratch.take("g", n, g, sdt).copy_(g)
         mf = m.view(-1)
         mf.lerp_(g, 1.0 - beta1)
         K.update_band_stats(h, g, beta2, ema_weight(beta2))
 
-        hc = h.to(cdt)
-        mc = mf.to(cdt)
+        hc, mc = h, mf
+        if cdt != sdt:  # upcast (or downcast) into scratch: no per-step allocation
+            hc = scratch.take("h", h.numel(), h, cdt).view(h.shape).copy_(h)
+            mc = scratch.take("m", n, mf, cdt).copy_(mf)
         if band is None:
-            u = graft_direction("adam", mc, hc[:, 0], t, beta2, group["graft_eps"])
+            u = graft_direction("adam", mc, hc[0], t, beta2, group["graft_eps"])
             scale = 1.0 / bc1
         else:
             # Factorise H + δ'I with the raw (not bias-corrected) statistics: with
             # Ĥ = H / bc2 and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard
             # decisions, which are scale invariant); the scalar is folded into the step.
             if group["damping"] == "relative":
-                delta = (K.band_inf_norm(hc) * group["eps"]).clamp_min_(torch.finfo(cdt).tiny)
+                delta = K.band_inf_norm(hc, scratch).mul_(group["eps"])
+                delta.clamp_min_(torch.finfo(cdt).tiny)
             else:
                 delta = group["eps"] * bc2
             if band == 0:
-                u = K.diag_preconditioner(hc, delta).mul_(mc)
+                u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
             else:
                 gamma = group["guard_threshold"]
                 if gamma is None:
                     gamma = K.guard_threshold(cdt)
-                ldl = K.tridiag_ldl if band == 1 else K.band_ldl
-                psi, D = ldl(hc, delta, gamma)
-                u = K.apply_preconditioner(psi, D, mc)
+                if band == 1:
+                    psi, D = K.tridiag_ldl(hc, delta, gamma, scratch)
+                else:
+                    psi, D = K.band_ldl(hc, delta, gamma)
+                u = K.apply_preconditioner(psi, D, mc, scratch)
             if group["graft"] == "adam":
-                a = graft_direction("adam", mc, hc[:, 0], t, beta2, group["graft_eps"])
+                a = graft_direction("adam", mc, hc[0], t, beta2, group["graft_eps"])
                 graft_rescale(u.unsqueeze(0), a.unsqueeze(0))
                 scale = 1.0 / bc1
             else:
