@@ -154,11 +154,6 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                             f"optimizer's parameter there has shape {tuple(p.shape)}: the state "
                             "dict does not match these parameters"
                         )
-        for pid, st in saved_state.items():
-            p = id_to_param.get(pid)
-            if p is None:
-                raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
-            self._check_loaded_state(p, st)
         # Hyperparameters missing from an older checkpoint take this optimizer's defaults
         # (torch.optim would drop them and fail at the next step); all are validated.
         new_groups = []
@@ -166,6 +161,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
             self._validate_group(merged)
             new_groups.append({**merged, "params": saved["params"]})
+        # The loaded hyperparameters replace ours (torch.optim semantics), so the state is
+        # checked against them: ``_check_loaded_state`` sees them in ``self.param_groups``.
+        ours_groups = self.param_groups
+        self.param_groups = [
+            {**new, "params": ours["params"]} for new, ours in zip(new_groups, ours_groups)
+        ]
+        try:
+            for pid, st in saved_state.items():
+                p = id_to_param.get(pid)
+                if p is None:
+                    raise ValueError(f"loaded state dict has state for unknown parameter id {pid}")
+                self._check_loaded_state(p, st)
+        finally:
+            self.param_groups = ours_groups
         state_dict["param_groups"] = new_groups
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to the parameter's dtype; restore saved dtypes.
@@ -176,7 +185,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._after_load_state_dict()
 
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``st`` cannot belong to ``p``; subclasses may extend."""
+        """Raise ``ValueError`` if ``st`` cannot belong to ``p``; subclasses may extend.
+
+        While it runs, ``self.param_groups`` holds the *loaded* hyperparameters (with this
+        optimizer's parameters): those are the ones the state will be used with.
+        """
         for key, value in st.items():
             if (
                 isinstance(value, torch.Tensor)
