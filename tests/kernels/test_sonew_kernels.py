@@ -194,3 +194,31 @@ def test_guard_drops_only_bad_edges():
 def test_guard_threshold_follows_dtype():
     assert K.guard_threshold(torch.bfloat16) == torch.finfo(torch.bfloat16).eps
     assert K.guard_threshold(torch.float32) == torch.finfo(torch.float32).eps
+
+
+def test_scratch_buffers_give_identical_results_across_sizes():
+    scratch = K.Scratch()
+    for n, b in [(40, 1), (7, 1), (50, 0), (3, 1), (45, 1), (30, 3), (12, 4), (2, 4), (33, 2)]:
+        h = _random_stats(n, b, seed=n, dtype=torch.float32)
+        m = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        ref_norm = K.band_inf_norm(h)
+        norm = K.band_inf_norm(h, scratch)
+        assert torch.equal(norm, ref_norm)
+        if b == 0:
+            ref = K.diag_preconditioner(h, 1e-3) * m
+            out = K.apply_preconditioner(
+                h.new_zeros((0, n)), K.diag_preconditioner(h, 1e-3, scratch), m, scratch
+            )
+        else:
+            ldl = K.tridiag_ldl if b == 1 else K.band_ldl
+            psi, D = ldl(h, 1e-3, 1e-7)
+            ref = K.apply_preconditioner(psi, D, m)
+            psi, D = ldl(h, 1e-3, 1e-7, scratch)
+            out = K.apply_preconditioner(psi, D, m, scratch)
+        assert torch.equal(out, ref)
+    assert scratch.nbytes() > 0
+
+
+def test_inf_norm_nonneg_diag_shortcut():
+    h = _random_stats(20, 2, seed=1)
+    assert torch.equal(K.band_inf_norm(h, nonneg_diag=True), K.band_inf_norm(h))

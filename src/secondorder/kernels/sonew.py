@@ -31,7 +31,6 @@ Python loops in this module run over the band (``k = 1..b``), never over ``n``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "Scratch",
@@ -97,14 +96,21 @@ def update_band_stats(h: torch.Tensor, g: torch.Tensor, beta2: float, weight: fl
         h[k, : n - k].addcmul_(g[: n - k], g[k:], value=weight)
 
 
-def band_inf_norm(h: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+def band_inf_norm(
+    h: torch.Tensor, scratch: Scratch | None = None, *, nonneg_diag: bool = False
+) -> torch.Tensor:
     """Exact ∞-norm (max absolute row sum) of the symmetric band matrix stored in ``h``.
 
     Row ``j`` of ``H`` holds ``h[k, j]`` (``k = 0..b``) and the mirrored ``h[k, j - k]``.
-    Returns a 0-d tensor (no host sync).
+    ``nonneg_diag=True`` promises ``h[0] >= 0`` (true for gradient statistics) and saves a
+    pass. Returns a 0-d tensor (no host sync).
     """
     bp1, n = h.shape
-    rows = torch.abs(h[0], out=_take(scratch, "rows", n, h))
+    rows = _take(scratch, "rows", n, h)
+    if nonneg_diag:
+        rows.copy_(h[0])
+    else:
+        torch.abs(h[0], out=rows)
     for k in range(1, min(bp1, n)):
         a = torch.abs(h[k, : n - k], out=_take(scratch, "abs", n - k, h))
         rows[: n - k] += a
@@ -137,18 +143,21 @@ def tridiag_ldl(
     p = _take(scratch, "psi", n, h)
     torch.div(h[1, : n - 1], d[1:], out=p[: n - 1])
     p[n - 1 :].zero_()
-    q = torch.mul(p, h[1], out=_take(scratch, "q", n, h))  # e_j² / d_{j+1}
+    s = torch.addcmul(d, p, h[1], value=-1.0, out=_take(scratch, "q", n, h))
     if gamma is not None:
-        # keep the edge iff s_j = d_j − q_j > gamma · d_j
-        thr = torch.mul(d, 1.0 - gamma, out=_take(scratch, "thr", n, h))
-        drop = torch.ge(q, thr, out=_take(scratch, "mask", n, h, torch.bool))
-        q.masked_fill_(drop, 0.0)
+        # keep the edge iff s_j > gamma · d_j; otherwise psi_j = 0 and s_j = d_j
+        thr = torch.mul(d, gamma, out=_take(scratch, "thr", n, h))
+        drop = torch.le(s, thr, out=_take(scratch, "mask", n, h, torch.bool))
+        torch.where(drop, d, s, out=s)
         p.masked_fill_(drop, 0.0)
-    return p.view(1, n), torch.sub(d, q, out=q).reciprocal_()
+    return p.view(1, n), s.reciprocal_()
 
 
 def band_ldl(
-    h: torch.Tensor, delta: torch.Tensor | float, gamma: float | None
+    h: torch.Tensor,
+    delta: torch.Tensor | float,
+    gamma: float | None,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """General banded closed form: batched ``b×b`` solves over all columns at once.
 
@@ -161,17 +170,26 @@ def band_ldl(
     ``d_j − Σ_{i<k} r_i²``, non-increasing in ``k``. The guard keeps the longest prefix of
     neighbours whose Cholesky pivots and Schur complement stay above ``gamma`` times their
     diagonal and drops the farther edges (``psi = R⁻ᵀ r`` with the dropped ``r_i`` zeroed).
-    Returns ``psi`` ``(b, n)`` and ``D`` ``(n,)``.
+    Returns ``psi`` ``(b, n)`` and ``D`` ``(n,)``. With ``scratch`` every intermediate
+    lives in a reusable buffer (about ``b²/2 + 4b + 8`` vectors of length ``n``).
     """
     bp1, n = h.shape
     b = bp1 - 1
     if b == 0:
-        return h.new_zeros((0, n)), diag_preconditioner(h, delta)
+        return h.new_zeros((0, n)), diag_preconditioner(h, delta, scratch)
+
+    def vec(slot: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _take(scratch, slot, n, h, dtype)
+
     # Columns n .. n+b of hp are identity padding.
-    hp = F.pad(h, (0, b + 1))
+    width = n + b + 1
+    hp = _take(scratch, "hp", bp1 * width, h).view(bp1, width)
+    hp[:, :n].copy_(h)
+    hp[:, n:].zero_()
     hp[0, n:] = 1.0
     hp[0, :n] += delta
     d = hp[0, :n]
+    thr_d = torch.mul(d, gamma, out=vec("thr_d")) if gamma is not None else None
 
     def a_entry(p: int, q: int) -> torch.Tensor:  # A_j[p, q] = H[j+1+p, j+1+q], for all j
         lo = 1 + min(p, q)
@@ -179,45 +197,49 @@ def band_ldl(
 
     # Unrolled Cholesky of every A_j (lower factor R), vectorised over j.
     R: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    pivot_ok: list[torch.Tensor] = []
+    pivot_bad: list[torch.Tensor] = []  # prefix i+1 of A_j is not numerically PD
     for i in range(b):
         diag = a_entry(i, i)
-        piv = diag.clone()
+        piv = vec(f"R{i}{i}").copy_(diag)
         for k in range(i):
             piv.addcmul_(R[i][k], R[i][k], value=-1.0)
         if gamma is not None:
-            ok = piv > diag * gamma
-            if pivot_ok:
-                ok &= pivot_ok[-1]
-            pivot_ok.append(ok)
-            piv = torch.where(ok, piv, diag.abs() + 1.0)  # any finite value: masked below
+            thr = torch.mul(diag, gamma, out=vec("thr"))
+            bad = torch.le(piv, thr, out=vec(f"bad{i}", torch.bool))
+            if pivot_bad:
+                bad.logical_or_(pivot_bad[-1])
+            pivot_bad.append(bad)
+            torch.where(bad, diag, piv, out=piv)  # any positive value: masked out below
         rii = piv.sqrt_()
         for r in range(i + 1, b):
-            v = a_entry(r, i).clone()
+            v = vec(f"R{r}{i}").copy_(a_entry(r, i))
             for k in range(i):
                 v.addcmul_(R[r][k], R[i][k], value=-1.0)
             R[r].append(v.div_(rii))
         R[i].append(rii)
     # Forward substitution r = R⁻¹ c with the Schur complement of each prefix.
     rr: list[torch.Tensor] = []
-    s = d.clone()
-    keep = None
+    s = vec("s").copy_(d)
+    drop = None  # edges i and farther of column j are dropped
     for i in range(b):
-        v = h[i + 1].clone()  # c_j[i] = H[j + 1 + i, j]
+        v = vec(f"r{i}").copy_(h[i + 1])  # c_j[i] = H[j + 1 + i, j]
         for k in range(i):
             v.addcmul_(R[i][k], rr[k], value=-1.0)
         v.div_(R[i][i])
-        s_next = torch.addcmul(s, v, v, value=-1.0)
+        s_next = torch.addcmul(s, v, v, value=-1.0, out=vec("s_next"))
         if gamma is not None:
-            k_ok = pivot_ok[i] & (s_next > d * gamma)
-            keep = k_ok if keep is None else keep & k_ok
-            v.mul_(keep)
-            s = torch.where(keep, s_next, s)
+            low = torch.le(s_next, thr_d, out=vec("low", torch.bool))
+            if drop is None:
+                drop = torch.logical_or(pivot_bad[i], low, out=vec("drop", torch.bool))
+            else:
+                drop.logical_or_(pivot_bad[i]).logical_or_(low)
+            v.masked_fill_(drop, 0.0)
+            torch.where(drop, s, s_next, out=s)
         else:
-            s = s_next
+            s.copy_(s_next)
         rr.append(v)
     # Back substitution psi = R⁻ᵀ r.
-    psi = h.new_empty((b, n))
+    psi = _take(scratch, "psi", b * n, h).view(b, n)
     for i in reversed(range(b)):
         v = psi[i]
         v.copy_(rr[i])
@@ -248,11 +270,11 @@ def apply_preconditioner(
         u[:1] = w[:1]
         torch.addcmul(w[1:], p, w[: n - 1], value=-1.0, out=u[1:])
         return u
-    w = m.clone()
+    w = _take(scratch, "rows", n, m).copy_(m)
     for k in range(1, min(b + 1, n)):
         w[: n - k].addcmul_(psi[k - 1, : n - k], m[k:], value=-1.0)
     w.mul_(D)
-    u = w.clone()
+    u = _take(scratch, "u", n, m).copy_(w)
     for k in range(1, min(b + 1, n)):
         u[k:].addcmul_(psi[k - 1, : n - k], w[: n - k], value=-1.0)
     return u

@@ -160,8 +160,9 @@ class SONew(SecondOrderOptimizer):
         st["band_stats"] = torch.zeros((width, p.numel()), dtype=sdt, device=p.device)
 
     def _scratch_buffers(self) -> K.Scratch:
-        """Per-optimizer reusable buffers (not state): about 8 vectors of the largest
-        parameter's size, in the compute dtype."""
+        """Per-optimizer reusable buffers (not state): about 10 vectors of the largest
+        parameter's size in the compute dtype for ``band <= 1``, ``b²/2 + 4b + 10`` for
+        ``band = b > 1``."""
         scratch = self.__dict__.get("_scratch")
         if scratch is None:
             scratch = self.__dict__["_scratch"] = K.Scratch()
@@ -215,7 +216,7 @@ class SONew(SecondOrderOptimizer):
             # Ĥ = H / bc2 and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard
             # decisions, which are scale invariant); the scalar is folded into the step.
             if group["damping"] == "relative":
-                delta = K.band_inf_norm(hc, scratch).mul_(group["eps"])
+                delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
                 delta.clamp_min_(torch.finfo(cdt).tiny)
             else:
                 delta = group["eps"] * bc2
@@ -228,7 +229,7 @@ class SONew(SecondOrderOptimizer):
                 if band == 1:
                     psi, D = K.tridiag_ldl(hc, delta, gamma, scratch)
                 else:
-                    psi, D = K.band_ldl(hc, delta, gamma)
+                    psi, D = K.band_ldl(hc, delta, gamma, scratch)
                 u = K.apply_preconditioner(psi, D, mc, scratch)
             if group["graft"] == "adam":
                 a = graft_direction("adam", mc, hc[0], t, beta2, group["graft_eps"])
