@@ -133,6 +133,11 @@ class ContractSGD(SecondOrderOptimizer):
         check_float("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
         check_float("weight_decay", group["weight_decay"], low=0.0)
 
+    def _check_loaded_state(self, p, st):
+        super()._check_loaded_state(p, st)
+        if st and "momentum_buffer" not in st:  # e.g. a torch.optim.AdamW state dict
+            raise ValueError(f"state {sorted(st)} is not a ContractSGD state (no momentum_buffer)")
+
     def _update(self, work):
         for group, params in work:
             for p in params:
@@ -610,6 +615,33 @@ def test_deepcopy_and_pickle(name, how):
         assert opt2.nonfinite == opt.nonfinite and opt2.skipped_steps == opt.skipped_steps
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_hyperparameters_can_change_between_steps(name):
+    """What schedulers and users change mid-run (lr, weight decay, momentum) just works.
+
+    Momentum may start at 0 (no momentum buffer needed yet) and be switched on later, as a
+    momentum warm-up or ``OneCycleLR(cycle_momentum=True)`` on a resumed run does.
+    """
+    model = toy_model()
+    opt = make(name, model.parameters(), weight_decay=0.0)
+    defaults = opt.defaults
+    for g in opt.param_groups:
+        if "betas" in defaults:
+            g["betas"] = (0.0, g["betas"][1])
+        if "momentum" in defaults:
+            g["momentum"] = 0.0
+    train(name, model, range(4), opt=opt)
+    for g in opt.param_groups:
+        g["lr"] *= 0.5
+        g["weight_decay"] = 0.1
+        if "betas" in defaults:
+            g["betas"] = (0.9, g["betas"][1])
+        if "momentum" in defaults:
+            g["momentum"] = 0.9
+    train(name, model, range(4, 8), opt=opt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ====================================================================== 4. schedulers
 def _schedulers(opt, kind):
     sched = torch.optim.lr_scheduler
@@ -743,6 +775,25 @@ def test_loaded_hyperparameters_win(name):
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     train(name, model, range(4, 8), opt=resumed)
     assert_bit_identical(ref_model.state_dict(), model.state_dict(), "params")
+
+
+@pytest.mark.parametrize("source", NAMES)
+@pytest.mark.parametrize("name", LIBRARY)
+def test_loading_another_optimizers_state_dict_raises(name, source):
+    """A checkpoint of another optimizer: ValueError at load time, never a KeyError later."""
+    if source == name:
+        pytest.skip("same optimizer")
+    model = toy_model()
+    sd = copy.deepcopy(train(source, model, range(4)).state_dict())
+    model2 = toy_model()
+    opt = make(name, model2.parameters())
+    toy_step(model2, opt, 0)
+    before = opt_state(opt, list(model2.parameters()))
+    with pytest.raises(ValueError, match="state"):
+        opt.load_state_dict(sd)
+    assert_bit_identical(
+        before, opt_state(opt, list(model2.parameters())), "state after a failed load"
+    )
 
 
 def _mismatched(kind):

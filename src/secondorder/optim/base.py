@@ -118,6 +118,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["skipped_steps"] = self.skipped_steps
+        # Which optimizer wrote it: loading it into another one fails at load time, not
+        # with a KeyError at the next step.
+        sd["optimizer"] = type(self).__name__
         # Shapes of all parameters, in order: lets load_state_dict reject a checkpoint of
         # another model even where no state tensor would reveal it.
         sd["param_shapes"] = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
@@ -128,6 +131,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
         shapes = state_dict.pop("param_shapes", None)  # absent in older checkpoints
+        writer = state_dict.pop("optimizer", None)  # absent in older or torch.optim dicts
+        lineage = [c.__name__ for c in type(self).__mro__]
+        if writer is not None and writer not in lineage:
+            raise ValueError(
+                f"loaded state dict was saved by {writer}, not by {type(self).__name__}: "
+                "optimizer state cannot be carried over between optimizers"
+            )
         saved_state = state_dict.get("state", {})
         groups = state_dict.get("param_groups", [])
         if len(groups) != len(self.param_groups):
@@ -207,22 +217,32 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         # torch.optim keeps only defaults/state/param_groups, so ``copy.deepcopy`` and
         # pickling would lose ``nonfinite``, ``skipped_steps`` and subclass attributes
         # (caches set in ``__init__``). Keep every attribute but the hook registries.
+        # Attributes named in ``_transient_attrs`` (thread pools, scratch buffers) are left
+        # out; the subclass recreates them lazily or in ``_after_load_state_dict``.
         return {
             k: v
             for k, v in self.__dict__.items()
             if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
+            and k not in self._transient_attrs
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("skipped_steps", 0)
+        self._after_load_state_dict()
+
+    #: instance attributes that are not pickled / deep-copied (e.g. a background worker)
+    _transient_attrs: tuple[str, ...] = ()
 
     #: state keys whose tensors have the parameter's shape (checked on load)
     _param_shaped_keys: tuple[str, ...] = ()
 
     def _after_load_state_dict(self) -> None:
-        """Hook for subclasses to rebuild derived (non-checkpointed) caches."""
+        """Hook for subclasses to rebuild derived (non-checkpointed) caches.
+
+        Called after ``load_state_dict`` and after unpickling / ``copy.deepcopy``.
+        """
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:
