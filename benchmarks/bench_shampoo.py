@@ -91,6 +91,9 @@ def main(argv=None) -> int:
         choices=["float32", "bfloat16"],
         help="dtype of Shampoo's per-step matmuls (statistics, application)",
     )
+    ap.add_argument("--eps", type=float, default=1e-6, help="Shampoo's relative ridge")
+    ap.add_argument("--beta2", type=float, default=0.999, help="beta2 of both optimizers")
+    ap.add_argument("--only", choices=["adamw", "shampoo"], help="train just one optimizer")
     ap.add_argument("--skip-roots", action="store_true", help="skip the root timing table")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     configs = {
-        "adamw": lambda ps: torch.optim.AdamW(ps, lr=args.lr),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=args.lr, betas=(0.9, args.beta2)),
         "shampoo": lambda ps: secondorder.Shampoo(
             ps,
             lr=args.lr,
@@ -108,14 +111,18 @@ def main(argv=None) -> int:
             precondition_frequency=10,
             graft="adam",
             root_method=args.root_method,
+            eps=args.eps,
+            betas=(0.9, args.beta2),
             matmul_dtype=None if args.matmul_dtype == "float32" else torch.bfloat16,
         ),
     }
+    if args.only:
+        configs = {args.only: configs[args.only]}
     results = {}
     for name, make in configs.items():
         log(f"{name}:")
         results[name] = train(make, data, epochs=args.epochs, seed=args.seed, log=log)
-    base = results["adamw"]
+    base = results.get("adamw") or next(iter(results.values()))
     print(f"\nMNIST autoencoder, batch 1000, {args.epochs} epochs, lr {args.lr}, seed {args.seed}")
     print(f"machine: {machine()}")
     print(

@@ -229,10 +229,21 @@ class Shampoo(SecondOrderOptimizer):
 
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         super()._check_loaded_state(p, st)
-        if "stats" not in st:
+        if not st:
             return
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         plan = self._plan(p, group)
+        need = {"step"}
+        if plan is not None:
+            need |= {"stats", "roots", "root_error", "lambda_max", "root_failures"}
+        missing = need - st.keys()
+        if missing:
+            raise ValueError(
+                f"Shampoo state for a parameter of shape {tuple(p.shape)} lacks "
+                f"{sorted(missing)}: not a Shampoo state dict for these parameters and settings"
+            )
+        if plan is None:
+            return
         expected = (
             None
             if plan is None
@@ -360,9 +371,12 @@ class Shampoo(SecondOrderOptimizer):
         preconditioned = plan is not None and t >= self._start(group)
         kind = self._graft_kind(group, preconditioned)
 
-        # Momentum (EMA of the gradient, bias-corrected).
+        # Momentum (EMA of the gradient, bias-corrected). Created lazily too, so that momentum
+        # can be switched on mid-run (e.g. by a scheduler cycling beta1).
         if beta1 > 0:
-            m = state["exp_avg"]
+            m = state.get("exp_avg")
+            if m is None:
+                m = state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             m.lerp_(g, 1.0 - beta1)
             if group["nesterov"]:
                 mhat = m * (beta1 / bias_correction(beta1, t + 1))
@@ -373,6 +387,8 @@ class Shampoo(SecondOrderOptimizer):
             mhat = g
 
         v = state.get("graft_v")
+        if v is None and kind in GRAFTS_WITH_STATE:  # graft changed to a stateful one
+            v = state["graft_v"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if v is not None and kind is not None:
             update_second_moment(kind, v, g, beta2)
         a = None if kind is None else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
