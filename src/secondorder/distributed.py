@@ -41,6 +41,11 @@ __all__ = [
 
 COMMUNICATION_DTYPES = (torch.float32, torch.bfloat16)
 
+# newer torch deprecates all_gather_into_tensor for all_gather_single; use what exists
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(
+    dist, "all_gather_into_tensor", None
+)
+
 
 def block_cost(block_shape: Sequence[int]) -> int:
     """Cost of a block's roots: ``sum_i n_i^3`` (one ``n_i x n_i`` factor per axis)."""
@@ -205,7 +210,7 @@ class Communicator:
             flat = torch.cat([local.reshape(-1).to(device) for _, _, local, _ in items])
             send[: flat.numel()] = flat
         recv = torch.empty(self.world_size * width, dtype=self.dtype, device=device)
-        dist.all_gather_into_tensor(recv, send, group=self.group)
+        _all_gather_single(recv, send, group=self.group)
         recv = recv.view(self.world_size, width)
         outs = [
             torch.empty(count, *local.shape[1:], dtype=dtype, device=local.device)
