@@ -36,7 +36,8 @@ def update_statistics(
     if low:
         x = x.to(matmul_dtype)
     for i, s in enumerate(stats):
-        xi = unfold(x, i)
+        # For matrices, X^T is a strided view that bmm consumes without a copy.
+        xi = x.transpose(1, 2) if (i == 1 and x.dim() == 3) else unfold(x, i)
         if low:
             gram = torch.bmm(xi, xi.transpose(1, 2))
             s.mul_(beta2).add_(gram, alpha=w)

@@ -1,0 +1,65 @@
+"""kron kernels against tensordot references, for stacks of order 1 to 4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from secondorder.kernels import kron
+
+
+def _ref_stats(x: torch.Tensor, axis: int) -> torch.Tensor:
+    k = x.dim() - 1
+    other = [j + 1 for j in range(k) if j != axis]
+    # per block: contract every axis but `axis`
+    return torch.stack([torch.tensordot(b, b, dims=([o - 1 for o in other],) * 2) for b in x])
+
+
+def _ref_precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
+    out = []
+    for b_idx, b in enumerate(x):
+        for i, r in enumerate(roots):
+            b = torch.tensordot(r[b_idx], b, dims=([1], [i])).movedim(0, i)
+        out.append(b)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3), (2, 3, 4, 2), (1, 2, 3, 2, 2)])
+@pytest.mark.parametrize("beta2", [0.9, 1.0])
+def test_update_statistics_matches_tensordot(shape, beta2):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    k = x.dim() - 1
+    stats = [torch.randn(shape[0], n, n, dtype=torch.float64) for n in shape[1:]]
+    stats = [s @ s.mT for s in stats]
+    want = [
+        beta2 * s + (1.0 if beta2 == 1.0 else 1 - beta2) * _ref_stats(x, i)
+        for i, s in enumerate(stats)
+    ]
+    kron.update_statistics(stats, x, beta2)
+    assert len(stats) == k
+    for got, ref in zip(stats, want):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3), (2, 3, 4, 2), (1, 2, 3, 2, 2)])
+def test_precondition_matches_tensordot(shape):
+    torch.manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64)
+    roots = []
+    for n in shape[1:]:
+        a = torch.randn(shape[0], n, n, dtype=torch.float64)
+        roots.append(a + a.mT)  # symmetric, like every root
+    torch.testing.assert_close(kron.precondition(x, roots), _ref_precondition(x, roots))
+
+
+def test_bf16_matmuls_accumulate_into_fp32_statistics():
+    torch.manual_seed(2)
+    x = torch.randn(2, 40, 30)
+    s32 = [torch.zeros(2, 40, 40), torch.zeros(2, 30, 30)]
+    s16 = [torch.zeros(2, 40, 40), torch.zeros(2, 30, 30)]
+    kron.update_statistics(s32, x, 0.9)
+    kron.update_statistics(s16, x, 0.9, matmul_dtype=torch.bfloat16)
+    for a, b in zip(s32, s16):
+        assert b.dtype == torch.float32
+        assert ((a - b).norm() / a.norm()) < 2e-2
