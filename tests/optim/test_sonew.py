@@ -324,3 +324,11 @@ def test_closure_and_none_grads():
     assert opt.step(closure).item() == 4.0
     assert unused not in opt.state
     assert torch.equal(unused, torch.ones(4))
+
+
+def test_default_guard_threshold_follows_the_less_precise_dtype():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    eps = torch.finfo
+    assert SONew.default_guard_threshold(fp32, fp32) == eps(fp32).eps
+    assert SONew.default_guard_threshold(bf16, fp32) == eps(bf16).eps
+    assert SONew.default_guard_threshold(fp32, bf16) == eps(bf16).eps
