@@ -103,7 +103,7 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
              precondition_1d=True, graft="rmsprop", nesterov=True, root_method="eigh"),
         dict(graft=None, betas=(0.0, 1.0), exponent_override=2, decoupled_weight_decay=False,
              lr=0.005, eps=1e-4),
-        dict(graft="adagrad", block_size=3, betas=(0.5, 0.9)),
+        dict(graft="adagrad", block_size=3, betas=(0.5, 0.9), matmul_dtype=torch.bfloat16),
     ],
     "SONew": [
         dict(band=0, precondition_1d=False, betas=(0.8, 0.99)),
