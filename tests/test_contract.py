@@ -929,6 +929,43 @@ def test_nonfinite_gradients_follow_the_policy(name, warmup, policy, bad):
         assert opt.state_dict()["skipped_steps"] == 1
 
 
+def _degenerate_grad(kind: str, shape: tuple[int, ...], k: int, g: torch.Generator):
+    x = torch.randn(shape, generator=g)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "zeros_then_random":  # e.g. a layer that only starts to matter later
+        return torch.zeros(shape) if k < 4 else x
+    if kind == "half_zero_rows":  # dead units: singular statistics
+        x[: shape[0] // 2] = 0
+        return x
+    if kind == "rank_one":
+        return torch.randn(shape[0], 1, generator=g) @ torch.randn(1, shape[1], generator=g)
+    if kind == "constant":
+        return torch.ones(shape)
+    return x * {"tiny": 1e-30, "huge": 1e15}[kind]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["zeros", "zeros_then_random", "half_zero_rows", "rank_one", "constant", "tiny", "huge"],
+)
+@pytest.mark.parametrize("name", ROWS)
+def test_degenerate_gradients_keep_params_finite(name, kind):
+    """Finite but degenerate gradients (zero, singular, extreme scale) never give NaN/Inf;
+    all-zero gradients (without weight decay) leave the parameters unchanged."""
+    for shape in [(6, 10), (10,), ()] if kind not in ("half_zero_rows", "rank_one") else [(6, 10)]:
+        p = torch.nn.Parameter(torch.randn(shape))
+        init = p.detach().clone()
+        opt = make(name, [p], weight_decay=0.0)
+        g = torch.Generator().manual_seed(0)
+        for k in range(8):
+            p.grad = _degenerate_grad(kind, shape, k, g)
+            opt.step()
+        assert torch.isfinite(p).all(), f"{name}: non-finite parameter, {kind} grads {shape}"
+        if kind == "zeros":
+            assert torch.equal(p, init), f"{name}: zero gradients moved a {shape} parameter"
+
+
 # ============================================================================ 7. shapes
 def _block(name):
     return config(name).get("block_size", 8)
