@@ -761,6 +761,36 @@ def test_state_dict_round_trip_is_exact(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_state_dict_hooks(name):
+    """torch.optim's state-dict hooks: each runs once; a load pre-hook's dict is the one
+    loaded; a load post-hook sees the final state; a save post-hook may replace the dict."""
+    model = toy_model()
+    opt = train(name, model, range(4))
+    calls = []
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("save") or {**sd, "mine": 1})
+    sd = opt.state_dict()
+    assert calls == ["save"] and sd["mine"] == 1
+    model2 = toy_model(seed=5)
+    fresh = make(name, model2.parameters())
+    params = list(model2.parameters())
+
+    def pre(o, sd):
+        calls.append("pre")
+        sd = dict(sd)
+        sd.pop("mine")
+        sd["param_groups"] = [{**g, "lr": 0.0123} for g in sd["param_groups"]]
+        return sd
+
+    seen = []
+    fresh.register_load_state_dict_pre_hook(pre)
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append(opt_state(o, params)))
+    fresh.load_state_dict(sd)
+    assert calls == ["save", "pre"] and len(seen) == 1
+    assert all(g["lr"] == 0.0123 for g in fresh.param_groups)
+    assert_bit_identical(seen[0], opt_state(fresh, params), "state seen by the post-hook")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_loaded_hyperparameters_win(name):
     """As in torch.optim, a checkpoint's hyperparameters replace the constructor's.
 

@@ -19,7 +19,9 @@ the behaviour users rely on being identical across optimizers:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -115,8 +117,23 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         raise NotImplementedError  # pragma: no cover - abstract
 
     # ------------------------------------------------------------- state dict
+    @contextmanager
+    def _hooks_paused(self, *names: str) -> Iterator[dict[str, Any]]:
+        """Run torch.optim's (de)serialisation without the named hook registries, which
+        we run ourselves around the whole of our version: once, and seeing the final
+        result. The registries are put back unchanged (handles stay valid)."""
+        saved = {n: getattr(self, n) for n in names}
+        for n in names:
+            setattr(self, n, OrderedDict())
+        try:
+            yield saved
+        finally:
+            for n, v in saved.items():
+                setattr(self, n, v)
+
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
+        with self._hooks_paused("_optimizer_state_dict_post_hooks") as hooks:
+            sd = super().state_dict()
         sd["skipped_steps"] = self.skipped_steps
         # Which optimizer wrote it: loading it into another one fails at load time, not
         # with a KeyError at the next step.
@@ -124,11 +141,23 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         # Shapes of all parameters, in order: lets load_state_dict reject a checkpoint of
         # another model even where no state tensor would reveal it.
         sd["param_shapes"] = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
+        for hook in hooks["_optimizer_state_dict_post_hooks"].values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; on any mismatch raise ``ValueError`` and change nothing."""
+        """Load a state dict; on any mismatch raise ``ValueError`` and change nothing.
+
+        Load hooks behave as in torch.optim: pre-hooks first (they may return a new dict,
+        which is what gets checked and loaded), post-hooks last (they see the final state).
+        """
         state_dict = dict(state_dict)
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         skipped = state_dict.pop("skipped_steps", 0)
         shapes = state_dict.pop("param_shapes", None)  # absent in older checkpoints
         writer = state_dict.pop("optimizer", None)  # absent in older or torch.optim dicts
@@ -186,13 +215,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         finally:
             self.param_groups = ours_groups
         state_dict["param_groups"] = new_groups
-        super().load_state_dict(state_dict)
+        with self._hooks_paused(
+            "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
+        ) as hooks:
+            super().load_state_dict(state_dict)
         # torch.optim casts floating state to the parameter's dtype; restore saved dtypes.
         for pid, st in saved_state.items():
             p = id_to_param[pid]
             self.state[p] = _tree_to_device(st, p)
         self.skipped_steps = int(skipped)
         self._after_load_state_dict()
+        for post_hook in hooks["_optimizer_load_state_dict_post_hooks"].values():
+            post_hook(self)
 
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         """Raise ``ValueError`` if ``st`` cannot belong to ``p``; subclasses may extend.
@@ -230,7 +264,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite", "skip")
         self.__dict__.setdefault("skipped_steps", 0)
-        self._after_load_state_dict()
+        if "defaults" in state:  # unpickling; torch's load_state_dict passes state/groups only
+            self._after_load_state_dict()
 
     #: instance attributes that are not pickled / deep-copied (e.g. a background worker)
     _transient_attrs: tuple[str, ...] = ()
