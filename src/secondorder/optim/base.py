@@ -84,12 +84,15 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        for dev_grads in by_device.values():
-            sums = (
-                torch._foreach_norm(dev_grads, ord=float("inf"))
-                if len(dev_grads) > 1
-                else [dev_grads[0].abs().max()]
-            )
+        for dev, dev_grads in by_device.items():
+            if dev.type == "cpu":  # _foreach_norm is a slow per-tensor fallback on CPU
+                sums = [x for g in dev_grads for x in torch.aminmax(g)]
+            else:
+                sums = (
+                    torch._foreach_norm(dev_grads, ord=float("inf"))
+                    if len(dev_grads) > 1
+                    else [dev_grads[0].abs().max()]
+                )
             flags.append(torch.isfinite(torch.stack([s.float() for s in sums])).all().cpu())
         return bool(torch.stack(flags).all())
 
