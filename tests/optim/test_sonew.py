@@ -332,3 +332,26 @@ def test_default_guard_threshold_follows_the_less_precise_dtype():
     assert SONew.default_guard_threshold(fp32, fp32) == eps(fp32).eps
     assert SONew.default_guard_threshold(bf16, fp32) == eps(bf16).eps
     assert SONew.default_guard_threshold(fp32, bf16) == eps(bf16).eps
+
+
+def test_load_rejects_other_optimizers_and_other_bands():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    adam = torch.optim.AdamW([p])
+    _train(adam, [p], 1)
+    with pytest.raises(ValueError, match="state"):
+        SONew([torch.nn.Parameter(torch.randn(3, 4))]).load_state_dict(adam.state_dict())
+    opt = SONew([p], band=2)
+    _train(opt, [p], 1)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["band"] = 1
+    with pytest.raises(ValueError, match="band"):
+        SONew([torch.nn.Parameter(torch.randn(3, 4))], band=2).load_state_dict(sd)
+
+
+def test_deepcopy_and_pickle_keep_working():
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = SONew([p], band=1)
+    _train(opt, [p], 2)
+    clone = copy.deepcopy(opt)
+    assert "_scratch" not in clone.__dict__
+    _train(clone, clone.param_groups[0]["params"], 1)

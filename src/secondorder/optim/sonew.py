@@ -86,6 +86,7 @@ class SONew(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg",)
+    _transient_attrs = ("_scratch",)  # reusable work buffers, rebuilt lazily
 
     def __init__(
         self,
@@ -155,11 +156,25 @@ class SONew(SecondOrderOptimizer):
 
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         super()._check_loaded_state(p, st)
-        h = st.get("band_stats")
-        if isinstance(h, torch.Tensor) and (h.dim() != 2 or h.shape[1] != p.numel()):
+        if not st:
+            return
+        missing = {"step", "exp_avg", "band_stats"} - st.keys()
+        if missing:
             raise ValueError(
-                f"state 'band_stats' has shape {tuple(h.shape)} but its parameter has "
-                f"{p.numel()} elements (expected (band + 1, {p.numel()}))"
+                f"SONew state for a parameter of shape {tuple(p.shape)} lacks "
+                f"{sorted(missing)}: not a SONew state dict"
+            )
+        # While loading, self.param_groups holds the loaded hyperparameters.
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        band = self._band_for(group, p)
+        expected = (1 if band is None else band + 1, p.numel())
+        h = st["band_stats"]
+        if not isinstance(h, torch.Tensor) or tuple(h.shape) != expected:
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(
+                f"SONew state 'band_stats' has shape {got}, expected {expected} for a "
+                f"parameter of shape {tuple(p.shape)} with band={group['band']}: the state "
+                "dict does not match these parameters or this band"
             )
 
     # -------------------------------------------------------------------- step
