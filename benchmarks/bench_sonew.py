@@ -30,7 +30,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def optimizer_factories(args) -> dict:
     betas = (0.9, args.beta2)
 
-    def sonew(band, compute_dtype=None):
+    def sonew(band, compute_dtype=None, **kw):
         return lambda ps: secondorder.SONew(
             ps,
             lr=args.sonew_lr,
@@ -38,6 +38,7 @@ def optimizer_factories(args) -> dict:
             eps=args.sonew_eps,
             band=band,
             compute_dtype=compute_dtype,
+            **kw,
         )
 
     out = {
@@ -48,6 +49,9 @@ def optimizer_factories(args) -> dict:
         # factorisation in bf16 (the default upcasts the statistics to fp32 for the LDLᵀ)
         "sonew-b1-fbf16": sonew(1, torch.bfloat16),
         "sonew-b4-fbf16": sonew(4, torch.bfloat16),
+        # for the step-time breakdown only (graft=None needs its own learning rate)
+        "sonew-b1-nograft": sonew(1, graft=None),
+        "sonew-b1-1dadam": sonew(1, precondition_1d=False),
     }
     try:  # Shampoo is optional: it is being written concurrently
         probe = torch.nn.Parameter(torch.zeros(2, 2))

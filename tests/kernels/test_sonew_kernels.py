@@ -219,6 +219,10 @@ def test_scratch_buffers_give_identical_results_across_sizes():
     assert scratch.nbytes() > 0
 
 
-def test_inf_norm_nonneg_diag_shortcut():
-    h = _random_stats(20, 2, seed=1)
-    assert torch.equal(K.band_inf_norm(h, nonneg_diag=True), K.band_inf_norm(h))
+@pytest.mark.parametrize("b", [0, 1, 2])
+@pytest.mark.parametrize("n", [1, 2, 20])
+def test_inf_norm_nonneg_diag_shortcut(b, n):
+    h = _random_stats(n, b, seed=1)
+    dense = K.band_to_dense(h).abs().sum(dim=1).max()
+    torch.testing.assert_close(K.band_inf_norm(h, nonneg_diag=True), dense)
+    torch.testing.assert_close(K.band_inf_norm(h, K.Scratch(), nonneg_diag=True), dense)

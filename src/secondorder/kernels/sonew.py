@@ -107,6 +107,11 @@ def band_inf_norm(
     """
     bp1, n = h.shape
     rows = _take(scratch, "rows", n, h)
+    if nonneg_diag and bp1 == 2 and n > 1:  # tridiagonal fast path: 4 passes
+        a = torch.abs(h[1], out=_take(scratch, "abs", n, h))  # a[n-1] = 0 (padding)
+        torch.add(h[0], a, out=rows)
+        rows[1:] += a[: n - 1]
+        return rows.max()
     if nonneg_diag:
         rows.copy_(h[0])
     else:
