@@ -30,6 +30,8 @@ Python loops in this module run over the band (``k = 1..b``), never over ``n``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = [
@@ -57,26 +59,37 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        # ready-made length-n views: taking one is a dict lookup (this is on the hot path)
+        self._views: dict[tuple[str, torch.dtype, torch.device, int], torch.Tensor] = {}
 
     def take(self, slot: str, n: int, like: torch.Tensor, dtype: torch.dtype | None = None):
-        dtype = dtype or like.dtype
-        key = (slot, dtype, like.device)
-        buf = self._bufs.get(key)
+        key = (slot, dtype or like.dtype, like.device, n)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        bkey = key[:3]
+        buf = self._bufs.get(bkey)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype, device=like.device)
-            self._bufs[key] = buf
-        return buf[:n]
+            buf = torch.empty(n, dtype=key[1], device=like.device)
+            self._bufs[bkey] = buf
+            self._views = {k: v for k, v in self._views.items() if k[:3] != bkey}
+        view = self._views[key] = buf[:n]
+        return view
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
-def _take(scratch: Scratch | None, slot: str, n: int, like: torch.Tensor, dtype=None):
-    if scratch is None:
-        return torch.empty(n, dtype=dtype or like.dtype, device=like.device)
-    return scratch.take(slot, n, like, dtype)
+def _fresh(slot: str, n: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    return torch.empty(n, dtype=dtype or like.dtype, device=like.device)
 
 
+def _taker(scratch: Scratch | None):
+    """``take(slot, n, like, dtype=None)``: a scratch view, or a fresh tensor without scratch."""
+    return _fresh if scratch is None else scratch.take
+
+
+@functools.cache
 def guard_threshold(dtype: torch.dtype) -> float:
     """The default guard threshold ``gamma`` for factorising in ``dtype``: its machine epsilon.
 
@@ -106,9 +119,10 @@ def band_inf_norm(
     pass. Returns a 0-d tensor (no host sync).
     """
     bp1, n = h.shape
-    rows = _take(scratch, "rows", n, h)
+    take = _taker(scratch)
+    rows = take("rows", n, h)
     if nonneg_diag and bp1 == 2 and n > 1:  # tridiagonal fast path: 4 passes
-        a = torch.abs(h[1], out=_take(scratch, "abs", n, h))  # a[n-1] = 0 (padding)
+        a = torch.abs(h[1], out=take("abs", n, h))  # a[n-1] = 0 (padding)
         torch.add(h[0], a, out=rows)
         rows[1:] += a[: n - 1]
         return rows.max()
@@ -117,7 +131,7 @@ def band_inf_norm(
     else:
         torch.abs(h[0], out=rows)
     for k in range(1, min(bp1, n)):
-        a = torch.abs(h[k, : n - k], out=_take(scratch, "abs", n - k, h))
+        a = torch.abs(h[k, : n - k], out=take("abs", n - k, h))
         rows[: n - k] += a
         rows[k:] += a
     return rows.max()
@@ -127,7 +141,8 @@ def diag_preconditioner(
     h: torch.Tensor, delta: torch.Tensor | float, scratch: Scratch | None = None
 ) -> torch.Tensor:
     """``band = 0``: the diagonal of ``X = diag(1 / (H_jj + delta))`` (no square root)."""
-    return torch.add(h[0], delta, out=_take(scratch, "q", h.shape[1], h)).reciprocal_()
+    out = _taker(scratch)("q", h.shape[1], h)
+    return torch.add(h[0], delta, out=out).reciprocal_()
 
 
 def tridiag_ldl(
@@ -144,15 +159,16 @@ def tridiag_ldl(
     Returns ``psi`` ``(1, n)`` and ``D`` ``(n,)``.
     """
     n = h.shape[1]
-    d = torch.add(h[0], delta, out=_take(scratch, "d", n, h))
-    p = _take(scratch, "psi", n, h)
+    take = _taker(scratch)
+    d = torch.add(h[0], delta, out=take("d", n, h))
+    p = take("psi", n, h)
     torch.div(h[1, : n - 1], d[1:], out=p[: n - 1])
     p[n - 1 :].zero_()
-    s = torch.addcmul(d, p, h[1], value=-1.0, out=_take(scratch, "q", n, h))
+    s = torch.addcmul(d, p, h[1], value=-1.0, out=take("q", n, h))
     if gamma is not None:
         # keep the edge iff s_j > gamma · d_j; otherwise psi_j = 0 and s_j = d_j
-        thr = torch.mul(d, gamma, out=_take(scratch, "thr", n, h))
-        drop = torch.le(s, thr, out=_take(scratch, "mask", n, h, torch.bool))
+        thr = torch.mul(d, gamma, out=take("thr", n, h))
+        drop = torch.le(s, thr, out=take("mask", n, h, torch.bool))
         torch.where(drop, d, s, out=s)
         p.masked_fill_(drop, 0.0)
     return p.view(1, n), s.reciprocal_()
@@ -183,12 +199,14 @@ def band_ldl(
     if b == 0:
         return h.new_zeros((0, n)), diag_preconditioner(h, delta, scratch)
 
+    take = _taker(scratch)
+
     def vec(slot: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return _take(scratch, slot, n, h, dtype)
+        return take(slot, n, h, dtype)
 
     # Columns n .. n+b of hp are identity padding.
     width = n + b + 1
-    hp = _take(scratch, "hp", bp1 * width, h).view(bp1, width)
+    hp = take("hp", bp1 * width, h).view(bp1, width)
     hp[:, :n].copy_(h)
     hp[:, n:].zero_()
     hp[0, n:] = 1.0
@@ -244,7 +262,7 @@ def band_ldl(
             s.copy_(s_next)
         rr.append(v)
     # Back substitution psi = R⁻ᵀ r.
-    psi = _take(scratch, "psi", b * n, h).view(b, n)
+    psi = take("psi", b * n, h).view(b, n)
     for i in reversed(range(b)):
         v = psi[i]
         v.copy_(rr[i])
@@ -263,23 +281,24 @@ def apply_preconditioner(
     ``u = L w`` (``u_i = w_i − Σ_k psi[k-1, i-k] w_{i-k}``).
     """
     b, n = psi.shape
+    take = _taker(scratch)
     if b == 0:
-        return torch.mul(D, m, out=_take(scratch, "u", n, m))
+        return torch.mul(D, m, out=take("u", n, m))
     if b == 1:  # three passes
         p = psi[0, : n - 1]
-        w = _take(scratch, "rows", n, m)
+        w = take("rows", n, m)
         torch.addcmul(m[: n - 1], p, m[1:], value=-1.0, out=w[: n - 1])
-        w[n - 1 :] = m[n - 1 :]
+        w[n - 1 :].copy_(m[n - 1 :])
         w.mul_(D)
-        u = _take(scratch, "u", n, m)
-        u[:1] = w[:1]
+        u = take("u", n, m)
+        u[:1].copy_(w[:1])
         torch.addcmul(w[1:], p, w[: n - 1], value=-1.0, out=u[1:])
         return u
-    w = _take(scratch, "rows", n, m).copy_(m)
+    w = take("rows", n, m).copy_(m)
     for k in range(1, min(b + 1, n)):
         w[: n - k].addcmul_(psi[k - 1, : n - k], m[k:], value=-1.0)
     w.mul_(D)
-    u = _take(scratch, "u", n, m).copy_(w)
+    u = take("u", n, m).copy_(w)
     for k in range(1, min(b + 1, n)):
         u[k:].addcmul_(psi[k - 1, : n - k], w[: n - k], value=-1.0)
     return u

@@ -7,6 +7,7 @@ state, dtypes and step order.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +24,11 @@ GRAFTS = ("adam", None)
 DAMPINGS = ("relative", "absolute")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
+
+
+@functools.cache
+def _tiny(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).tiny)
 
 
 class SONew(SecondOrderOptimizer):
@@ -146,6 +152,7 @@ class SONew(SecondOrderOptimizer):
         return group["band"]
 
     @staticmethod
+    @functools.cache
     def default_guard_threshold(state_dtype: torch.dtype, compute_dtype: torch.dtype) -> float:
         """Machine epsilon of the less precise of the two dtypes.
 
@@ -244,7 +251,7 @@ class SONew(SecondOrderOptimizer):
             # decisions, which are scale invariant); the scalar is folded into the step.
             if group["damping"] == "relative":
                 delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
-                delta.clamp_min_(torch.finfo(cdt).tiny)
+                delta.clamp_min_(_tiny(cdt))
             else:
                 delta = group["eps"] * bc2
             if band == 0:
