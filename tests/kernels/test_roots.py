@@ -322,3 +322,32 @@ def test_p_accepts_integral_types():
     np = pytest.importorskip("numpy")
     res = inverse_root(torch.eye(2) * 16, np.int64(4))
     torch.testing.assert_close(res.root, torch.eye(2) / 2)
+
+
+def test_eigh_pipeline_needs_no_power_iteration_and_its_probe_check_catches_bad_eigvecs(
+    monkeypatch,
+):
+    import secondorder.kernels.roots as R
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 12, 30, generator=g, dtype=torch.float64)
+    a = (x @ x.mT).float()
+
+    def no_power(*args, **kwargs):
+        raise AssertionError("power iteration is redundant on the eigh path")
+
+    monkeypatch.setattr(R, "power_iteration", no_power)
+    good = R.inverse_root(a, 4, method="eigh")
+    assert bool(good.ok.all()) and float(good.error.max()) < 1e-5
+    torch.testing.assert_close(good.lambda_max, torch.linalg.eigvalsh(a)[:, -1])
+
+    real_eigh = R._eigh
+
+    def scrambled(m):
+        lam, q = real_eigh(m)
+        return lam, q.roll(1, dims=-1)  # eigenvectors paired with the wrong eigenvalues
+
+    monkeypatch.setattr(R, "_eigh", scrambled)
+    bad = R.inverse_root(a, 4, method="eigh")
+    assert not bool(bad.ok.any())
+    assert float(bad.error.min()) > 0.1

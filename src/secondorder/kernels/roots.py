@@ -285,6 +285,38 @@ def inverse_root_eigh(A: Tensor, p: int, *, eps: float | Tensor = 0.0) -> tuple[
     return root, err
 
 
+def _probes(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``k`` fixed, deterministic, mutually different probe vectors as an ``(n, k)`` matrix."""
+    i = torch.arange(n, dtype=dtype, device=device)[:, None]
+    j = torch.arange(1, k + 1, dtype=dtype, device=device)[None, :]
+    return torch.cos(0.5 + 1.3 * i * j + j)
+
+
+def _eigh_root(A: Tensor, p: int, ridge_epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Root pipeline by one eigendecomposition of the raw statistics.
+
+    ``eigh`` gives ``lambda_max`` for free (no power iteration), and the ridge is added to the
+    eigenvalues: ``(A + eps_eff I)^(-1/p) = Q diag(max(lam, 0) + eps_eff)^(-1/p) Q^T``. The
+    error is the relative residual of the decomposition on a few fixed probe vectors,
+    ``||Q diag(lam) Q^T V - A V||_F / ||A V||_F``: O(n^2) work instead of a full
+    reconstruction matmul, and about ``n`` machine epsilons for a good decomposition.
+
+    Returns ``(root, err, lambda_max, eps_eff)``.
+    """
+    L, Q = _eigh(A)
+    lam_max = L[..., -1].clamp_min(0)  # eigh sorts ascending
+    eps_eff = (ridge_epsilon * lam_max).clamp_min(_RIDGE_FLOOR)
+    d = (L.clamp_min(0) + eps_eff[:, None]).pow(-1.0 / p)
+    root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
+    V = _probes(A.shape[-1], min(4, A.shape[-1]), A.dtype, A.device)
+    AV = A @ V
+    rec = Q @ (L.unsqueeze(-1) * (Q.transpose(-2, -1) @ V))
+    err = _fro_norm(rec - AV) / _fro_norm(AV).clamp_min(torch.finfo(A.dtype).tiny)
+    finite = torch.isfinite(root).all(dim=-1).all(dim=-1)
+    err = torch.where(finite, err, torch.full_like(err, float("inf")))
+    return root, err, lam_max, eps_eff
+
+
 def _solve(A: Tensor, eps_eff: Tensor, p: int, method: str, max_iters: int, tol: float):
     A_reg = A + eps_eff[:, None, None] * _eye_like(A)
     if method == "newton":
@@ -310,11 +342,12 @@ def inverse_root(
 ) -> RootResult:
     """``(A + eps_eff I)^(-1/p)`` for a batch of raw Shampoo statistics, with acceptance.
 
-    Steps: ``lambda_max`` by :func:`power_iteration`; relative ridge
-    ``eps_eff = max(ridge_epsilon * lambda_max, 1e-30)`` (the absolute floor keeps all-zero
-    matrices solvable); solve with ``method`` (``"newton"``: :func:`inverse_root_newton`,
-    error ``max|M - I|``; ``"eigh"``: :func:`inverse_root_eigh` with eigenvalue floor
-    ``eps_eff``, error = relative reconstruction error); accept each root when it is finite
+    Steps: ``lambda_max``; relative ridge ``eps_eff = max(ridge_epsilon * lambda_max, 1e-30)``
+    (the absolute floor keeps all-zero matrices solvable); solve with ``method``
+    (``"newton"``: ``lambda_max`` by :func:`power_iteration`, then
+    :func:`inverse_root_newton` on ``A + eps_eff I``, error ``max|M - I|``; ``"eigh"``: one
+    eigendecomposition of ``A`` gives ``lambda_max`` and the root, error = relative residual
+    of the decomposition on fixed probe vectors); accept each root when it is finite
     and its error is below ``failure_threshold``. With ``retries > 0`` the rejected matrices
     (only those) are solved again with a ridge ten times larger, up to ``retries`` times
     (one host sync per retry round; none when ``retries == 0``).
@@ -341,9 +374,12 @@ def inverse_root(
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
     A, unbatched = _as_batch(A)
-    lam = power_iteration(A, max_iters=max_iters, tol=tol)
-    eps_eff = (ridge_epsilon * lam).clamp_min(_RIDGE_FLOOR)
-    root, err = _solve(A, eps_eff, p, method, max_iters, tol)
+    if method == "eigh":
+        root, err, lam, eps_eff = _eigh_root(A, p, ridge_epsilon)
+    else:
+        lam = power_iteration(A, max_iters=max_iters, tol=tol)
+        eps_eff = (ridge_epsilon * lam).clamp_min(_RIDGE_FLOOR)
+        root, err = _solve(A, eps_eff, p, method, max_iters, tol)
     ok = _accept(root, err, failure_threshold)
     for _ in range(retries):
         if bool(ok.all()):
