@@ -141,7 +141,7 @@ def test_low_precision_close_to_fp64(n, b, dtype, seed):
     psi, D = K.band_ldl(h64.to(dtype), delta, K.guard_threshold(dtype))
     out = K.apply_preconditioner(psi, D, m64.to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
-    tol = 0.05 if dtype == torch.float32 else 0.6
+    tol = 1e-4 if dtype == torch.float32 else 0.5  # worst seen over 6,000 cases: 6e-6, 0.22
     rel = (out.double() - ref).norm() / ref.norm()
     assert rel < tol
 
