@@ -45,6 +45,13 @@ from .._validation import (
     check_int,
 )
 from ..blocking import BlockPlan
+from ..distributed import (
+    COMMUNICATION_DTYPES,
+    BlockLayout,
+    Communicator,
+    is_block_state,
+    localize_state,
+)
 from ..kernels import kron
 from ..kernels.grafting import (
     GRAFT_KINDS,
@@ -54,7 +61,8 @@ from ..kernels.grafting import (
     graft_rescale,
     update_second_moment,
 )
-from ..kernels.roots import inverse_root
+from ..kernels.roots import RootResult, inverse_root
+from .async_roots import AsyncRootWorker, snapshot
 from .base import SecondOrderOptimizer
 
 ROOT_METHODS = ("auto", "newton", "eigh")
@@ -70,6 +78,19 @@ class _DueFactor:
     axis: int
     matrix: torch.Tensor  # (B, n, n) bias-corrected statistics
     exponent: int
+    key: int = -1  # index of the parameter over all param groups
+
+
+class _Runtime:
+    """Per-process helpers, rebuilt lazily: never pickled, copied or checkpointed."""
+
+    def __init__(self) -> None:
+        self.sig: Any = None
+        self.params: list[torch.Tensor] = []  # all params, in param-group order
+        self.keys: dict[int, int] = {}  # id(param) -> index in ``params``
+        self.comm: Communicator | None = None
+        self.layout: BlockLayout | None = None  # None: every block is local
+        self.worker: AsyncRootWorker | None = None
 
 
 class Shampoo(SecondOrderOptimizer):
@@ -104,9 +125,34 @@ class Shampoo(SecondOrderOptimizer):
         precondition_1d: also precondition 1-d tensors (one factor) instead of graft-only.
         inverse_failure_threshold: a root whose residual is at least this is rejected.
         nonfinite: ``"skip"`` or ``"raise"`` for steps with NaN/Inf gradients (see base).
+        async_roots: compute the roots in a background thread pool from a snapshot of the
+            statistics (a pinned host copy on accelerators; roots are then solved on the
+            host) while training goes on with the current roots; finished roots are
+            installed at the start of a later step. A tensor's first roots (at
+            ``start_preconditioning_step``) are computed in the step. Delays count
+            optimizer steps. See :mod:`secondorder.optim.async_roots`.
+        async_staleness: with ``async_roots``, wait for a root job once it is this many
+            steps old (>= 1); ``None``: the smallest ``precondition_frequency``, i.e. a job
+            must be done when the next one is due.
+        async_deterministic_delay: with ``async_roots``, install every job exactly this many
+            steps (>= 1) after its submission, waiting if needed: reproducible, and equal to
+            synchronous Shampoo whose roots are installed that many steps late.
+        async_workers: threads of the root pool (>= 1).
+        distributed: split the per-block work across the ranks of ``process_group`` (data
+            parallel: every rank must see the same gradients, e.g. under DDP). Each rank
+            keeps the statistics and roots of its own blocks only (assigned by cost, see
+            :mod:`secondorder.distributed`), computes their preconditioned directions, and
+            the directions are all-gathered every step. ``state_dict()`` gathers (call it
+            on every rank) and has the single-process format. Without an initialised
+            process group this is plain single-process Shampoo.
+        process_group: the group for ``distributed`` (``None``: the default group).
+        communication_dtype: dtype of the all-gathered directions: ``torch.float32``
+            (default, exact) or ``torch.bfloat16`` (half the traffic).
     """
 
     _param_shaped_keys = ("exp_avg", "graft_v")
+    # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
+    _transient_attrs = ("_rt", "_process_group")
 
     def __init__(
         self,
@@ -129,7 +175,29 @@ class Shampoo(SecondOrderOptimizer):
         precondition_1d: bool = False,
         inverse_failure_threshold: float = 0.1,
         nonfinite: str = "skip",
+        async_roots: bool = False,
+        async_staleness: int | None = None,
+        async_deterministic_delay: int | None = None,
+        async_workers: int = 1,
+        distributed: bool = False,
+        process_group: Any = None,
+        communication_dtype: torch.dtype = torch.float32,
     ) -> None:
+        self.async_roots = check_bool("async_roots", async_roots)
+        if async_staleness is not None:
+            check_int("async_staleness", async_staleness, low=1)
+        if async_deterministic_delay is not None:
+            check_int("async_deterministic_delay", async_deterministic_delay, low=1)
+        self.async_staleness = async_staleness
+        self.async_deterministic_delay = async_deterministic_delay
+        self.async_workers = check_int("async_workers", async_workers, low=1)
+        self.distributed = check_bool("distributed", distributed)
+        self.communication_dtype = check_choice(
+            "communication_dtype", communication_dtype, COMMUNICATION_DTYPES
+        )
+        self._process_group = process_group
+        self._clock = 0  # number of updating steps: the time base of async_roots
+        self._rt = _Runtime()
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -257,16 +325,64 @@ class Shampoo(SecondOrderOptimizer):
                 "parameters or this block_size"
             )
 
+    # ----------------------------------------------------------------- runtime
+    def _runtime(self) -> _Runtime:
+        """Parameter index, communicator, block layout and root worker (built lazily)."""
+        rt = self._rt
+        sig = tuple(
+            (len(g["params"]), g["block_size"], g["precondition_1d"]) for g in self.param_groups
+        )
+        if rt.sig != sig:
+            pairs = [(g, p) for g in self.param_groups for p in g["params"]]
+            if rt.layout is not None and any(
+                any(is_block_state(v) for v in st.values()) for st in self.state.values()
+            ):
+                raise RuntimeError(
+                    "Shampoo(distributed=True): parameters changed after the first step; the "
+                    "block assignment cannot change once state exists"
+                )
+            rt.params = [p for _, p in pairs]
+            rt.keys = {id(p): i for i, p in enumerate(rt.params)}
+            if self.distributed and rt.comm is None:
+                rt.comm = Communicator(self._process_group, self.communication_dtype)
+            if rt.comm is not None and rt.comm.world_size > 1:
+                entries = []
+                for i, (g, p) in enumerate(pairs):
+                    plan = self._plan(p, g)
+                    if plan is not None:
+                        entries.append((i, plan.block_shapes, plan.counts))
+                rt.layout = BlockLayout(entries, rt.comm.world_size, rt.comm.rank)
+            rt.sig = sig
+        if self.async_roots and rt.worker is None:
+            staleness = self.async_staleness or min(
+                g["precondition_frequency"] for g in self.param_groups
+            )
+            rt.worker = AsyncRootWorker(
+                self.async_workers, staleness, self.async_deterministic_delay
+            )
+        return rt
+
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        rt = self._runtime()
+        layout = rt.layout
+        self._clock += 1
+        if rt.worker is not None and len(rt.worker):
+            self._install(rt.worker.collect(self._clock))
         items = []
         due: list[_DueFactor] = []
+        first: list[_DueFactor] = []  # async: a tensor's first roots are computed now
         for group, params in work:
             beta2 = group["betas"][1]
             start = self._start(group)
             freq = group["precondition_frequency"]
             for p in params:
-                state = self.state[p] if self.state[p] else self._init_state(p, group)
+                key = rt.keys[id(p)]
+                if not self.state[p]:
+                    self._init_state(p, group)
+                    if layout is not None:
+                        self.state[p] = localize_state(self.state[p], layout, key)
+                state = self.state[p]
                 state["step"] += 1
                 t = int(state["step"].item())
                 g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
@@ -276,18 +392,36 @@ class Shampoo(SecondOrderOptimizer):
                 plan = self._plan(p, group)
                 if plan is not None:
                     blocks = plan.split(g)
-                    for stack, stats in zip(blocks, state["stats"]):
-                        kron.update_statistics(stats, stack, beta2, group["matmul_dtype"])
+                    for c, (stack, stats) in enumerate(zip(blocks, state["stats"])):
+                        if layout is not None:
+                            stack = layout.local(key, c, stack)
+                        if stack.shape[0]:
+                            kron.update_statistics(stats, stack, beta2, group["matmul_dtype"])
                     if t >= start and (t - start) % freq == 0:
-                        due.extend(self._due_factors(state, plan, group, t))
-                items.append((group, p, g, state, plan, t))
+                        factors = self._due_factors(state, plan, group, t, key)
+                        (due if self.async_roots and t > start else first).extend(factors)
+                items.append((group, p, g, state, plan, t, key))
+        if first:
+            self._refresh_roots(first, work)
         if due:
-            self._refresh_roots(due, work)
-        for group, p, g, state, plan, t in items:
-            self._apply(group, p, g, state, plan, t)
+            self._submit_roots(due, work)
+        directions = [self._direction(*item, layout) for item in items]
+        if layout is not None:
+            exchange = [
+                (key, c, d, plan.counts[c])
+                for (_, _, _, _, plan, _, key), ds in zip(items, directions)
+                if isinstance(ds, list)
+                for c, d in enumerate(ds)
+            ]
+            full = iter(rt.comm.exchange(layout, exchange))
+            directions = [
+                [next(full) for _ in ds] if isinstance(ds, list) else ds for ds in directions
+            ]
+        for (group, p, _, _, plan, _, _), d in zip(items, directions):
+            self._apply_direction(group, p, plan.merge(d) if isinstance(d, list) else d)
 
     def _due_factors(
-        self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int
+        self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int, key: int = -1
     ) -> list[_DueFactor]:
         bc = bias_correction(group["betas"][1], t)
         out = []
@@ -295,11 +429,14 @@ class Shampoo(SecondOrderOptimizer):
             order = len(stats)
             exponent = group["exponent_override"] or 2 * order
             for i, s in enumerate(stats):
-                out.append(_DueFactor(state, c, i, s / bc if bc != 1.0 else s, exponent))
+                if s.shape[0]:  # distributed: classes without local blocks have nothing due
+                    out.append(_DueFactor(state, c, i, s / bc if bc != 1.0 else s, exponent, key))
         return out
 
-    def _refresh_roots(self, due: list[_DueFactor], work: list[Any]) -> None:
-        """Compute all due roots, batching factors of equal size, exponent and settings."""
+    def _root_buckets(
+        self, due: list[_DueFactor], work: list[Any]
+    ) -> list[tuple[tuple[Any, ...], list[_DueFactor]]]:
+        """Group due factors of equal size, exponent and settings (one batched solve each)."""
         settings = {}
         for group, params in work:
             for p in params:
@@ -309,7 +446,9 @@ class Shampoo(SecondOrderOptimizer):
             group = settings[id(f.state)]
             method = group["root_method"]
             if method == "auto":
-                method = "eigh" if f.matrix.device.type == "cpu" else "newton"
+                # async roots are computed on the host from host snapshots: eigh
+                on_host = f.matrix.device.type == "cpu" or self.async_roots
+                method = "eigh" if on_host else "newton"
             key = (
                 f.matrix.shape[-1],
                 f.exponent,
@@ -319,26 +458,58 @@ class Shampoo(SecondOrderOptimizer):
                 group["inverse_failure_threshold"],
             )
             buckets.setdefault(key, []).append(f)
-        for (_, exponent, _, method, eps, threshold), factors in buckets.items():
+        return list(buckets.items())
+
+    def _refresh_roots(self, due: list[_DueFactor], work: list[Any]) -> None:
+        """Compute all due roots now, batching factors of equal size, exponent and settings."""
+        for spec, factors in self._root_buckets(due, work):
             stacked = (
-                torch.cat([f.matrix for f in factors]) if len(factors) > 1 else (factors[0].matrix)
+                torch.cat([f.matrix for f in factors]) if len(factors) > 1 else factors[0].matrix
             )
-            res = inverse_root(
-                stacked,
-                exponent,
-                method=method,
-                ridge_epsilon=eps,
-                failure_threshold=threshold,
+            self._store_results(factors, _solve_bucket(spec[1:], stacked))
+
+    def _submit_roots(self, due: list[_DueFactor], work: list[Any]) -> None:
+        """Snapshot the due statistics and hand them to the root worker (async_roots)."""
+        payload, meta = [], []
+        for spec, factors in self._root_buckets(due, work):
+            stacked = (
+                torch.cat([f.matrix for f in factors]) if len(factors) > 1 else factors[0].matrix
             )
-            sizes = [f.matrix.shape[0] for f in factors]
-            for f, root, err, lam, ok in zip(
-                factors,
-                res.root.split(sizes),
-                res.error.split(sizes),
-                res.lambda_max.split(sizes),
-                res.ok.split(sizes),
-            ):
-                self._store_root(f.state, f.cls, f.axis, root, err, lam, ok)
+            payload.append((spec[1:], snapshot(stacked)))
+            meta.append([(f.key, f.cls, f.axis, f.matrix.shape[0]) for f in factors])
+        self._rt.worker.submit(self._clock, _solve_snapshots, payload, meta=meta)
+
+    def _store_results(self, factors: list[_DueFactor], res: Any) -> None:
+        sizes = [f.matrix.shape[0] for f in factors]
+        for f, root, err, lam, ok in zip(
+            factors,
+            res.root.split(sizes),
+            res.error.split(sizes),
+            res.lambda_max.split(sizes),
+            res.ok.split(sizes),
+        ):
+            self._store_root(f.state, f.cls, f.axis, root, err, lam, ok)
+
+    def _install(self, finished: list[tuple[Any, Any]]) -> None:
+        """Install finished root jobs; a job that raised counts a failure for its blocks."""
+        params = self._rt.params
+        for meta, result in finished:
+            failed = isinstance(result, BaseException)
+            for b, bucket in enumerate(meta):
+                if failed:
+                    for key, c, i, _ in bucket:
+                        st = self.state[params[key]]
+                        st["root_failures"][c][i].add_(1)
+                        st["root_error"][c][i].fill_(float("inf"))
+                    continue
+                res = result[b]
+                device = self.state[params[bucket[0][0]]]["roots"][bucket[0][1]][0].device
+                res = type(res)(*(x.to(device, non_blocking=True) for x in res))
+                factors = [
+                    _DueFactor(self.state[params[key]], c, i, res.root[:n], 0, key)
+                    for key, c, i, n in bucket
+                ]
+                self._store_results(factors, res)
 
     @staticmethod
     def _store_root(
@@ -357,7 +528,7 @@ class Shampoo(SecondOrderOptimizer):
         state["lambda_max"][cls][axis].copy_(lam.float())
         state["root_failures"][cls][axis].add_((~ok).long())
 
-    def _apply(
+    def _direction(
         self,
         group: dict[str, Any],
         p: torch.Tensor,
@@ -365,9 +536,15 @@ class Shampoo(SecondOrderOptimizer):
         state: dict[str, Any],
         plan: BlockPlan | None,
         t: int,
-    ) -> None:
+        key: int,
+        layout: BlockLayout | None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Momentum, graft and preconditioning: the update direction of ``p``.
+
+        Returns a tensor of ``p``'s shape or, for a preconditioned tensor, the block stacks of
+        the direction (one per size class; only the rank's own blocks when distributed).
+        """
         beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
         preconditioned = plan is not None and t >= self._start(group)
         kind = self._graft_kind(group, preconditioned)
 
@@ -393,21 +570,171 @@ class Shampoo(SecondOrderOptimizer):
             update_second_moment(kind, v, g, beta2)
         a = None if kind is None else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
 
-        if preconditioned:
-            d_blocks = [
-                kron.precondition(x, roots).float()
-                for x, roots in zip(plan.split(mhat), state["roots"])
-            ]
+        if not preconditioned:
+            return a
+        a_blocks = plan.split(a) if kind is not None else None
+        d_blocks = []
+        for c, (x, roots) in enumerate(zip(plan.split(mhat), state["roots"])):
+            if layout is not None:
+                x = layout.local(key, c, x)
+            if x.shape[0] == 0:  # distributed: no local blocks in this class
+                d_blocks.append(torch.zeros(x.shape, dtype=torch.float32, device=x.device))
+                continue
+            d = kron.precondition(x, roots).float()
             if kind is not None:
-                for d, ab in zip(d_blocks, plan.split(a)):
-                    graft_rescale(d, ab)
-            direction = plan.merge(d_blocks)
-        else:
-            direction = a
+                ab = a_blocks[c] if layout is None else layout.local(key, c, a_blocks[c])
+                graft_rescale(d, ab)
+            d_blocks.append(d)
+        return d_blocks
 
+    @staticmethod
+    def _apply_direction(group: dict[str, Any], p: torch.Tensor, direction: torch.Tensor) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
         if wd != 0 and group["decoupled_weight_decay"]:
             p.mul_(1.0 - lr * wd)
         p.add_(direction.to(p.dtype), alpha=-lr)
+
+    # -------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        """The state dict, in the same format for single-process and distributed runs.
+
+        Distributed: per-block state is gathered from all ranks (a collective: call it on
+        every rank), so every rank returns the full single-process state dict. With
+        ``async_roots`` the pending root jobs are waited for (not installed) and saved under
+        ``"async_roots"`` with the step counter, so that a loaded optimizer installs them at
+        the same step as the original would have.
+        """
+        sd = super().state_dict()
+        rt = self._runtime()
+        if rt.layout is not None:
+            blocked = {
+                k: st
+                for k, st in sd["state"].items()
+                if any(is_block_state(v) for v in st.values())
+            }
+            sd["state"] = {**sd["state"], **rt.comm.gather_state(rt.layout, blocked)}
+        if self.async_roots:
+            sd["async_roots"] = dict(clock=self._clock, pending=self._pending_records(rt))
+        return sd
+
+    def _pending_records(self, rt: _Runtime) -> list[dict[str, Any]]:
+        """Pending root jobs, one record per factor, with full (all-rank) block stacks."""
+        records = []
+        for step, meta, result in rt.worker.pending() if rt.worker is not None else []:
+            for b, bucket in enumerate(meta):
+                offset = 0
+                for key, c, i, n in bucket:
+                    if isinstance(result, BaseException):
+                        dim = self.state[rt.params[key]]["roots"][c][i].shape[-1]
+                        part = dict(
+                            root=torch.zeros(n, dim, dim),
+                            error=torch.full((n,), float("inf")),
+                            lambda_max=torch.zeros(n),
+                            ok=torch.zeros(n, dtype=torch.bool),
+                        )
+                    else:
+                        part = {
+                            name: getattr(result[b], name)[offset : offset + n].cpu()
+                            for name in ("root", "error", "lambda_max", "ok")
+                        }
+                    offset += n
+                    blocks = list(range(n)) if rt.layout is None else rt.layout.owned(key, c)
+                    records.append(dict(step=step, param=key, cls=c, axis=i, blocks=blocks, **part))
+        if rt.layout is not None:  # merge the ranks' parts of each factor
+            merged: dict[tuple[int, ...], dict[str, Any]] = {}
+            for part in (r for rank in rt.comm.all_gather_object(records) for r in rank):
+                k = (part["step"], part["param"], part["cls"], part["axis"])
+                merged.setdefault(k, []).append(part)
+            records = []
+            for parts in merged.values():
+                order = torch.tensor([j for p_ in parts for j in p_["blocks"]]).argsort()
+                rec = {k: parts[0][k] for k in ("step", "param", "cls", "axis")}
+                for name in ("root", "error", "lambda_max", "ok"):
+                    rec[name] = torch.cat([p_[name] for p_ in parts])[order]
+                records.append(rec)
+        for rec in records:
+            rec.pop("blocks", None)
+        return records
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from a single-process or a distributed run (same format).
+
+        Distributed: every rank keeps only its own blocks' statistics and roots. Pending
+        async root jobs of the checkpoint are installed at their original step with
+        ``async_roots`` (this optimizer's own pending jobs are dropped), and right away
+        without it.
+        """
+        state_dict = dict(state_dict)
+        saved_async = state_dict.pop("async_roots", None)
+        super().load_state_dict(state_dict)
+        rt = self._runtime()
+        if rt.layout is not None:
+            for key, p in enumerate(rt.params):
+                st = self.state.get(p)
+                if st and any(is_block_state(v) for v in st.values()):
+                    self.state[p] = localize_state(st, rt.layout, key)
+        if rt.worker is not None:
+            rt.worker.clear()
+        if not saved_async:
+            return
+        if self.async_roots:
+            self._clock = int(saved_async["clock"])
+        for rec in saved_async["pending"]:
+            key, c, i = rec["param"], rec["cls"], rec["axis"]
+            parts = [rec[name] for name in ("root", "error", "lambda_max", "ok")]
+            if rt.layout is not None:
+                parts = [rt.layout.local(key, c, x) for x in parts]
+            n = parts[0].shape[0]
+            if n == 0:
+                continue
+            res = RootResult(*parts)
+            meta = [[(key, c, i, n)]]
+            if self.async_roots:
+                rt.worker.add_finished(int(rec["step"]), [res], meta=meta)
+            else:
+                self._install([(meta, [res])])
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        # after unpickling / deepcopy: no runtime (it is transient); rebuilt lazily
+        for name, value in (
+            ("_rt", _Runtime()),
+            ("_process_group", None),
+            ("_clock", 0),
+            ("async_roots", False),
+            ("async_staleness", None),
+            ("async_deterministic_delay", None),
+            ("async_workers", 1),
+            ("distributed", False),
+            ("communication_dtype", torch.float32),
+        ):
+            self.__dict__.setdefault(name, value)
+
+    def async_diagnostics(self) -> dict[str, Any]:
+        """Counters of the async root worker: ``submitted``, ``installed``, ``exceptions``
+        (jobs that raised: their blocks kept their roots and count a failure), ``waits`` /
+        ``wait_seconds`` (steps that had to wait for a job), ``max_staleness`` (steps) and
+        ``in_flight``. Rejected (non-finite or inaccurate) roots are counted per block in
+        :meth:`diagnostics`' ``failures``."""
+        w = self._rt.worker
+        if w is None:
+            return dict(
+                submitted=0,
+                installed=0,
+                exceptions=0,
+                waits=0,
+                wait_seconds=0.0,
+                max_staleness=0,
+                in_flight=0,
+            )
+        return {**w.counters, "in_flight": len(w)}
+
+    def close(self) -> None:
+        """Stop the async root worker's threads now (they also stop when the optimizer is
+        garbage collected and at exit). Pending jobs are dropped; the optimizer stays usable."""
+        if self._rt.worker is not None:
+            self._rt.worker.shutdown()
+            self._rt.worker = None
 
     # -------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -461,3 +788,24 @@ def _tree_bytes(x: Any) -> int:
     if isinstance(x, (list, tuple)):
         return sum(_tree_bytes(v) for v in x)
     return 0
+
+
+def _solve_bucket(spec: tuple[Any, ...], matrix: torch.Tensor) -> RootResult:
+    exponent, _, method, eps, threshold = spec
+    return inverse_root(
+        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
+    )
+
+
+def _solve_snapshots(payload: list[tuple[tuple[Any, ...], Any]]) -> list[RootResult]:
+    """Worker side of ``async_roots``: solve each snapshotted bucket; reject non-finite roots.
+
+    A module function that sees only the snapshots, so the optimizer can be collected while
+    it runs.
+    """
+    out = []
+    for spec, snap in payload:
+        res = _solve_bucket(spec, snap.get())
+        finite = torch.isfinite(res.root).flatten(1).all(1)
+        out.append(res._replace(ok=res.ok & finite))
+    return out
