@@ -150,7 +150,8 @@ class BlockPlan:
     def merge(self, blocks: Sequence[Tensor]) -> Tensor:
         """Inverse of :meth:`split`: put the blocks back into a tensor of the original shape.
 
-        The result has the blocks' dtype and device (all blocks must agree).
+        The result has the blocks' dtype and device (all blocks must agree). When a single
+        block covers the whole tensor the result may be a view of that block.
         """
         if len(blocks) != len(self._classes):
             raise ValueError(
@@ -163,8 +164,9 @@ class BlockPlan:
                     f"block stack {c} must have shape {(n, *bs)}, got {tuple(b.shape)}"
                 )
         ref = blocks[0]
-        if len(blocks) == 1 and self.counts[0] == 1 and len(self.merged_shape) <= 1:
-            return ref.reshape(self.shape).clone()
+        if len(blocks) == 1 and self.counts[0] == 1:
+            # One block covering the whole tensor: a reshape, no copy (may be a view).
+            return ref.reshape(self.shape)
         k = len(self.merged_shape)
         out = torch.empty(self.merged_shape, dtype=ref.dtype, device=ref.device)
         inv = [0] * (2 * k)
