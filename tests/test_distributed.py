@@ -159,7 +159,9 @@ def _check_identical_grads(world, rank, report):
     report["block_bytes_single"] = _block_bytes(ropt)
     report["state_bytes"] = opt.state_bytes()
     report["state_bytes_single"] = ropt.state_bytes()
-    report["loads"] = opt._rt.layout.loads if opt._rt.layout else [0]
+    diag = opt.diagnostics()
+    assert all(len(d["blocks"]) == len(d["failures"]) == len(d["root_error"]) for d in diag)
+    report["owned_blocks"] = sum(len(d["blocks"]) for d in diag if d["axis"] == 0)
 
     # checkpoints: distributed -> single-process format, and both ways
     sd, rsd = opt.state_dict(), ropt.state_dict()
@@ -286,6 +288,7 @@ def _worker(rank, world, init_file, out_dir):
 def test_distributed_shampoo_equals_single_process(world, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    assert sum(r["owned_blocks"] for r in reports) == 12  # 6 + 4 + 2 blocks
     single = reports[0]["block_bytes_single"]
     # each rank holds only its blocks' statistics and roots; together exactly one copy
     assert sum(r["block_bytes"] for r in reports) == single

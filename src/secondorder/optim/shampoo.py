@@ -28,6 +28,13 @@ Shapes: size-1 dims are dropped and adjacent dims merged while their product sta
 have no Shampoo direction (those tensors, and every tensor before the first root) use Adam.
 All optimizer state is float32 whatever the parameter dtype; bfloat16 parameters are updated
 from float32 directions.
+
+Systems (ALGORITHMS.md 1.7): ``async_roots=True`` moves step 3 off the hot path (a snapshot
+of the statistics goes to a background thread pool; the roots are installed at the start of
+a later step, see :mod:`secondorder.optim.async_roots`); ``distributed=True`` gives every
+block to one rank of the process group, which alone keeps its statistics and roots and
+computes its direction in steps 2-5; the directions are all-gathered before step 6 (see
+:mod:`secondorder.distributed`).
 """
 
 from __future__ import annotations
@@ -744,8 +751,12 @@ class Shampoo(SecondOrderOptimizer):
         Each record has ``param`` (index over all param groups), ``shape``, ``block_shape``,
         ``axis``, ``num_blocks``, ``step``, ``root_error`` / ``lambda_max`` (lists, one
         value per block, from the last root computation) and ``failures`` (list, number of
-        rejected roots per block so far). This reads device values: call it off the hot path.
+        rejected roots per block so far; an async root job that raised counts one for each
+        of its blocks). With ``distributed=True`` the lists cover this rank's blocks only,
+        whose indices (within the size class) are in ``blocks``. This reads device values:
+        call it off the hot path.
         """
+        layout = self._runtime().layout
         out = []
         idx = 0
         for group in self.param_groups:
@@ -763,6 +774,11 @@ class Shampoo(SecondOrderOptimizer):
                                     axis=i,
                                     size=n,
                                     num_blocks=plan.counts[c],
+                                    blocks=(
+                                        list(range(plan.counts[c]))
+                                        if layout is None
+                                        else layout.owned(idx, c)
+                                    ),
                                     step=int(st["step"].item()),
                                     root_error=st["root_error"][c][i].tolist(),
                                     lambda_max=st["lambda_max"][c][i].tolist(),
@@ -773,7 +789,7 @@ class Shampoo(SecondOrderOptimizer):
         return out
 
     def state_bytes(self) -> int:
-        """Total bytes of tensors held in the optimizer state."""
+        """Total bytes of tensors held in the optimizer state (this rank's, when distributed)."""
         total = 0
         for st in self.state.values():
             total += _tree_bytes(st)
