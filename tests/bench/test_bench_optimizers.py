@@ -27,6 +27,7 @@ def test_values_are_python_literals() -> None:
     assert parse_value("None") is None and parse_value("none") is None
     assert parse_value("(0.9, 0.95)") == (0.9, 0.95) and parse_value("[1,2]") == (1, 2)
     assert parse_value("adam") == "adam" and parse_value("'x,y'") == "x,y"
+    assert parse_value("torch.bfloat16") is torch.bfloat16 and parse_value("torch.nn") == "torch.nn"
 
 
 def test_spec_splits_on_top_level_commas_only() -> None:

@@ -86,10 +86,13 @@ _WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal (number, bool, None, tuple, list, quoted string) or a bare string."""
+    """A Python literal (number, bool, None, tuple, list, quoted string), a torch dtype
+    written ``torch.bfloat16``, or else the bare string."""
     text = text.strip()
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
+    if text.startswith("torch.") and isinstance(getattr(torch, text[6:], None), torch.dtype):
+        return getattr(torch, text[6:])
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

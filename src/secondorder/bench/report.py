@@ -89,7 +89,7 @@ def format_table(results: dict[str, Any]) -> str:
     w, s = results["workload"], results["settings"]
     has_val = w.get("has_validation", False)
     columns = ["optimizer", "train loss"] + (["val loss"] if has_val else []) + [
-        "steps", "train s", "step ms", "median ms", "x step", "x median",
+        "steps", "wall s", "train s", "step ms", "median ms", "x step", "x median",
         "steps->tgt", "s->tgt", "state MB",
     ]  # fmt: skip
     rows, notes = [], []
@@ -102,6 +102,7 @@ def format_table(results: dict[str, Any]) -> str:
             row.append(_num(r["final_val_loss"], ".4g"))
         row += [
             str(r["steps_run"]),
+            _num(r["wall_seconds"], ".2f"),
             _num(r["train_seconds"], ".2f"),
             _num(r["mean_step_seconds"] and r["mean_step_seconds"] * 1e3, ".2f"),
             _num(r["median_step_seconds"] and r["median_step_seconds"] * 1e3, ".2f"),
@@ -132,8 +133,9 @@ def format_table(results: dict[str, Any]) -> str:
     )
     target = s.get("target_loss")
     legend = (
-        f"train loss: mean of the last {s['smoothing_window']} steps; x: ratio to the first "
-        f"optimizer; tgt: target train loss {_num(target, '.4g')} ({s.get('target_source')})"
+        f"train loss: mean of the last {s['smoothing_window']} steps; train s: timed steps "
+        f"only (wall s adds data, evaluation, bookkeeping); x: ratio to the first optimizer;\n"
+        f"tgt: target train loss {_num(target, '.4g')} ({s.get('target_source')})"
     )
     body = [line(columns), "  ".join("-" * n for n in widths)] + [line(r) for r in rows]
     return "\n".join([header, *body, legend, *notes])
