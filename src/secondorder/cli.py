@@ -53,6 +53,13 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's); --threads 1 gives steadier timings on a "
+        "busy machine",
+    )
+    p.add_argument(
         "--schedule",
         choices=["constant", "warmup-linear"],
         help="learning-rate schedule (default: the workload's)",
@@ -128,6 +135,7 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         warmup=args.warmup,
         target_loss=args.target_loss,
         eval_every=args.eval_every,
+        threads=args.threads,
     )
     from .bench.report import build_results
 

@@ -61,8 +61,10 @@ def _check_schema(results: dict) -> None:
 
 
 def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = [*TINY, "--opt", "adamw:lr=3e-3", "--opt", "sgd", "--seed", "3"]
+    args = [*TINY, "--opt", "adamw:lr=3e-3", "--opt", "sgd", "--seed", "3", "--threads", "1"]
+    threads = torch.get_num_threads()
     results = _run(tmp_path, "digits-autoencoder", *args)
+    assert torch.get_num_threads() == threads  # restored after the run
     _check_schema(results)
     out = capsys.readouterr().out
     assert "adamw:lr=3e-3" in out and "sgd" in out and "state MB" in out
@@ -77,6 +79,7 @@ def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert adamw["steps_to_target"] <= 6 and results["settings"]["target_source"]
     assert [p["step"] for p in adamw["val_loss"]][0] == 0 and adamw["val_loss"][-1]["step"] == 6
     assert results["argv"][0] == "digits-autoencoder" and "--seed 3" in results["command"]
+    assert results["settings"]["threads"] == 1 and "(1 threads)" in out
     png = tmp_path / "loss.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -153,6 +156,7 @@ def test_byte_lm_reports_validation_loss(tmp_path: Path) -> None:
         (["--opt", "lion"], "valid optimizers: adamw, adam, sgd"),
         (["--opt", "adamw:bogus=1"], "valid hyperparameters: lr, betas"),
         (["--steps", "0"], "--steps must be a positive integer"),
+        (["--threads", "-1"], "--threads must be a positive integer"),
         (["--batch-size", "100000"], "exceeds the 1500 training examples"),
         (["mnist-autoencoder", "--data-dir", "/nonexistent/mnist"], "t10k-images-idx3-ubyte[.gz]"),
         (["mnist-autoencoder"], "needs --data-dir"),

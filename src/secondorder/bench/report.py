@@ -128,7 +128,8 @@ def format_table(results: dict[str, Any]) -> str:
 
     header = (
         f"{w['name']}: {w['num_parameters']:,} params, {s['steps']} steps x batch "
-        f"{s['batch_size']} ({s['epochs']:.3g} epochs), {s['dtype']} on {s['device']}, "
+        f"{s['batch_size']} ({s['epochs']:.3g} epochs), {s['dtype']} on {s['device']} "
+        f"({s.get('threads')} threads), "
         f"seed {s['seed']}, schedule {s['schedule']} (warm-up {s['warmup_steps']} steps)"
     )
     target = s.get("target_loss")

@@ -52,6 +52,7 @@ class BenchConfig:
     warmup: float | None = None
     target_loss: float | None = None
     eval_every: int | None = None
+    threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
 
 
 # -------------------------------------------------------------------------- helpers
@@ -342,7 +343,8 @@ def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> di
     if schedule not in SCHEDULES:
         raise BenchUsageError(f"unknown --schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     counts = {"steps": config.steps, "epochs": config.epochs,
-              "batch-size": config.batch_size, "eval-every": config.eval_every}  # fmt: skip
+              "batch-size": config.batch_size, "eval-every": config.eval_every,
+              "threads": config.threads}  # fmt: skip
     for name, value in counts.items():
         if value is not None and value < 1:
             raise BenchUsageError(f"--{name} must be a positive integer, got {value}")
@@ -350,7 +352,24 @@ def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> di
         raise BenchUsageError("give --steps or --epochs, not both")
     device = resolve_device(config.device)
     dtype = DTYPES[config.dtype]
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, workload_cls, specs, device, dtype, stream)
+    finally:
+        torch.set_num_threads(previous_threads)
 
+
+def _run(
+    config: BenchConfig,
+    workload_cls: type[Workload],
+    specs: list[OptimizerSpec],
+    device: torch.device,
+    dtype: torch.dtype,
+    stream: TextIO | None,
+) -> dict[str, Any]:
+    schedule = config.schedule or workload_cls.default_schedule
     workload = workload_cls(config.data_dir)
     setup = workload.setup(device, dtype)
     batch_size = config.batch_size or workload_cls.default_batch_size
@@ -414,6 +433,7 @@ def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> di
             "seed": config.seed,
             "dtype": config.dtype,
             "device": str(device),
+            "threads": torch.get_num_threads(),
             "schedule": schedule,
             "warmup_steps": warmup_steps,
             "eval_every": eval_every,
