@@ -25,7 +25,8 @@ from secondorder.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
-TINY = ["--steps", "6", "--batch-size", "50", "--quiet"]
+# one thread: steadier and much faster than oversubscribed OpenMP on a busy 2-core machine
+TINY = ["--steps", "6", "--batch-size", "50", "--quiet", "--threads", "1"]
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
@@ -61,7 +62,7 @@ def _check_schema(results: dict) -> None:
 
 
 def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = [*TINY, "--opt", "adamw:lr=3e-3", "--opt", "sgd", "--seed", "3", "--threads", "1"]
+    args = [*TINY, "--opt", "adamw:lr=3e-3", "--opt", "sgd", "--seed", "3"]
     threads = torch.get_num_threads()
     results = _run(tmp_path, "digits-autoencoder", *args)
     assert torch.get_num_threads() == threads  # restored after the run
@@ -85,7 +86,7 @@ def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_same_seed_same_losses_other_seed_differs() -> None:
-    config = BenchConfig(optimizers=["adamw", "rmsprop"], steps=5, batch_size=40, seed=7)
+    config = BenchConfig(optimizers=["adamw", "rmsprop"], steps=5, batch_size=40, seed=7, threads=1)
     first = run_benchmark(config, stream=None)
     second = run_benchmark(config, stream=None)
     for a, b in zip(first["optimizers"], second["optimizers"]):
@@ -98,7 +99,8 @@ def test_same_seed_same_losses_other_seed_differs() -> None:
 
 
 def test_progress_goes_to_stderr(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    main(["bench", "--steps", "4", "--batch-size", "50", "--opt", "adam", "--out", str(tmp_path)])
+    main(["bench", "--steps", "4", "--batch-size", "50", "--opt", "adam", "--threads", "1",
+          "--out", str(tmp_path)])  # fmt: skip
     err = capsys.readouterr().err
     assert "adam" in err and "4/4" in err and "[####" in err
 
@@ -125,7 +127,8 @@ def test_bfloat16_mode_trains_in_bfloat16(tmp_path: Path) -> None:
 @pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
                     reason=f"real MNIST files not found in {MNIST_DIR}")  # fmt: skip
 def test_mnist_autoencoder_tiny(tmp_path: Path) -> None:
-    args = ["--data-dir", str(MNIST_DIR), "--steps", "2", "--batch-size", "200", "--quiet"]
+    args = ["--data-dir", str(MNIST_DIR), "--steps", "2", "--batch-size", "200", "--quiet",
+            "--threads", "1"]  # fmt: skip
     results = _run(tmp_path, "mnist-autoencoder", *args, "--opt", "sgd")
     w = results["workload"]
     assert w["num_parameters"] == 2_837_314 and w["split"] == "t10k" and w["num_train"] == 10000
@@ -135,14 +138,14 @@ def test_mnist_autoencoder_tiny(tmp_path: Path) -> None:
 
 
 def test_epochs_count_whole_batches() -> None:
-    config = BenchConfig(epochs=2, batch_size=400, optimizers=["sgd"])
+    config = BenchConfig(epochs=2, batch_size=400, optimizers=["sgd"], threads=1)
     settings = run_benchmark(config, stream=None)["settings"]
     assert settings["steps_per_epoch"] == 3 and settings["steps"] == 6 and settings["epochs"] == 2
 
 
 def test_byte_lm_reports_validation_loss(tmp_path: Path) -> None:
     results = _run(tmp_path, "byte-lm", "--steps", "2", "--batch-size", "4", "--quiet",
-                   "--opt", "adamw")  # fmt: skip
+                   "--opt", "adamw", "--threads", "1")  # fmt: skip
     w, r = results["workload"], results["optimizers"][0]
     assert w["has_validation"] and w["corpus_bytes"] > 100_000 and len(w["corpus_sha256"]) == 64
     assert [p["step"] for p in r["val_loss"]] == [0, 1, 2]
@@ -165,7 +168,7 @@ def test_byte_lm_reports_validation_loss(tmp_path: Path) -> None:
 def test_usage_errors_are_one_clear_line(
     args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["bench", *args, "--quiet", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--quiet", "--threads", "1", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("secondorder bench: error:") and message in err
     assert not (tmp_path / "results.json").exists()
