@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import math
 import os
 import pickle
@@ -84,6 +85,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("matmul_dtype", "bfloat16"), ("nonfinite", "ignore"), ("async_roots", "yes"),
         ("async_staleness", 0), ("async_staleness", 1.5), ("async_deterministic_delay", 0),
         ("async_workers", 0), ("distributed", 1), ("communication_dtype", torch.float16),
+        ("process_group", "gloo"),
     ],
     "SONew": [
         ("lr", -1.0), ("lr", NAN), ("lr", INF), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)),
@@ -338,10 +340,12 @@ def test_every_exported_optimizer_is_registered():
 
 @pytest.mark.parametrize("name", LIBRARY)
 def test_every_hyperparameter_has_invalid_values(name):
-    """Every hyperparameter the optimizer accepts is covered by the INVALID table."""
+    """Every argument the optimizer accepts is covered by the INVALID table: the per-group
+    hyperparameters (``defaults``) and the constructor-only ones (``nonfinite``, ...)."""
     opt = make(name, [torch.nn.Parameter(torch.zeros(2))])
+    args = set(inspect.signature(OPTIMIZERS[name].__init__).parameters) - {"self", "params"}
     covered = {row[0] for row in INVALID.get(name, [])}
-    missing = sorted(set(opt.defaults) - covered)
+    missing = sorted((set(opt.defaults) | args) - covered)
     assert not missing, f"{name}: no invalid values listed in INVALID for {missing}"
     assert "nonfinite" in covered
 
