@@ -63,3 +63,14 @@ def test_bf16_matmuls_accumulate_into_fp32_statistics():
     for a, b in zip(s32, s16):
         assert b.dtype == torch.float32
         assert ((a - b).norm() / a.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["adam", "rmsprop", "adagrad", "sgd", None])
+@pytest.mark.parametrize("step", [1, 7])
+def test_graft_norm_equals_norm_of_graft_direction(kind, step):
+    from secondorder.kernels.grafting import graft_direction, graft_norm
+
+    torch.manual_seed(3)
+    m, v = torch.randn(50, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
+    want = torch.linalg.vector_norm(graft_direction(kind, m, v, step, 0.99, 1e-3))
+    torch.testing.assert_close(graft_norm(kind, m, v, step, 0.99, 1e-3), want)

@@ -24,6 +24,8 @@ None       none                              no rescaling
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 GRAFT_KINDS: tuple[str | None, ...] = ("adam", "rmsprop", "adagrad", "sgd", None)
@@ -66,6 +68,26 @@ def graft_direction(
     bc = bias_correction(beta2, step) if kind == "adam" else 1.0
     denom = (v / bc).sqrt_().add_(eps) if bc != 1.0 else v.sqrt().add_(eps)
     return m / denom
+
+
+def graft_norm(
+    kind: str | None, m: torch.Tensor, v: torch.Tensor | None, step: int, beta2: float, eps: float
+) -> torch.Tensor:
+    """``||graft_direction(kind, m, v, ...)||`` as a 0-d tensor, without keeping the direction.
+
+    For Adam, ``m / (sqrt(v / bc) + eps) = s * m / (sqrt(v) + eps * s)`` with ``s = sqrt(bc)``:
+    three elementwise passes into one scratch tensor and a norm, where building the direction
+    and then its norm takes five passes and two allocations.
+    """
+    if kind in (None, "sgd"):
+        return torch.linalg.vector_norm(m)
+    if kind not in GRAFTS_WITH_STATE:
+        raise ValueError(f"graft must be one of {GRAFT_KINDS}, got {kind!r}")
+    assert v is not None
+    s = math.sqrt(bias_correction(beta2, step)) if kind == "adam" else 1.0
+    d = v.sqrt().add_(eps * s)
+    torch.div(m, d, out=d)
+    return torch.linalg.vector_norm(d).mul_(s)
 
 
 def block_norms(x: torch.Tensor) -> torch.Tensor:

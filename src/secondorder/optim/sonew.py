@@ -15,7 +15,7 @@ import torch
 
 from .._validation import check_betas, check_bool, check_choice, check_float, check_int
 from ..kernels import sonew as K
-from ..kernels.grafting import bias_correction, ema_weight, graft_direction, graft_rescale
+from ..kernels.grafting import bias_correction, ema_weight, graft_direction, graft_norm
 from .base import SecondOrderOptimizer
 
 __all__ = ["SONew"]
@@ -60,7 +60,9 @@ class SONew(SecondOrderOptimizer):
         damping: ``"relative"`` or ``"absolute"``, see ``eps``.
         state_dtype: dtype of ``exp_avg`` and the band statistics. ``None`` (default) uses
             each parameter's dtype, so bf16 parameters get bf16 state (half the memory of
-            fp32 state); ``torch.float32`` keeps fp32 state for bf16 parameters.
+            fp32 state), except float16 parameters, whose state is float32 (squared
+            gradients overflow float16's range); ``torch.float32`` keeps fp32 state for bf16
+            parameters.
         compute_dtype: dtype of the factorisation and of ``X m̂``. ``None`` (default) is
             float32, or float64 when the state is float64: bf16 statistics are upcast to
             fp32 for the LDLᵀ (cheap, elementwise). ``torch.bfloat16`` factorises in bf16
@@ -191,7 +193,8 @@ class SONew(SecondOrderOptimizer):
 
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
-        sdt = group["state_dtype"] or p.dtype
+        # float16's range (max 65504) cannot hold squared gradients: keep its state in fp32.
+        sdt = group["state_dtype"] or (torch.float32 if p.dtype == torch.float16 else p.dtype)
         band = self._band_for(group, p)
         width = 1 if band is None else band + 1
         st["step"] = torch.tensor(0.0)
@@ -271,11 +274,14 @@ class SONew(SecondOrderOptimizer):
                     psi, D = K.band_ldl(hc, delta, gamma, scratch)
                 u = K.apply_preconditioner(psi, D, mc, scratch)
             if group["graft"] == "adam":
-                a = graft_direction("adam", mc, hc[0], t, beta2, group["graft_eps"])
-                graft_rescale(u.unsqueeze(0), a.unsqueeze(0))
-                scale = 1.0 / bc1
-            else:
-                scale = bc2 / bc1
+                # Only the graft's norm is needed; the rescale is fused into the update.
+                ratio = graft_norm("adam", mc, hc[0], t, beta2, group["graft_eps"])
+                ratio.div_(torch.linalg.vector_norm(u).add_(1e-16))
+                if wd != 0.0:
+                    p.mul_(1.0 - lr * wd)
+                p.addcmul_(u.view(p.shape), ratio, value=-lr / bc1)
+                return
+            scale = bc2 / bc1
         if wd != 0.0:
             p.mul_(1.0 - lr * wd)
         p.add_(u.view(p.shape), alpha=-lr * scale)
