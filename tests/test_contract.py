@@ -111,6 +111,7 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
              lr=0.005, eps=1e-4),
         dict(graft="adagrad", block_size=3, betas=(0.5, 0.9), matmul_dtype=torch.bfloat16),
         dict(async_roots=True, async_deterministic_delay=1, precondition_frequency=2),
+        dict(distributed=True, communication_dtype=torch.bfloat16),  # no process group: 1 rank
     ],
     "SONew": [
         dict(band=0, precondition_1d=False, betas=(0.8, 0.99)),
