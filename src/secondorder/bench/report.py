@@ -41,6 +41,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(affinity(0)) if affinity else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

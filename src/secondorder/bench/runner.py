@@ -13,6 +13,7 @@ it is measured with events that are read once at the end of the run.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
@@ -333,6 +334,20 @@ def _add_comparisons(records: list[dict[str, Any]], target: float | None) -> tup
 
 
 # ------------------------------------------------------------------------ the benchmark
+def _warn_if_busy(device: torch.device, stream: TextIO) -> None:
+    """CPU timings with several threads are badly skewed when the machine is already busy."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg") or torch.get_num_threads() == 1:
+        return
+    load = os.getloadavg()[0]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and load > cpus:
+        stream.write(
+            f"secondorder bench: note: the machine is busy (load {load:.1f} on {cpus} CPUs); "
+            f"timings with {torch.get_num_threads()} threads will be noisy and slow, "
+            "--threads 1 gives steadier ones\n"
+        )
+
+
 def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> dict[str, Any]:
     """Run every optimizer of ``config`` on its workload; the content of results.json."""
     workload_cls = get_workload(config.workload)
@@ -408,6 +423,7 @@ def _run(
         window=window,
     )
     if stream is not None:
+        _warn_if_busy(device, stream)
         stream.write(
             f"secondorder bench: {workload_cls.name}, {num_params:,} parameters, {steps} steps "
             f"of batch {batch_size} ({steps / per_epoch:.3g} epochs), {config.dtype} on "
