@@ -1089,6 +1089,39 @@ def test_shapes(name, data):
     _check_shape(name, shape)
 
 
+def _setting_space(name: str) -> dict[str, list[Any]]:
+    """Per hyperparameter, the values used anywhere in CONFIGS/VARIANTS of ``name``."""
+    space: dict[str, list[Any]] = {}
+    for d in [CONFIGS[name], *VARIANTS.get(name, [])]:
+        for k, v in d.items():
+            if all(v is not u and v != u for u in space.get(k, [])):
+                space.setdefault(k, []).append(v)
+    return space
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_combinations_of_settings(name, data):
+    """Any mix of the settings the variants use works together, on any shape: finite
+    updates, and the state dict round-trips into a fresh optimizer."""
+    space = _setting_space(name)
+    kw = {k: data.draw(st.sampled_from(vs), label=k) for k, vs in space.items()}
+    shape = data.draw(st.sampled_from(SPECIAL_SHAPES), label="shape")
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = OPTIMIZERS[name]([p], **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        p.grad = torch.randn(shape, generator=g)
+        opt.step()
+    assert torch.isfinite(p).all(), f"{name}({kw}): non-finite parameter of shape {shape}"
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = OPTIMIZERS[name]([q], **kw)
+    fresh.load_state_dict(opt.state_dict())
+    assert_bit_identical(opt_state(opt, [p]), opt_state(fresh, [q]), "state after load")
+
+
 @pytest.mark.parametrize("name", ROWS)
 def test_special_shapes(name):
     for shape in SPECIAL_SHAPES:
