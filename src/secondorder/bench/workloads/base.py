@@ -38,7 +38,8 @@ class Workload:
     default_steps: ClassVar[int | None] = None
     default_schedule: ClassVar[str] = "constant"
     default_warmup: ClassVar[float] = 0.05
-    # learning rates to use when an --opt spec gives none (by optimizer name)
+    # learning rates to use when an --opt spec gives none (by optimizer name): untuned
+    # starting points from short sweeps, not the paper's tuned values; pass lr= to tune
     default_lrs: ClassVar[dict[str, float]] = {}
     default_optimizers: ClassVar[tuple[str, ...]] = ("adamw", "shampoo", "sonew")
     needs_data_dir: ClassVar[bool] = False
