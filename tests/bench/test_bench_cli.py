@@ -225,3 +225,14 @@ def test_schedule_order_and_helpers() -> None:
     p.grad = torch.ones(10)
     opt.step()
     assert state_bytes(opt) == 2 * 40 + 4  # exp_avg, exp_avg_sq, step (fp32 scalar)
+
+
+def test_divergence_stops_that_run_and_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = _run(tmp_path, *TINY, "--opt", "adam", "--opt", "sgd:lr=1e999")
+    adam, sgd = results["optimizers"]
+    assert adam["status"] == "ok" and sgd["status"] == "diverged"
+    assert sgd["steps_run"] < 6 and "loss became" in sgd["error"]
+    assert sgd["train_loss"][-1] is None  # NaN is written as null: results.json stays valid JSON
+    assert "sgd:lr=1e999: loss became" in capsys.readouterr().out
