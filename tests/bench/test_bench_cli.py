@@ -73,6 +73,7 @@ def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert adamw["status"] == sgd["status"] == "ok" and adamw["steps_run"] == 6
     assert adamw["mean_step_ratio"] == 1.0 and adamw["hyperparameters"]["lr"] == 3e-3
     assert sgd["hyperparameters"] == {"momentum": 0.9, "nesterov": True, "lr": 1e-2}
+    assert adamw["resolved_hyperparameters"]["betas"] == [0.9, 0.999]
     # AdamW keeps two fp32 moments per weight (+ step counters); SGD one momentum buffer
     n = results["workload"]["num_parameters"]
     assert 8 * n <= adamw["peak_state_bytes"] <= 8 * n + 1024

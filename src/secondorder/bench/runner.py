@@ -297,6 +297,7 @@ def run_optimizer(plan: Plan, spec: OptimizerSpec, stream: TextIO | None) -> dic
         "error": error,
         "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
         "hyperparameters": kwargs,
+        "resolved_hyperparameters": dict(optimizer.defaults),
         "steps_run": len(train_loss),
         "train_loss": train_loss,
         "train_loss_smoothed": smoothed,
