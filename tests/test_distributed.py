@@ -239,7 +239,7 @@ def _check_bf16(world, rank, report):
             worst = max(worst, ((du - dr).abs().max() / dr.abs().max().clamp_min(1e-12)).item())
     report["bf16_worst_rel_step_diff"] = worst
     if world > 1:
-        assert worst <= 2.0**-8
+        assert worst <= 2.0**-8 + 1e-5  # bf16 unit roundoff, plus float32 slack
     assert _same_across_ranks(model)
 
 
@@ -294,4 +294,4 @@ def test_distributed_shampoo_equals_single_process(world, tmp_path):
     assert sum(r["block_bytes"] for r in reports) == single
     if world > 1:
         assert max(r["block_bytes"] for r in reports) < single
-    print(f"world {world}: block state bytes per rank", [r["block_bytes"] for r in reports])
+    print(f"\nworld {world}:", json.dumps(reports))
