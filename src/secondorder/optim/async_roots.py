@@ -21,6 +21,13 @@ previous roots and counts a failure); counters in :attr:`AsyncRootWorker.counter
 Snapshots (:func:`snapshot`) are copies: on an accelerator, a non-blocking copy to pinned host
 memory plus an event the worker waits on; on the CPU, a clone.
 
+Checkpoints (``Shampoo.state_dict`` at any moment): pending jobs are **waited for, not
+installed**, and their results are saved with their submission steps and the step clock
+(``state_dict()["async_roots"]``); a loaded optimizer installs them at the very step the
+original would have, so a resumed deterministic run is bit-identical to an uninterrupted
+one. Loading into a synchronous Shampoo installs them at once; this worker's own pending
+jobs are dropped on load.
+
 Lifetime: threads are started on the first submission. The pool is shut down (pending jobs
 cancelled, the running one finished, threads joined) by :meth:`~AsyncRootWorker.shutdown`,
 when the worker is garbage collected, or at interpreter exit (``weakref.finalize``). Submitted
