@@ -13,8 +13,19 @@ the behaviour users rely on being identical across optimizers:
   counts the skipped step; ``"raise"`` raises ``FloatingPointError`` before anything is
   modified. The check costs one reduction and one host read per step;
 * ``load_state_dict`` keeps the dtype of every saved state tensor (``torch.optim`` would cast
-  float32 statistics to a bfloat16 parameter's dtype) and rejects a state dict whose tensors
-  do not fit the parameters with a clear ``ValueError``.
+  float32 statistics to a bfloat16 parameter's dtype), copies it (the loaded dict is never
+  aliased), and rejects with a clear ``ValueError``, changing nothing, a state dict whose
+  groups, parameter shapes (``param_shapes``, recorded by ``state_dict``) or state tensors
+  do not fit, or that another optimizer wrote (``optimizer``, recorded by ``state_dict``).
+  The checkpoint's hyperparameters replace the constructor's (as in ``torch.optim``);
+  ones it lacks (older checkpoints) take the constructor's values; all are validated, and
+  :meth:`SecondOrderOptimizer._check_loaded_state` sees them in ``self.param_groups``;
+* torch.optim's state-dict hooks run once each, pre-hooks before everything and
+  post-hooks on the final result;
+* ``copy.deepcopy`` / pickling keep every attribute except torch's hook registries and
+  the subclass's ``_transient_attrs`` (thread pools, scratch buffers, process groups).
+
+The contract suite ``tests/test_contract.py`` checks all of this for every optimizer.
 """
 
 from __future__ import annotations
