@@ -56,8 +56,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--threads",
         type=int,
         metavar="N",
-        help="torch CPU threads (default: torch's); --threads 1 gives steadier timings on a "
-        "busy machine",
+        help="torch CPU threads (default: the workload's, else torch's); --threads 1 gives "
+        "steadier timings on a busy machine",
     )
     p.add_argument(
         "--schedule",

@@ -138,6 +138,13 @@ def test_mnist_autoencoder_tiny(tmp_path: Path) -> None:
     assert 400 < loss[0] < 600  # summed BCE over 784 pixels at initialisation (~ 784 * 0.6)
 
 
+def test_default_workload_runs_single_threaded_unless_told() -> None:
+    config = BenchConfig(optimizers=["sgd"], steps=1, batch_size=500)
+    assert run_benchmark(config, stream=None)["settings"]["threads"] == 1
+    config.threads = 2
+    assert run_benchmark(config, stream=None)["settings"]["threads"] == 2
+
+
 def test_epochs_count_whole_batches() -> None:
     config = BenchConfig(epochs=2, batch_size=400, optimizers=["sgd"], threads=1)
     settings = run_benchmark(config, stream=None)["settings"]

@@ -369,8 +369,11 @@ def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> di
     device = resolve_device(config.device)
     dtype = DTYPES[config.dtype]
     previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    threads = config.threads
+    if threads is None and device.type == "cpu":
+        threads = workload_cls.default_threads
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         return _run(config, workload_cls, specs, device, dtype, stream)
     finally:

@@ -43,6 +43,8 @@ class Workload:
     default_lrs: ClassVar[dict[str, float]] = {}
     default_optimizers: ClassVar[tuple[str, ...]] = ("adamw", "shampoo", "sonew")
     needs_data_dir: ClassVar[bool] = False
+    # torch CPU threads when --threads is not given (None: torch's own setting)
+    default_threads: ClassVar[int | None] = None
 
     def __init__(self, data_dir: str | None = None) -> None:
         self.data_dir = data_dir

@@ -30,6 +30,9 @@ class DigitsAutoencoder(Workload):
     default_batch_size = 100
     default_steps = 600
     default_schedule = "warmup-linear"
+    # a model this small runs as fast on one CPU thread as on two, and one thread keeps the
+    # timings steady when the machine is busy (oversubscribed OpenMP threads spin)
+    default_threads = 1
     default_lrs = {
         "adamw": 3e-3,
         "adam": 3e-3,
