@@ -1,16 +1,18 @@
 """Asynchronous and distributed Shampoo on the MNIST autoencoder (issue #5).
 
-    python benchmarks/bench_async_dist.py                    # both parts, a few epochs
-    python benchmarks/bench_async_dist.py --part async --epochs 5 --repeats 3
+    python benchmarks/bench_async_dist.py                     # both parts
+    python benchmarks/bench_async_dist.py --part async --rounds 8
     python benchmarks/bench_async_dist.py --part dist --epochs 3
 
-Part ``async`` (one process): mean amortized step time (forward + backward + optimizer step,
-averaged over every step after a warm-up, so the root refreshes every 10 steps are included)
+Part ``async`` (one process): mean amortized step time (forward + backward + optimizer step)
 of AdamW, synchronous Shampoo and ``async_roots=True`` Shampoo (block 1024, frequency 10,
-Adam grafting). The three run round-robin ``--repeats`` times in the same process and the
-median of each configuration's means is reported, with ratios to AdamW from the same run.
-The async run's last root job, still in flight when training ends, is waited for and that
-wait is added to the timed steps (so nothing is left off the bill).
+Adam grafting; also with bf16 per-step matmuls unless ``--no-bf16``). All configurations
+train side by side in one process, in round-robin windows of 10 steps (one root period,
+starting with the step that refreshes the roots); the async optimizer waits for its job at
+the end of each window, so the root work is charged to its own window. Reported: the
+median window time / 10 and the median over windows of the ratio to AdamW's window of the
+same round -- neighbouring windows see the same machine load, which matters on a shared
+machine.
 
 Part ``dist``: throughput (samples/s) of one process against two gloo processes (DDP,
 ``Shampoo(distributed=True)``, same global batch split in halves), plus two processes that
@@ -40,7 +42,6 @@ from _common import (
     autoencoder_loss,
     load_mnist_images,
     machine,
-    train,
 )
 
 SHAMPOO = dict(block_size=1024, precondition_frequency=10, graft="adam")
@@ -65,44 +66,72 @@ def bench_async(args, data) -> dict:
         configs["shampoo_async_bf16"] = lambda ps: secondorder.Shampoo(
             ps, lr=args.lr, async_roots=True, **bf16
         )
-    runs: dict[str, list[dict]] = {k: [] for k in configs}
-    for rep in range(args.repeats):
-        for name, make in configs.items():
-            _log(f"[async] repeat {rep + 1}/{args.repeats}: {name}")
-            opts = []
-
-            def make_and_keep(ps, make=make, opts=opts):
-                opts.append(make(ps))
-                return opts[-1]
-
-            r = train(make_and_keep, data, epochs=args.epochs, seed=args.seed, warmup_steps=5)
-            # Charge the root job still running at the end to the timed steps: wait for it.
-            t0 = time.perf_counter()
-            if getattr(opts[0], "async_roots", False):
-                r["async"] = opts[0].async_diagnostics()
-                opts[0].state_dict()  # waits for in-flight root jobs
-            drain = time.perf_counter() - t0
-            timed = r["steps"] - 5
-            r["mean_step_s"] = (r["mean_step_s"] * timed + drain) / timed
-            if hasattr(opts[0], "close"):
-                opts[0].close()
-            runs[name].append(r)
-    out = {}
-    base = statistics.median(r["mean_step_s"] for r in runs["adamw"])
-    for name, rs in runs.items():
-        mean = statistics.median(r["mean_step_s"] for r in rs)
-        out[name] = dict(
-            mean_step_s=mean,
-            ratio_to_adamw=mean / base,
-            per_repeat_ratio=[
-                r["mean_step_s"] / a["mean_step_s"] for r, a in zip(rs, runs["adamw"])
-            ],
-            median_step_s=statistics.median(r["median_step_s"] for r in rs),
-            final_loss=statistics.median(r["final_loss"] for r in rs),
-            steps=rs[0]["steps"],
-            async_counters=rs[-1].get("async"),
+    runs = {}
+    for name, make in configs.items():
+        torch.manual_seed(args.seed)
+        model = autoencoder()
+        runs[name] = dict(
+            model=model,
+            opt=make(list(model.parameters())),
+            batches=_batches(data, args.batch_size, args.seed),
+            windows=[],
+            losses=[],
         )
+    period = SHAMPOO["precondition_frequency"]
+    for r in runs.values():  # warm-up: steps 1 .. period-1 (no roots yet), untimed
+        for _ in range(period - 1):
+            _train_step(r)
+    # Round-robin windows of `period` steps, each starting with the step that (re)computes
+    # the roots, so an async job overlaps its own window; at the end of the window the
+    # optimizer waits for any job still running (state_dict() does), so that its CPU time is
+    # charged to this configuration and not to the next one's window.
+    # The first window holds every Shampoo's first roots, computed in the step also with
+    # async_roots: it is run but not timed.
+    for rnd in range(args.rounds + 1):
+        _log(f"[async] round {rnd}/{args.rounds}{' (untimed)' if rnd == 0 else ''}")
+        for r in runs.values():
+            t0 = time.perf_counter()
+            for _ in range(period):
+                _train_step(r)
+            if getattr(r["opt"], "async_roots", False):
+                r["opt"].state_dict()
+            if rnd > 0:
+                r["windows"].append(time.perf_counter() - t0)
+    out = {}
+    base = runs["adamw"]["windows"]
+    for name, r in runs.items():
+        ratios = [w / b for w, b in zip(r["windows"], base)]
+        out[name] = dict(
+            mean_step_s=statistics.median(r["windows"]) / period,
+            ratio_to_adamw=statistics.median(ratios),
+            per_round_ratio=ratios,
+            final_loss=torch.stack(r["losses"][-period:]).mean().item(),
+            steps=period - 1 + period * (args.rounds + 1),
+            async_counters=(
+                r["opt"].async_diagnostics() if getattr(r["opt"], "async_roots", False) else None
+            ),
+        )
+        if hasattr(r["opt"], "close"):
+            r["opt"].close()
     return out
+
+
+def _batches(data, batch_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = data.shape[0]
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield data[perm[i : i + batch_size]]
+
+
+def _train_step(r):
+    xb = next(r["batches"])
+    r["opt"].zero_grad(set_to_none=True)
+    loss = autoencoder_loss(r["model"](xb), xb)
+    loss.backward()
+    r["opt"].step()
+    r["losses"].append(loss.detach())
 
 
 # ------------------------------------------------------------------------- dist part
@@ -186,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=str(DEFAULT_MNIST))
     ap.add_argument("--part", choices=["async", "dist", "both"], default="both")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6, help="async part: timed windows per run")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -212,19 +241,19 @@ def main(argv=None) -> int:
     if args.part in ("async", "both"):
         res = bench_async(args, data)
         out["async"] = res
-        print(f"\nasync roots (median of {args.repeats} round-robin repeats, same process):")
+        print(f"\nasync roots (median over {args.rounds} round-robin windows of 10 steps):")
         print(
-            f"{'optimizer':<19} {'mean step s':>12} {'ratio/AdamW':>12} {'per repeat':>20} "
+            f"{'optimizer':<19} {'mean step s':>12} {'ratio/AdamW':>12} {'per window':>32} "
             f"{'final loss':>11}"
         )
         for name, r in res.items():
-            per = ", ".join(f"{x:.2f}" for x in r["per_repeat_ratio"])
+            per = ", ".join(f"{x:.2f}" for x in r["per_round_ratio"])
             print(
                 f"{name:<19} {r['mean_step_s']:>12.4f} {r['ratio_to_adamw']:>12.3f} "
-                f"{per:>20} {r['final_loss']:>11.2f}"
+                f"{per:>32} {r['final_loss']:>11.2f}"
             )
         if res["shampoo_async"]["async_counters"]:
-            print(f"async counters (last repeat): {res['shampoo_async']['async_counters']}")
+            print(f"async counters: {res['shampoo_async']['async_counters']}")
     if args.part in ("dist", "both"):
         res = bench_dist(args, data)
         out["dist"] = res
