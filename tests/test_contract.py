@@ -943,10 +943,19 @@ def test_complex_parameters_raise(name):
     z = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
     with pytest.raises(TypeError, match="complex"):
         make(name, [z])
-    opt = make(name, [torch.nn.Parameter(torch.randn(3))])
+    a = torch.nn.Parameter(torch.randn(3))
+    opt = make(name, [a])
     with pytest.raises(TypeError, match="complex"):
         opt.add_param_group({"params": [z]})
     assert len(opt.param_groups) == 1
+    # A complex tensor slipped into a group behind the optimizer's back: its complex
+    # gradient raises at step time, before anything is modified.
+    opt.param_groups[0]["params"].append(z)
+    a.grad, z.grad = torch.ones(3), torch.ones(3, 3, dtype=torch.complex64)
+    snap = a.detach().clone()
+    with pytest.raises(TypeError, match="complex"):
+        opt.step()
+    assert torch.equal(a, snap) and not any(opt.state.values())
 
 
 #: (warmup steps, policy, bad value); with precondition_frequency=3 the bad step after 2
