@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"args": vars(args), "machine": machine(), "cpus": os.cpu_count()}
-    print(f"MNIST autoencoder, batch {args.batch_size}, {args.epochs} epochs, block 1024, freq 10")
+    print(f"MNIST autoencoder, batch {args.batch_size}, block 1024, precondition frequency 10")
     print(f"machine: {machine()}, {os.cpu_count()} CPUs")
     if args.part in ("async", "both"):
         res = bench_async(args, data)
@@ -258,7 +258,8 @@ def main(argv=None) -> int:
         res = bench_dist(args, data)
         out["dist"] = res
         print(
-            f"\ndistributed (gloo, {args.threads_per_rank} thread(s) per rank, 1 process: "
+            f"\ndistributed ({args.epochs} epochs; gloo, {args.threads_per_rank} thread(s) per "
+            f"rank, 1 process: "
             f"{2 * args.threads_per_rank}):"
         )
         print(
