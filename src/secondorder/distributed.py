@@ -47,6 +47,19 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(
 )
 
 
+def check_process_group(process_group: Any) -> Any:
+    """``None`` or a ``torch.distributed.ProcessGroup``; anything else raises ``TypeError``."""
+    if process_group is None:
+        return None
+    group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if group_type is None or not isinstance(process_group, group_type):
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup or None, got "
+            f"{type(process_group).__name__} ({process_group!r})"
+        )
+    return process_group
+
+
 def block_cost(block_shape: Sequence[int]) -> int:
     """Cost of a block's roots: ``sum_i n_i^3`` (one ``n_i x n_i`` factor per axis)."""
     return sum(int(n) ** 3 for n in block_shape)

@@ -56,6 +56,7 @@ from ..distributed import (
     COMMUNICATION_DTYPES,
     BlockLayout,
     Communicator,
+    check_process_group,
     is_block_state,
     localize_state,
 )
@@ -202,7 +203,7 @@ class Shampoo(SecondOrderOptimizer):
         self.communication_dtype = check_choice(
             "communication_dtype", communication_dtype, COMMUNICATION_DTYPES
         )
-        self._process_group = process_group
+        self._process_group = check_process_group(process_group)
         self._clock = 0  # number of updating steps: the time base of async_roots
         self._rt = _Runtime()
         defaults = dict(
