@@ -669,6 +669,16 @@ def test_hyperparameters_can_change_between_steps(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_learning_rate(name):
+    """``lr`` may be a 0-d tensor, as in torch.optim: same training as the float."""
+    m1, m2 = toy_model(), toy_model()
+    train(name, m1, range(6))
+    train(name, m2, range(6), lr=torch.tensor(config(name)["lr"]))
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ====================================================================== 4. schedulers
 def _schedulers(opt, kind):
     sched = torch.optim.lr_scheduler
