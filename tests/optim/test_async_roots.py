@@ -103,7 +103,7 @@ def test_bounded_staleness_waits_only_for_jobs_older_than_the_bound(monkeypatch)
     opt = Shampoo(m.parameters(), async_roots=True, async_staleness=3, **KW)
     _train(m, opt, 12)
     d = opt.async_diagnostics()
-    assert d["waits"] >= 1 and d["max_staleness"] == 3
+    assert d["waits"] >= 1 and 1 <= d["max_staleness"] <= 3  # never older than the bound
     assert all(torch.isfinite(p).all() for p in m.parameters())
     opt.close()
 
