@@ -91,7 +91,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("lr", -1.0), ("lr", NAN), ("lr", INF), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)),
         ("betas", 0.9), ("eps", 0.0), ("eps", -1.0), ("weight_decay", -1e-2),
         ("weight_decay", NAN), ("band", -1), ("band", 1.5), ("graft", "sgdw"),
-        ("graft_eps", -1.0), ("damping", "none"), ("state_dtype", torch.int32),
+        ("graft_eps", 0.0), ("graft_eps", -1.0), ("damping", "none"), ("state_dtype", torch.int32),
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
     ],

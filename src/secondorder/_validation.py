@@ -119,3 +119,17 @@ def check_grad(p: torch.Tensor, optimizer: str) -> None:
             f"{optimizer}: gradient shape {tuple(g.shape)} does not match parameter "
             f"shape {tuple(p.shape)}"
         )
+
+
+def check_common_hparams(group: dict) -> None:
+    """The hyperparameters every ``secondorder`` optimizer shares (one place, one message).
+
+    ``lr >= 0``; ``betas``: beta1 in [0, 1), beta2 in [0, 1] (1: running sums); ``eps > 0``;
+    ``weight_decay >= 0``; ``graft_eps > 0`` (a zero would divide by zero wherever the
+    graft's second moment is zero).
+    """
+    check_float("lr", group["lr"], low=0.0)
+    group["betas"] = check_betas(group["betas"], allow_beta2_one=True)
+    check_float("eps", group["eps"], low=0.0, low_open=True)
+    check_float("weight_decay", group["weight_decay"], low=0.0)
+    check_float("graft_eps", group["graft_eps"], low=0.0, low_open=True)

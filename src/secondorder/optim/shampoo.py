@@ -45,9 +45,9 @@ from typing import Any
 import torch
 
 from .._validation import (
-    check_betas,
     check_bool,
     check_choice,
+    check_common_hparams,
     check_float,
     check_int,
 )
@@ -229,16 +229,12 @@ class Shampoo(SecondOrderOptimizer):
 
     # --------------------------------------------------------------- validation
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_float("lr", group["lr"], low=0.0)
-        group["betas"] = check_betas(group["betas"], allow_beta2_one=True)
-        check_float("eps", group["eps"], low=0.0, low_open=True)
-        check_float("weight_decay", group["weight_decay"], low=0.0)
+        check_common_hparams(group)
         check_int("block_size", group["block_size"], low=1)
         check_int("precondition_frequency", group["precondition_frequency"], low=1)
         if group["start_preconditioning_step"] is not None:
             check_int("start_preconditioning_step", group["start_preconditioning_step"], low=1)
         check_choice("graft", group["graft"], GRAFT_KINDS)
-        check_float("graft_eps", group["graft_eps"], low=0.0, low_open=True)
         check_bool("nesterov", group["nesterov"])
         if group["exponent_override"] is not None:
             check_int("exponent_override", group["exponent_override"], low=1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_betas, check_bool, check_choice, check_float, check_int
+from .._validation import check_bool, check_choice, check_common_hparams, check_float, check_int
 from ..kernels import sonew as K
 from ..kernels.grafting import bias_correction, ema_weight, graft_direction, graft_norm
 from .base import SecondOrderOptimizer
@@ -137,13 +137,9 @@ class SONew(SecondOrderOptimizer):
 
     # ------------------------------------------------------------------ groups
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_float("lr", group["lr"], low=0.0)
-        group["betas"] = check_betas(group["betas"], allow_beta2_one=True)
-        check_float("eps", group["eps"], low=0.0, low_open=True)
-        check_float("weight_decay", group["weight_decay"], low=0.0)
+        check_common_hparams(group)
         check_int("band", group["band"], low=0)
         check_choice("graft", group["graft"], GRAFTS)
-        check_float("graft_eps", group["graft_eps"], low=0.0)
         check_choice("damping", group["damping"], DAMPINGS)
         check_choice("state_dtype", group["state_dtype"], STATE_DTYPES)
         check_choice("compute_dtype", group["compute_dtype"], COMPUTE_DTYPES)
