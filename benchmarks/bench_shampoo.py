@@ -20,53 +20,18 @@ import torch
 
 import secondorder
 from _common import DEFAULT_MNIST, load_mnist_images, machine, train
-from secondorder.kernels.roots import inverse_root
-
-AUTOENCODER_FACTORS = [
-    1000,
-    784,
-    500,
-    1000,
-    250,
-    500,
-    30,
-    250,
-    250,
-    30,
-    500,
-    250,
-    1000,
-    500,
-    784,
-    1000,
-]
+from bench_roots import SIZES, group_by_size, make_statistics, run_batched, run_per_block
 
 
 def root_timings(repeats: int = 3) -> dict:
     """Time one refresh of every root of the autoencoder: batched Newton vs per-block eigh."""
-    gen = torch.Generator().manual_seed(0)
-    mats = []
-    for n in AUTOENCODER_FACTORS:
-        g = torch.randn(n, 2 * n, generator=gen)
-        mats.append(g @ g.T / (2 * n))
-    by_size: dict[int, list[torch.Tensor]] = {}
-    for m in mats:
-        by_size.setdefault(m.shape[0], []).append(m)
-    stacks = [torch.stack(v) for v in by_size.values()]
-
-    def batched(method):
-        for s in stacks:
-            inverse_root(s, 4, method=method)
-
-    def per_block_eigh():
-        for m in mats:
-            inverse_root(m[None], 4, method="eigh")
-
+    mats = make_statistics(SIZES, cond=1e6, seed=0)
+    groups = group_by_size(mats)
     out = {}
     for name, fn in [
-        ("batched_newton", lambda: batched("newton")),
-        ("batched_eigh", lambda: batched("eigh")),
-        ("per_block_eigh", per_block_eigh),
+        ("batched_newton", lambda: run_batched(groups, "newton", 4)),
+        ("batched_eigh", lambda: run_batched(groups, "eigh", 4)),
+        ("per_block_eigh", lambda: run_per_block(mats, "eigh", 4)),
     ]:
         times = []
         for _ in range(repeats):
