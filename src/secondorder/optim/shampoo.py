@@ -87,6 +87,7 @@ class _DueFactor:
     matrix: torch.Tensor  # (B, n, n) bias-corrected statistics
     exponent: int
     key: int = -1  # index of the parameter over all param groups
+    group: dict[str, Any] | None = None  # its param group (root settings)
 
 
 class _Runtime:
@@ -406,9 +407,9 @@ class Shampoo(SecondOrderOptimizer):
                         (due if self.async_roots and t > start else first).extend(factors)
                 items.append((group, p, g, state, plan, t, key))
         if first:
-            self._refresh_roots(first, work)
+            self._refresh_roots(first)
         if due:
-            self._submit_roots(due, work)
+            self._submit_roots(due)
         directions = [self._direction(*item, layout) for item in items]
         if layout is not None:
             exchange = [
@@ -434,20 +435,21 @@ class Shampoo(SecondOrderOptimizer):
             exponent = group["exponent_override"] or 2 * order
             for i, s in enumerate(stats):
                 if s.shape[0]:  # distributed: classes without local blocks have nothing due
-                    out.append(_DueFactor(state, c, i, s / bc if bc != 1.0 else s, exponent, key))
+                    m = s / bc if bc != 1.0 else s
+                    out.append(_DueFactor(state, c, i, m, exponent, key, group))
         return out
 
     def _root_buckets(
-        self, due: list[_DueFactor], work: list[Any]
-    ) -> list[tuple[tuple[Any, ...], list[_DueFactor]]]:
-        """Group due factors of equal size, exponent and settings (one batched solve each)."""
-        settings = {}
-        for group, params in work:
-            for p in params:
-                settings[id(self.state[p])] = group
+        self, due: list[_DueFactor]
+    ) -> list[tuple[tuple[Any, ...], list[_DueFactor], torch.Tensor]]:
+        """Group due factors of equal size, exponent and settings (one batched solve each).
+
+        Returns ``(spec, factors, stacked)`` per bucket, ``stacked`` the factors' statistics
+        concatenated into one ``(B, n, n)`` batch.
+        """
         buckets: dict[tuple[Any, ...], list[_DueFactor]] = {}
         for f in due:
-            group = settings[id(f.state)]
+            group = f.group
             method = group["root_method"]
             if method == "auto":
                 # async roots are computed on the host from host snapshots: eigh
@@ -462,23 +464,20 @@ class Shampoo(SecondOrderOptimizer):
                 group["inverse_failure_threshold"],
             )
             buckets.setdefault(key, []).append(f)
-        return list(buckets.items())
+        return [
+            (spec, fs, torch.cat([f.matrix for f in fs]) if len(fs) > 1 else fs[0].matrix)
+            for spec, fs in buckets.items()
+        ]
 
-    def _refresh_roots(self, due: list[_DueFactor], work: list[Any]) -> None:
+    def _refresh_roots(self, due: list[_DueFactor]) -> None:
         """Compute all due roots now, batching factors of equal size, exponent and settings."""
-        for spec, factors in self._root_buckets(due, work):
-            stacked = (
-                torch.cat([f.matrix for f in factors]) if len(factors) > 1 else factors[0].matrix
-            )
+        for spec, factors, stacked in self._root_buckets(due):
             self._store_results(factors, _solve_bucket(spec[1:], stacked))
 
-    def _submit_roots(self, due: list[_DueFactor], work: list[Any]) -> None:
+    def _submit_roots(self, due: list[_DueFactor]) -> None:
         """Snapshot the due statistics and hand them to the root worker (async_roots)."""
         payload, meta = [], []
-        for spec, factors in self._root_buckets(due, work):
-            stacked = (
-                torch.cat([f.matrix for f in factors]) if len(factors) > 1 else factors[0].matrix
-            )
+        for spec, factors, stacked in self._root_buckets(due):
             payload.append((spec[1:], snapshot(stacked)))
             meta.append([(f.key, f.cls, f.axis, f.matrix.shape[0]) for f in factors])
         self._rt.worker.submit(self._clock, _solve_snapshots, payload, meta=meta)
