@@ -1,26 +1,60 @@
-"""The ``secondorder`` command line. Subcommands: ``bench``."""
+"""The ``secondorder`` command line. Subcommands: ``bench``.
+
+Usage errors are one line on stderr starting ``secondorder bench: error:`` with exit
+status 2, never a traceback. ``--list``, ``--version`` and ``--help`` need only torch; a
+benchmark run needs the ``[bench]`` extra and says so in one line when it is missing.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 BENCH_EPILOG = """\
 examples:
   secondorder bench                                  quick AdamW vs Shampoo vs SONew run
   secondorder bench mnist-autoencoder --data-dir ~/mnist --epochs 2
   secondorder bench byte-lm --opt adamw:lr=1e-3 --opt shampoo:lr=1e-3,graft=adam --steps 200
+  secondorder bench --opt adamw --opt torch.optim.NAdam --sweep lr=1e-3,3e-3,1e-2
   secondorder bench --list                           workloads and optimizers
 
+--opt NAME is a name from --list or the dotted path of any importable optimizer class;
 hyperparameters are Python literals: lr=3e-4, betas=(0.9,0.95), nesterov=True, graft=adam
 """
+
+
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"secondorder {__version__} (torch {torch.__version__})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version`` that imports the package (and torch) only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line error format (exit status 2)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="compare optimizers on a workload (table, results.json, plot)",
+        help="compare optimizers on a workload (table, results.json, plots)",
         description="Train the same model with each optimizer (same seed, same batches) "
         "and compare loss, step time and optimizer-state memory.",
         epilog=BENCH_EPILOG,
@@ -32,13 +66,22 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="workload name (default: digits-autoencoder; see --list)",
     )
-    p.add_argument("--data-dir", metavar="DIR", help="directory holding the workload's data")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="directory holding the workload's data (workloads that read data only)")
     p.add_argument(
         "--opt",
         action="append",
         default=[],
         metavar="NAME[:key=value,...]",
-        help="optimizer to compare (repeatable; the first one is the reference)",
+        help="optimizer to compare: a name from --list or a class path like "
+        "torch.optim.NAdam (repeatable; the first one is the reference)",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="KEY=V1,V2,...",
+        help="run every optimizer at each value (e.g. lr=1e-4,3e-4,1e-3) and report it at its "
+        "best one (by final validation loss, else train loss); an --opt that sets KEY is "
+        "run as given",
     )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, metavar="N", help="train for N epochs")
@@ -51,7 +94,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         help="model, data and optimizer dtype (default float32)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N, mps, xpu (default: auto = cuda if available)")
     p.add_argument(
         "--threads",
         type=int,
@@ -78,18 +122,22 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-every", type=int, metavar="N", help="validation interval in steps")
     p.add_argument(
-        "--out", default="bench-out", metavar="DIR", help="output directory (default: bench-out)"
+        "--out",
+        metavar="DIR",
+        help="output directory (default: a new bench-out/<workload>-<time>); must not hold "
+        "an earlier run's results unless --overwrite",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--list", action="store_true", help="list workloads and optimizers, then exit")
     return p  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="secondorder", description="Second-order optimizers for PyTorch."
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="secondorder", description="Second-order optimizers for PyTorch.")
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _bench_parser(sub)
     return parser
 
@@ -109,18 +157,33 @@ def _list() -> None:
     print("optimizers:")
     for name, source, status in describe():
         print(f"  {name}: {source} [{status}]")
+    print("  any importable optimizer class by its path, e.g. torch.optim.NAdam")
+
+
+def _error(message: str) -> int:
+    print(f"secondorder bench: error: {message}", file=sys.stderr)
+    return 2
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
     from .bench.errors import BenchUsageError
     from .bench.mnist import IDXFormatError, MNISTNotFoundError
-    from .bench.report import format_table, write_outputs
-    from .bench.runner import BenchConfig, run_benchmark
-    from .bench.workloads import DEFAULT_WORKLOAD
 
     if args.list:
         _list()
         return 0
+    try:
+        return _bench(args, argv)
+    except (BenchUsageError, MNISTNotFoundError, IDXFormatError) as exc:
+        return _error(str(exc))
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from .bench.output import check_extras, default_out_dir, prepare_out_dir
+    from .bench.report import build_results, format_table, write_json, write_outputs
+    from .bench.runner import BenchConfig, check_request, run_benchmark
+    from .bench.workloads import DEFAULT_WORKLOAD
+
     config = BenchConfig(
         workload=args.workload or DEFAULT_WORKLOAD,
         data_dir=args.data_dir,
@@ -136,19 +199,22 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         target_loss=args.target_loss,
         eval_every=args.eval_every,
         threads=args.threads,
+        sweep=args.sweep,
     )
-    from .bench.report import build_results
+    # everything that can be checked is checked before data is loaded or a step is taken
+    workload_cls, _ = check_request(config)
+    check_extras(progress=not args.quiet, workload_modules=workload_cls.requires)
+    out = prepare_out_dir(args.out or default_out_dir(config.workload), args.overwrite)
 
-    try:
-        run = run_benchmark(config, stream=None if args.quiet else sys.stderr)
-    except (BenchUsageError, MNISTNotFoundError, IDXFormatError) as exc:
-        print(f"secondorder bench: error: {exc}", file=sys.stderr)
-        return 2
+    def save(run: dict[str, Any]) -> None:  # after each optimizer: never lose a finished run
+        write_json(build_results(run, argv), out)
+
+    run = run_benchmark(config, stream=None if args.quiet else sys.stderr, on_update=save)
     results = build_results(run, argv)
-    paths = write_outputs(results, args.out)
+    paths = write_outputs(results, out)
     print(format_table(results))
     print("wrote " + ", ".join(str(p) for p in paths))
-    ran = [r for r in results["optimizers"] if r["status"] != "unavailable"]
+    ran = [r for r in results["optimizers"] if r["status"] in ("ok", "diverged")]
     return 0 if ran else 1
 
 

@@ -13,14 +13,8 @@ import pytest
 import torch
 
 import secondorder
-from secondorder.bench.runner import (
-    BenchConfig,
-    batch_order,
-    lr_factor,
-    run_benchmark,
-    smooth,
-    state_bytes,
-)
+from secondorder.bench.runner import BenchConfig, run_benchmark
+from secondorder.bench.training import batch_order, lr_factor, smooth, state_bytes
 from secondorder.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

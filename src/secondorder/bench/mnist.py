@@ -12,23 +12,25 @@ what is wrong with it; missing files raise :class:`MNISTNotFoundError` (a
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import struct
+import sys
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SPLITS = ("train", "t10k")
 
-# IDX type byte -> (big-endian numpy dtype)
+# IDX type byte -> torch dtype of the (big-endian) values; torch only, no numpy needed
 _IDX_TYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
+    0x08: torch.uint8,
+    0x09: torch.int8,
+    0x0B: torch.int16,
+    0x0C: torch.int32,
+    0x0D: torch.float32,
+    0x0E: torch.float64,
 }
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -73,9 +75,10 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
         raise IDXFormatError(
             f"{path}: truncated header ({len(data)} bytes, {header_len} needed for {ndim} dims)"
         )
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    shape = struct.unpack(f">{ndim}I", data[4:header_len])
     dtype = _IDX_TYPES[type_code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    itemsize = dtype.itemsize
+    expected = math.prod(shape) * itemsize
     found = len(data) - header_len
     if found < expected:
         raise IDXFormatError(
@@ -85,8 +88,12 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
         raise IDXFormatError(
             f"{path}: {found - expected} unexpected trailing bytes after the {shape} array"
         )
-    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
-    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(data[header_len:]), dtype=torch.uint8)
+    if itemsize > 1 and sys.byteorder == "little":  # IDX is big-endian: reverse each value
+        raw = raw.view(-1, itemsize).flip(1).contiguous().view(-1)
+    return raw.view(dtype).reshape(shape)
 
 
 def _find(data_dir: Path, stem: str) -> Path | None:

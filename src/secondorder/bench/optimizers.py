@@ -1,8 +1,17 @@
 """Optimizers by name, with ``name:key=value,...`` hyperparameter specs.
 
-Baselines come from ``torch.optim``; ``shampoo`` and ``sonew`` are looked up on the
-``secondorder`` package when first used, so the harness keeps working (and says so in its
-table) while a class is missing or still a placeholder.
+A name is either a short name of the registry below (baselines from ``torch.optim``;
+``shampoo`` and ``sonew`` looked up on the ``secondorder`` package when first used, so the
+harness keeps working, and says so in its table, while a class is missing) or the dotted
+path of any importable optimizer class, e.g. ``torch.optim.NAdam`` or ``heavyball.SOAP``.
+
+Construction protocol (the same for every optimizer):
+
+* a class that defines a classmethod ``from_model(cls, model, **hyperparameters)`` is built
+  with it (for optimizers that need the model: hooks, parameter roles); any other class as
+  ``cls(model.parameters(), **hyperparameters)``;
+* an optimizer instance whose attribute ``create_graph`` is ``True`` gets its gradients from
+  ``loss.backward(create_graph=True)`` (Hessian-vector products from the graph).
 """
 
 from __future__ import annotations
@@ -10,11 +19,13 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import BenchUsageError
 
@@ -83,26 +94,33 @@ def _split_top_level(text: str) -> list[str]:
 
 
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
+_NONFINITE_WORDS = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
 
 
 def parse_value(text: str) -> Any:
     """A Python literal (number, bool, None, tuple, list, quoted string), a torch dtype
-    written ``torch.bfloat16``, or else the bare string."""
+    written ``torch.bfloat16``, ``nan``/``inf`` as floats, or else the bare string."""
     text = text.strip()
     if text.lower() in _WORDS:
         return _WORDS[text.lower()]
+    if text.lower() in _NONFINITE_WORDS:
+        return _NONFINITE_WORDS[text.lower()]
     if text.startswith("torch.") and isinstance(getattr(torch, text[6:], None), torch.dtype):
         return getattr(torch, text[6:])
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
     return tuple(value) if isinstance(value, list) else value
 
 
+def _is_class_path(name: str) -> bool:
+    return "." in name
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One ``--opt`` argument, parsed."""
+    """One ``--opt`` argument, parsed (``name``: a registry name or a dotted class path)."""
 
     name: str
     overrides: dict[str, Any]
@@ -112,16 +130,32 @@ class OptimizerSpec:
     def label(self) -> str:
         return self.text if self.overrides else self.name
 
+    def with_overrides(self, extra: dict[str, Any], label: str) -> OptimizerSpec:
+        return OptimizerSpec(self.name, {**self.overrides, **extra}, label)
+
 
 def parse_spec(text: str) -> OptimizerSpec:
-    """Parse ``name`` or ``name:key=value,key=value`` (values are Python literals)."""
+    """Parse ``name`` or ``name:key=value,key=value`` (values are Python literals).
+
+    ``name`` is a registry name (case-insensitive) or a dotted class path such as
+    ``torch.optim.NAdam`` (imported when the optimizer is built).
+    """
     name, _, rest = text.partition(":")
-    name = name.strip().lower()
-    if name not in OPTIMIZERS:
-        raise BenchUsageError(
-            f"unknown optimizer {name!r} in --opt {text!r}; valid optimizers: "
-            + ", ".join(OPTIMIZERS)
-        )
+    name = name.strip()
+    if _is_class_path(name):
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise BenchUsageError(
+                f"cannot parse optimizer {name!r} in --opt {text!r}: expected a registry name "
+                f"({', '.join(OPTIMIZERS)}) or a dotted class path like torch.optim.NAdam"
+            )
+    else:
+        name = name.lower()
+        if name not in OPTIMIZERS:
+            raise BenchUsageError(
+                f"unknown optimizer {name!r} in --opt {text!r}; valid optimizers: "
+                + ", ".join(OPTIMIZERS)
+                + ", or a dotted class path like torch.optim.NAdam"
+            )
     overrides: dict[str, Any] = {}
     for item in _split_top_level(rest):
         key, eq, value = item.partition("=")
@@ -138,10 +172,48 @@ def parse_spec(text: str) -> OptimizerSpec:
 
 
 # ---------------------------------------------------------------------------- building
+def _import_class(path: str) -> type:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BenchUsageError(f"cannot import {module_name!r} for --opt {path}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise BenchUsageError(f"module {module_name!r} has no attribute {attr!r} (--opt {path})")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise BenchUsageError(f"--opt {path} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def resolve(name: str) -> type:
+    """The optimizer class for ``name``; raises :class:`OptimizerUnavailable` for a
+    registry class missing from this version, :class:`BenchUsageError` for a bad path."""
+    if _is_class_path(name):
+        return _import_class(name)
+    return OPTIMIZERS[name].resolve()
+
+
+def registry_defaults(name: str) -> dict[str, Any]:
+    """The harness's own defaults for a registry name (e.g. SGD's Nesterov momentum)."""
+    entry = OPTIMIZERS.get(name)
+    return dict(entry.defaults) if entry is not None else {}
+
+
+def _signature_parameters(cls: type) -> list[inspect.Parameter]:
+    """Hyperparameters of the constructor (or of ``from_model``), model/params excluded."""
+    target = cls.from_model if _has_from_model(cls) else cls
+    params = list(inspect.signature(target).parameters.values())[1:]  # skip params / model
+    if _has_from_model(cls) and any(p.kind is p.VAR_KEYWORD for p in params):
+        # ``from_model(model, **hparams)`` forwards to the constructor: its signature counts
+        params = list(inspect.signature(cls).parameters.values())[1:]
+    return params
+
+
 def hyperparameter_names(cls: type) -> list[str] | None:
-    """Keyword arguments the constructor accepts (``None``: it takes ``**kwargs``)."""
+    """Keyword arguments the optimizer accepts (``None``: it takes ``**kwargs``)."""
     names = []
-    for p in list(inspect.signature(cls).parameters.values())[1:]:  # skip params
+    for p in _signature_parameters(cls):
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             return None
         if p.kind is not inspect.Parameter.VAR_POSITIONAL:
@@ -149,18 +221,47 @@ def hyperparameter_names(cls: type) -> list[str] | None:
     return names
 
 
-def resolve(name: str) -> type:
-    """The optimizer class for ``name``; raises :class:`OptimizerUnavailable`."""
-    return OPTIMIZERS[name].resolve()
+def _has_from_model(cls: type) -> bool:
+    return isinstance(inspect.getattr_static(cls, "from_model", None), classmethod)
+
+
+def _check_values(cls: type, spec: OptimizerSpec, kwargs: dict[str, Any]) -> None:
+    """Catch values that the constructor might take silently: NaN/Inf numbers, and words
+    where the constructor's default is a number (``lr=abc``)."""
+    defaults = {p.name: p.default for p in _signature_parameters(cls)}
+    for key, value in kwargs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BenchUsageError(
+                f"{key}={value} in --opt {spec.text!r} is not a finite number"
+            )
+        default = defaults.get(key, inspect.Parameter.empty)
+        if key == "lr" and default is inspect.Parameter.empty:
+            default = 1e-3  # learning rates are numbers even where the signature hides it
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if isinstance(value, str) and numeric:
+            raise BenchUsageError(
+                f"{key}={value!r} in --opt {spec.text!r} is not a number "
+                f"(the default of {key} is {default!r})"
+            )
+
+
+@dataclass
+class Built:
+    """An optimizer made for one model, and how it wants to be driven."""
+
+    optimizer: torch.optim.Optimizer
+    kwargs: dict[str, Any]  # the hyperparameters it was given (defaults + overrides)
+    create_graph: bool  # the loss's backward must build a graph (second derivatives)
 
 
 def build_optimizer(
-    spec: OptimizerSpec, params: Iterable[torch.Tensor], default_lr: float | None = None
-) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-    """Construct the optimizer; returns it and the keyword arguments it was given.
+    spec: OptimizerSpec, model: nn.Module, default_lr: float | None = None
+) -> Built:
+    """Construct the optimizer for ``model`` following the construction protocol (module
+    docstring).
 
     Unknown hyperparameter names raise :class:`BenchUsageError` listing the valid ones;
-    a ``ValueError`` from the constructor (a bad value) is re-raised as one too.
+    a ``ValueError``/``TypeError`` from the constructor (a bad value) is re-raised as one.
     """
     cls = resolve(spec.name)
     valid = hyperparameter_names(cls)
@@ -171,15 +272,19 @@ def build_optimizer(
                 f"unknown hyperparameter {unknown[0]!r} for {spec.name} "
                 f"({cls.__module__}.{cls.__qualname__}); valid hyperparameters: " + ", ".join(valid)
             )
-    kwargs = dict(OPTIMIZERS[spec.name].defaults)
+    kwargs = registry_defaults(spec.name)
     if default_lr is not None and (valid is None or "lr" in valid):
         kwargs["lr"] = default_lr
     kwargs.update(spec.overrides)
+    _check_values(cls, spec, kwargs)
     try:
-        optimizer = cls(params, **kwargs)
-    except ValueError as exc:
+        if _has_from_model(cls):
+            optimizer = cls.from_model(model, **kwargs)
+        else:
+            optimizer = cls(model.parameters(), **kwargs)
+    except (ValueError, TypeError) as exc:
         raise BenchUsageError(f"invalid hyperparameters for {spec.label!r}: {exc}") from exc
-    return optimizer, kwargs
+    return Built(optimizer, kwargs, getattr(optimizer, "create_graph", False) is True)
 
 
 def describe() -> list[tuple[str, str, str]]:

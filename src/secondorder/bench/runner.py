@@ -1,39 +1,46 @@
-"""The training loop and the metrics of ``secondorder bench``.
+"""``secondorder bench``'s orchestration: check everything the user asked for, then train
+each optimizer (each value of a ``--sweep``) in turn and compare them.
 
-Fairness and reproducibility: every optimizer starts from the same initial weights (the
-RNG is reseeded before the model is built) and sees the same batches in the same order (a
-per-epoch permutation drawn from a generator seeded with ``seed``).
-
-Timing: only ``zero_grad``, forward, backward and ``optimizer.step`` are timed. Fetching
-the batch, the LR scheduler, evaluation, state accounting and progress output happen
-outside the timed region, and the timed region itself adds no host-device sync: on CUDA
-it is measured with events that are read once at the end of the run.
+Everything that can be wrong with a request (names, values, devices, output) is found
+before the first training step; a run that fails later is recorded, not fatal. Results are
+reported through ``on_update`` each time an optimizer finishes, so that an interrupted
+benchmark keeps what it finished. The training loop itself is in :mod:`.training`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import torch
 
+from .errors import BenchUsageError
 from .optimizers import (
-    BenchUsageError,
     OptimizerSpec,
     OptimizerUnavailable,
     build_optimizer,
     parse_spec,
+    parse_value,
+)
+from .progress import Progress
+from .training import (  # noqa: F401  (re-exported: the runner's building blocks)
+    Plan,
+    batch_order,
+    lr_factor,
+    make_model,
+    smooth,
+    state_bytes,
+    train_run,
 )
 from .workloads import DEFAULT_WORKLOAD, Workload, get_workload
 
 SCHEDULES = ("constant", "warmup-linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 @dataclass
@@ -54,269 +61,167 @@ class BenchConfig:
     target_loss: float | None = None
     eval_every: int | None = None
     threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
+    sweep: str | None = None  # "key=v1,v2,...": each optimizer at its best value
 
 
-# -------------------------------------------------------------------------- helpers
+@dataclass(frozen=True)
+class Sweep:
+    """A parsed ``--sweep key=v1,v2,...``."""
+
+    key: str
+    values: tuple[Any, ...]
+    text: str
+
+
+# ------------------------------------------------------------------------- checking
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device`` (``auto``: CUDA when available, else CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = "auto, cpu, cuda, cuda:N, mps, xpu"
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise BenchUsageError(f"invalid --device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchUsageError(f"--device {name} requested but CUDA is not available")
+    except (RuntimeError, ValueError):
+        raise BenchUsageError(f"invalid --device {name!r}; valid: {valid}") from None
+    if device.type not in DEVICE_TYPES:
+        raise BenchUsageError(f"--device {name} cannot train a model here; valid: {valid}")
+    if device.type == "cpu":
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = backend is not None and backend.is_available()
+    if not available:
+        raise BenchUsageError(f"--device {name} requested but {device.type} is not available")
+    if device.type in ("cuda", "xpu") and device.index is not None:
+        count = backend.device_count()  # type: ignore[union-attr]
+        if device.index >= count:
+            raise BenchUsageError(f"--device {name}: only {count} {device.type} device(s)")
     return device
 
 
-def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
-    """Multiplier of the base LR for 0-based step ``s``: linear warm-up to 1 over ``warmup``
-    steps, then linear decay reaching 0 just after the last step."""
-    if schedule == "constant":
-        return lambda s: 1.0
+def parse_sweep(text: str) -> Sweep:
+    """``key=v1,v2,...`` with at least two finite values."""
+    key, eq, rest = text.partition("=")
+    key = key.strip()
+    example = "e.g. --sweep lr=1e-4,3e-4,1e-3"
+    if not eq or not key.isidentifier():
+        raise BenchUsageError(f"cannot parse --sweep {text!r}: expected key=v1,v2,..., {example}")
+    values = tuple(parse_value(v) for v in rest.split(",") if v.strip())
+    if len(values) < 2:
+        raise BenchUsageError(f"--sweep {text!r} needs at least two values, {example}")
+    for v in values:
+        if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
+            raise BenchUsageError(f"--sweep {text!r}: {v!r} is not a finite number, {example}")
+    if len(set(values)) != len(values):
+        raise BenchUsageError(f"--sweep {text!r} repeats a value")
+    return Sweep(key, values, text)
 
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        return max(0.0, (total - s) / max(1, total - warmup))
 
-    return factor
-
-
-def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
-    """``[steps, batch_size]`` example indices: consecutive slices of seeded per-epoch
-    permutations (the incomplete last batch of each epoch is dropped)."""
-    generator = torch.Generator().manual_seed(seed)
-    per_epoch = num_examples // batch_size
-    epochs = -(-steps // per_epoch)
-    rows = [
-        torch.randperm(num_examples, generator=generator)[: per_epoch * batch_size].view(
-            per_epoch, batch_size
+def _check_config(config: BenchConfig, workload_cls: type[Workload]) -> None:
+    if config.dtype not in DTYPES:
+        raise BenchUsageError(f"unknown --dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
+    schedule = config.schedule or workload_cls.default_schedule
+    if schedule not in SCHEDULES:
+        raise BenchUsageError(f"unknown --schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    counts = {"steps": config.steps, "epochs": config.epochs,
+              "batch-size": config.batch_size, "eval-every": config.eval_every,
+              "threads": config.threads}  # fmt: skip
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise BenchUsageError(f"--{name} must be a positive integer, got {value}")
+    if config.steps is not None and config.epochs is not None:
+        raise BenchUsageError("give --steps or --epochs, not both")
+    for name, value in (("target-loss", config.target_loss), ("warmup", config.warmup)):
+        if value is not None and not math.isfinite(value):
+            raise BenchUsageError(f"--{name} must be a finite number, got {value}")
+    if config.warmup is not None and config.warmup < 0:
+        raise BenchUsageError(f"--warmup must be >= 0, got {config.warmup}")
+    if config.data_dir is not None and not workload_cls.needs_data_dir:
+        readers = ", ".join(n for n, c in _workloads().items() if c.needs_data_dir)
+        raise BenchUsageError(
+            f"--data-dir is not used by {workload_cls.name}, which has its data built in "
+            f"(workloads that read --data-dir: {readers})"
         )
-        for _ in range(epochs)
-    ]
-    return torch.cat(rows)[:steps]
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of distinct tensor storage reachable from ``optimizer.state``."""
-    seen: set[tuple[str, int]] = set()
-    total = 0
-    stack: list[Any] = list(optimizer.state.values())
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
-            key = (str(item.device), storage.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set)):
-            stack.extend(item)
-    return total
+def _workloads() -> dict[str, type[Workload]]:
+    from .workloads import workload_names
+
+    return {n: get_workload(n) for n in workload_names()}
 
 
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing mean over ``window`` values (fewer at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
+def _check_specs(specs: list[OptimizerSpec]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        key = (spec.name, repr(sorted(spec.overrides.items(), key=lambda kv: kv[0])))
+        if key in seen:
+            raise BenchUsageError(
+                f"the same optimizer is given twice (--opt {seen[key]} and --opt {spec.text}); "
+                "give each one once"
+            )
+        seen[key] = spec.text
 
 
-class _Timer:
-    """Per-step durations; CUDA events (read at the end) on GPUs, perf_counter elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.spans: list[Any] = []
-
-    def start(self) -> None:
-        if self.cuda:
-            self._begin = torch.cuda.Event(enable_timing=True)
-            self._begin.record()
-        else:
-            self._begin = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.spans.append((self._begin, end))
-        else:
-            self.spans.append(time.perf_counter() - self._begin)
-
-    def seconds(self) -> list[float]:
-        if not self.cuda:
-            return list(self.spans)
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) / 1000.0 for a, b in self.spans]
-
-
-class Progress:
-    """A plain-text progress line on ``stream`` (rewritten in place on a terminal)."""
-
-    def __init__(self, stream: TextIO | None, label: str, total: int) -> None:
-        self.stream, self.label, self.total = stream, label, total
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-        self.last_print = 0.0
-        self.last_decile = -1
-        self.start = time.perf_counter()
-
-    def due(self, step: int) -> bool:
-        if self.stream is None:
-            return False
-        if step == self.total:
-            return True
-        if self.tty:
-            return time.perf_counter() - self.last_print > 0.25
-        return step * 10 // self.total > self.last_decile
-
-    def show(self, step: int, loss: float, note: str = "") -> None:
-        assert self.stream is not None
-        self.last_print = time.perf_counter()
-        self.last_decile = step * 10 // self.total
-        width = 24
-        filled = width * step // self.total
-        bar = "#" * filled + "." * (width - filled)
-        text = (
-            f"{self.label:>14} [{bar}] {step}/{self.total} loss {loss:.4g} "
-            f"{self.last_print - self.start:.1f}s{note}"
-        )
-        if self.tty:
-            end = "\n" if step == self.total or note else ""
-            self.stream.write("\r" + text.ljust(78) + end)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-
-# ------------------------------------------------------------------------ one optimizer
 @dataclass
-class Plan:
-    """What is shared by every optimizer in one benchmark run."""
+class _Run:
+    """One training run to do: an optimizer spec, possibly at one value of the sweep."""
 
-    workload: Workload
-    order: torch.Tensor
-    device: torch.device
-    dtype: torch.dtype
-    seed: int
-    schedule: str
-    warmup_steps: int
-    eval_every: int
-    window: int
+    spec: OptimizerSpec  # with the sweep value applied
+    base: OptimizerSpec  # as given by --opt
+    value: Any = None  # the sweep value, if swept
 
 
-def _unavailable(spec: OptimizerSpec, status: str, reason: str) -> dict[str, Any]:
-    return {"name": spec.name, "label": spec.label, "spec": spec.text, "status": status,
-            "error": reason, "hyperparameters": dict(spec.overrides)}  # fmt: skip
+def _plan_runs(specs: list[OptimizerSpec], sweep: Sweep | None) -> list[list[_Run]]:
+    """Runs grouped by optimizer. A spec that fixes the swept hyperparameter runs once."""
+    groups = []
+    for spec in specs:
+        if sweep is None or sweep.key in spec.overrides:
+            groups.append([_Run(spec, spec)])
+        else:
+            groups.append(
+                [_Run(spec.with_overrides({sweep.key: v}, spec.label), spec, v)
+                 for v in sweep.values]  # fmt: skip
+            )
+    return groups
 
 
-def run_optimizer(plan: Plan, spec: OptimizerSpec, stream: TextIO | None) -> dict[str, Any]:
-    """Train a fresh model with one optimizer; the per-optimizer record of results.json."""
-    workload, steps = plan.workload, plan.order.shape[0]
-    torch.manual_seed(plan.seed)
-    model = workload.make_model().to(device=plan.device, dtype=plan.dtype)
-    try:
-        optimizer, kwargs = build_optimizer(
-            spec, model.parameters(), workload.default_lr(spec.name)
-        )
-    except OptimizerUnavailable as exc:
-        return _unavailable(spec, "unavailable", str(exc))
-    except NotImplementedError as exc:
-        return _unavailable(spec, "unavailable", f"not implemented yet ({exc})")
-    factor = lr_factor(plan.schedule, steps, plan.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+# ----------------------------------------------------------------------- comparing
+def _record(run: _Run, measured: dict[str, Any] | None, status: str, error: str | None):
+    base = {"name": run.spec.name, "label": run.base.label, "spec": run.base.text,
+            "status": status, "error": error}  # fmt: skip
+    if measured is None:
+        return {**base, "hyperparameters": dict(run.spec.overrides), "warnings": []}
+    return {**base, **measured, "status": measured["status"] if status == "ok" else status}
 
-    # one untimed forward/backward so that the first timed step is not a cold start
-    workload.loss(model, workload.train_batch(plan.order[0])).backward()
-    optimizer.zero_grad(set_to_none=True)
 
-    timer = _Timer(plan.device)
-    progress = Progress(stream, spec.label, steps)
-    check_every = 1 if plan.device.type == "cpu" else 50
-    losses: list[torch.Tensor] = []
-    val: list[dict[str, float]] = []
-    peak, status, error = 0, "ok", None
-    wall_start = time.perf_counter()
+def _score(record: dict[str, Any], use_val: bool) -> float:
+    if record["status"] != "ok":
+        return math.inf
+    value = record["final_val_loss"] if use_val else record["final_train_loss"]
+    return value if value is not None and math.isfinite(value) else math.inf
 
-    def evaluate(step: int) -> None:
-        if not val or val[-1]["step"] != step:
-            model.eval()
-            value = workload.validation_loss(model)
-            model.train()
-            if value is not None:
-                val.append({"step": step, "loss": value})
 
-    evaluate(0)
-    for step in range(1, steps + 1):
-        batch = workload.train_batch(plan.order[step - 1])
-        timer.start()
-        optimizer.zero_grad(set_to_none=True)
-        loss = workload.loss(model, batch)
-        loss.backward()
-        try:
-            optimizer.step()
-        except NotImplementedError as exc:
-            return _unavailable(spec, "unavailable", f"not implemented yet ({exc})")
-        timer.stop()
-        losses.append(loss.detach())
-        scheduler.step()
-        peak = max(peak, state_bytes(optimizer))
-        if step % plan.eval_every == 0 or step == steps:
-            evaluate(step)
-        if step % check_every == 0 or step == steps or progress.due(step):
-            latest = float(losses[-1])
-            if not math.isfinite(latest):
-                status, error = "diverged", f"loss became {latest} at step {step}"
-                if stream is not None:
-                    progress.show(step, latest, f"  diverged at step {step}")
-                break
-            if progress.due(step):
-                progress.show(step, latest)
-    wall = time.perf_counter() - wall_start
-
-    step_seconds = timer.seconds()
-    train_loss = [float(v) for v in torch.stack(losses).float().cpu()] if losses else []
-    smoothed = smooth(train_loss, plan.window)
-    cumulative = []
-    acc = 0.0
-    for s in step_seconds:
-        acc += s
-        cumulative.append(acc)
-    return {
-        "name": spec.name,
-        "label": spec.label,
-        "spec": spec.text,
-        "status": status,
-        "error": error,
-        "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "hyperparameters": kwargs,
-        "resolved_hyperparameters": dict(optimizer.defaults),
-        "steps_run": len(train_loss),
-        "train_loss": train_loss,
-        "train_loss_smoothed": smoothed,
-        "val_loss": val,
-        "step_seconds": step_seconds,
-        "cumulative_seconds": cumulative,
-        "final_train_loss": smoothed[-1] if smoothed else None,
-        "final_val_loss": val[-1]["loss"] if val else None,
-        "train_seconds": acc,
-        "wall_seconds": wall,
-        "mean_step_seconds": acc / len(step_seconds) if step_seconds else None,
-        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
-        "peak_state_bytes": peak,
-    }
+def _pick_best(trials: list[dict[str, Any]], runs: list[_Run], sweep: Sweep, use_val: bool):
+    """The trial with the lowest final validation (else train) loss; ties: the first."""
+    scores = [_score(t, use_val) for t in trials]
+    best = min(range(len(trials)), key=lambda i: scores[i])
+    chosen = dict(trials[best])
+    chosen["sweep"] = {
+        "key": sweep.key,
+        "chosen": runs[best].value,
+        "criterion": "final validation loss" if use_val else "final train loss",
+        "trials": [
+            {"value": r.value, "status": t["status"], "error": t.get("error"),
+             "final_train_loss": t.get("final_train_loss"),
+             "final_val_loss": t.get("final_val_loss")}
+            for r, t in zip(runs, trials)
+        ],
+    }  # fmt: skip
+    return chosen
 
 
 def _add_comparisons(records: list[dict[str, Any]], target: float | None) -> tuple[Any, Any]:
     """Ratios to the first optimizer that ran, and steps/seconds to the target loss."""
-    ran = [r for r in records if r["status"] != "unavailable" and r.get("steps_run")]
+    ran = [r for r in records if r["status"] in ("ok", "diverged") and r.get("steps_run")]
     reference = ran[0] if ran else None
     source = "--target-loss"
     if target is None and reference is not None:
@@ -335,39 +240,43 @@ def _add_comparisons(records: list[dict[str, Any]], target: float | None) -> tup
 
 
 # ------------------------------------------------------------------------ the benchmark
-def _warn_if_busy(device: torch.device, stream: TextIO) -> None:
+def _warn_if_busy(device: torch.device, progress: Progress) -> None:
     """CPU timings with several threads are badly skewed when the machine is already busy."""
     if device.type != "cpu" or not hasattr(os, "getloadavg") or torch.get_num_threads() == 1:
         return
     load = os.getloadavg()[0]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if cpus and load > cpus:
-        stream.write(
+        progress.note(
             f"secondorder bench: note: the machine is busy (load {load:.1f} on {cpus} CPUs); "
             f"timings with {torch.get_num_threads()} threads will be noisy and slow, "
-            "--threads 1 gives steadier ones\n"
+            "--threads 1 gives steadier ones"
         )
 
 
-def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> dict[str, Any]:
-    """Run every optimizer of ``config`` on its workload; the content of results.json."""
+def check_request(config: BenchConfig) -> tuple[type[Workload], list[OptimizerSpec]]:
+    """Everything about the request that can be checked without loading data."""
     workload_cls = get_workload(config.workload)
+    _check_config(config, workload_cls)
     specs = [parse_spec(s) for s in (config.optimizers or workload_cls.default_optimizers)]
-    if config.dtype not in DTYPES:
-        raise BenchUsageError(f"unknown --dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
-    schedule = config.schedule or workload_cls.default_schedule
-    if schedule not in SCHEDULES:
-        raise BenchUsageError(f"unknown --schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    counts = {"steps": config.steps, "epochs": config.epochs,
-              "batch-size": config.batch_size, "eval-every": config.eval_every,
-              "threads": config.threads}  # fmt: skip
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise BenchUsageError(f"--{name} must be a positive integer, got {value}")
-    if config.steps is not None and config.epochs is not None:
-        raise BenchUsageError("give --steps or --epochs, not both")
+    _check_specs(specs)
+    if config.sweep is not None:
+        parse_sweep(config.sweep)
+    resolve_device(config.device)
+    return workload_cls, specs
+
+
+def run_benchmark(
+    config: BenchConfig,
+    stream: TextIO | None = sys.stderr,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every optimizer of ``config`` on its workload; the content of results.json.
+
+    ``on_update`` gets the results so far each time an optimizer finishes."""
+    workload_cls, specs = check_request(config)
+    sweep = parse_sweep(config.sweep) if config.sweep is not None else None
     device = resolve_device(config.device)
-    dtype = DTYPES[config.dtype]
     previous_threads = torch.get_num_threads()
     threads = config.threads
     if threads is None and device.type == "cpu":
@@ -375,28 +284,13 @@ def run_benchmark(config: BenchConfig, stream: TextIO | None = sys.stderr) -> di
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(config, workload_cls, specs, device, dtype, stream)
+        return _run(config, workload_cls, specs, sweep, device, stream, on_update)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(
-    config: BenchConfig,
-    workload_cls: type[Workload],
-    specs: list[OptimizerSpec],
-    device: torch.device,
-    dtype: torch.dtype,
-    stream: TextIO | None,
-) -> dict[str, Any]:
-    schedule = config.schedule or workload_cls.default_schedule
-    workload = workload_cls(config.data_dir)
-    setup = workload.setup(device, dtype)
-    batch_size = config.batch_size or workload_cls.default_batch_size
-    if batch_size > setup.num_train:
-        raise BenchUsageError(
-            f"--batch-size {batch_size} exceeds the {setup.num_train} training examples"
-        )
-    per_epoch = setup.num_train // batch_size
+def _settings(config: BenchConfig, workload_cls: type[Workload], per_epoch: int, num_train: int):
+    steps: int
     if config.steps is not None:
         steps = config.steps
     elif config.epochs is not None:
@@ -405,16 +299,34 @@ def _run(
         steps = workload_cls.default_steps
     else:
         steps = (workload_cls.default_epochs or 1) * per_epoch
+    schedule = config.schedule or workload_cls.default_schedule
     warmup = workload_cls.default_warmup if config.warmup is None else config.warmup
-    if warmup < 0:
-        raise BenchUsageError(f"--warmup must be >= 0, got {warmup}")
     warmup_steps = round(warmup * steps) if warmup < 1 else int(warmup)
     warmup_steps = min(warmup_steps, steps) if schedule == "warmup-linear" else 0
+    return steps, schedule, warmup_steps
+
+
+def _run(
+    config: BenchConfig,
+    workload_cls: type[Workload],
+    specs: list[OptimizerSpec],
+    sweep: Sweep | None,
+    device: torch.device,
+    stream: TextIO | None,
+    on_update: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    workload = workload_cls(config.data_dir)
+    dtype = DTYPES[config.dtype]
+    setup = workload.setup(device, dtype)
+    batch_size = config.batch_size or workload_cls.default_batch_size
+    if batch_size > setup.num_train:
+        raise BenchUsageError(
+            f"--batch-size {batch_size} exceeds the {setup.num_train} training examples"
+        )
+    per_epoch = setup.num_train // batch_size
+    steps, schedule, warmup_steps = _settings(config, workload_cls, per_epoch, setup.num_train)
     eval_every = config.eval_every or max(1, steps // 20)
     window = max(1, min(per_epoch, steps // 20))
-
-    torch.manual_seed(config.seed)
-    num_params = sum(p.numel() for p in workload.make_model().parameters())
     plan = Plan(
         workload=workload,
         order=batch_order(setup.num_train, batch_size, steps, config.seed),
@@ -426,16 +338,25 @@ def _run(
         eval_every=eval_every,
         window=window,
     )
-    if stream is not None:
-        _warn_if_busy(device, stream)
-        stream.write(
-            f"secondorder bench: {workload_cls.name}, {num_params:,} parameters, {steps} steps "
-            f"of batch {batch_size} ({steps / per_epoch:.3g} epochs), {config.dtype} on "
-            f"{device}, seed {config.seed}\n"
-        )
-    records = [run_optimizer(plan, spec, stream) for spec in specs]
-    target, target_source = _add_comparisons(records, config.target_loss)
-    return {
+    probe = make_model(plan)
+    num_params = sum(p.numel() for p in probe.parameters())
+    groups = _plan_runs(specs, sweep)
+
+    def builder(run: _Run):
+        return lambda model: build_optimizer(run.spec, model, workload.default_lr(run.spec.name))
+
+    # every optimizer is constructed once before any training: bad hyperparameters fail now
+    unavailable: dict[int, str] = {}
+    for g, runs in enumerate(groups):
+        for run in runs:
+            try:
+                builder(run)(make_model(plan))
+            except OptimizerUnavailable as exc:
+                unavailable[g] = str(exc)
+            except NotImplementedError as exc:
+                unavailable[g] = f"not implemented yet ({exc})"
+
+    result: dict[str, Any] = {
         "workload": {
             "name": workload_cls.name,
             "description": workload_cls.description,
@@ -458,8 +379,74 @@ def _run(
             "warmup_steps": warmup_steps,
             "eval_every": eval_every,
             "smoothing_window": window,
-            "target_loss": target,
-            "target_source": target_source,
+            "sweep": None if sweep is None else {"key": sweep.key, "values": list(sweep.values)},
+            "target_loss": None,
+            "target_source": None,
         },
-        "optimizers": records,
+        "optimizers": [],
     }
+    progress = Progress(stream, sum(len(r) for g, r in enumerate(groups) if g not in unavailable))
+    _warn_if_busy(device, progress)
+    progress.note(
+        f"secondorder bench: {workload_cls.name}, {num_params:,} parameters, "
+        f"{plural(steps, 'step')} of batch {batch_size} ({steps / per_epoch:.3g} epochs), "
+        f"{config.dtype} on {device}, seed {config.seed}"
+    )
+    records: list[dict[str, Any]] = result["optimizers"]
+    try:
+        for g, runs in enumerate(groups):
+            if g in unavailable:
+                records.append(_record(runs[0], None, "unavailable", unavailable[g]))
+            else:
+                trials = [_train(plan, run, builder(run), progress) for run in runs]
+                use_val = setup.num_val > 0
+                records.append(trials[0] if len(runs) == 1 else
+                               _pick_best(trials, runs, sweep, use_val))  # type: ignore[arg-type]
+            target, source = _add_comparisons(records, config.target_loss)
+            result["settings"]["target_loss"] = target
+            result["settings"]["target_source"] = source
+            if on_update is not None:
+                on_update(result)
+    finally:
+        progress.close()
+    return result
+
+
+def _train(plan: Plan, run: _Run, build, progress: Progress) -> dict[str, Any]:
+    """One training run; a run that raises is recorded as ``failed`` and the bench goes on."""
+    label = run.base.label
+    if run.value is not None:
+        label = f"{label} @ {_sweep_key(run)}={run.value}"
+    try:
+        measured = train_run(plan, build, label, progress)
+    except (KeyboardInterrupt, BenchUsageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a third-party optimizer may fail in any way
+        message = f"{type(exc).__name__}: {exc}"
+        progress.finish(f"{label}: failed ({message}); the other optimizers go on")
+        return _record(run, None, "failed", message)
+    record = _record(run, measured, "ok", None)
+    summary = (
+        f"{label}: {plural(measured['steps_run'], 'step')}, final train loss "
+        f"{_fmt(measured['final_train_loss'])}, {measured['train_seconds']:.3g} s in timed steps"
+    )
+    if measured["status"] == "diverged":
+        summary += f"; diverged ({measured['error']})"
+    progress.finish(summary)
+    for note in measured["warnings"]:
+        progress.note(f"secondorder bench: warning: {note}")
+    return record
+
+
+def _sweep_key(run: _Run) -> str:
+    extra = [k for k in run.spec.overrides if k not in run.base.overrides]
+    return extra[0] if extra else "?"
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")

@@ -42,7 +42,9 @@ class Workload:
     # starting points from short sweeps, not the paper's tuned values; pass lr= to tune
     default_lrs: ClassVar[dict[str, float]] = {}
     default_optimizers: ClassVar[tuple[str, ...]] = ("adamw", "shampoo", "sonew")
-    needs_data_dir: ClassVar[bool] = False
+    needs_data_dir: ClassVar[bool] = False  # reads --data-dir (others reject it)
+    # importable modules the workload needs beyond torch (checked before a run)
+    requires: ClassVar[tuple[str, ...]] = ()
     # torch CPU threads when --threads is not given (None: torch's own setting)
     default_threads: ClassVar[int | None] = None
 

@@ -33,6 +33,7 @@ class DigitsAutoencoder(Workload):
     # a model this small runs as fast on one CPU thread as on two, and one thread keeps the
     # timings steady when the machine is busy (oversubscribed OpenMP threads spin)
     default_threads = 1
+    requires = ("sklearn",)
     default_lrs = {
         "adamw": 3e-3,
         "adam": 3e-3,

@@ -1,0 +1,253 @@
+"""One training run of ``secondorder bench``, and its building blocks.
+
+Fairness and reproducibility: every run starts from the same initial weights (the RNG is
+reseeded before the model is built) and sees the same batches in the same order (a
+per-epoch permutation drawn from a generator seeded with ``seed``).
+
+Timing ("optimizer seconds"): only ``zero_grad``, the forward pass, the backward pass and
+``optimizer.step`` are timed, i.e. everything one training step costs except fetching the
+batch. The LR scheduler, evaluation, health sampling, state accounting and progress output
+happen outside the timed region, and the timed region itself adds no host-device sync: on
+CUDA it is measured with events that are read once at the end of the run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import health
+from .optimizers import Built
+from .progress import Progress
+from .workloads import Workload
+
+
+def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
+    """Multiplier of the base LR for 0-based step ``s``: linear warm-up to 1 over ``warmup``
+    steps, then linear decay reaching 0 just after the last step."""
+    if schedule == "constant":
+        return lambda s: 1.0
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return max(0.0, (total - s) / max(1, total - warmup))
+
+    return factor
+
+
+def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """``[steps, batch_size]`` example indices: consecutive slices of seeded per-epoch
+    permutations (the incomplete last batch of each epoch is dropped)."""
+    generator = torch.Generator().manual_seed(seed)
+    per_epoch = num_examples // batch_size
+    epochs = -(-steps // per_epoch)
+    rows = [
+        torch.randperm(num_examples, generator=generator)[: per_epoch * batch_size].view(
+            per_epoch, batch_size
+        )
+        for _ in range(epochs)
+    ]
+    return torch.cat(rows)[:steps]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state: the optimizer's own ``state_bytes()`` where it has one (the
+    optimizers of this package do, and know what they hold), else the bytes of distinct
+    tensor storage reachable from ``optimizer.state``."""
+    own = getattr(optimizer, "state_bytes", None)
+    if callable(own):
+        return int(own())
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    stack: list[Any] = list(optimizer.state.values())
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            key = (str(item.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+    return total
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` values (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+class _Timer:
+    """Per-step durations; CUDA events (read at the end) on GPUs, perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[Any] = []
+
+    def start(self) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((self._begin, end))
+        else:
+            self.spans.append(time.perf_counter() - self._begin)
+
+    def seconds(self) -> list[float]:
+        if not self.cuda:
+            return list(self.spans)
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1000.0 for a, b in self.spans]
+
+
+@dataclass
+class Plan:
+    """What is shared by every run of one benchmark."""
+
+    workload: Workload
+    order: torch.Tensor  # [steps, batch] example indices
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    schedule: str
+    warmup_steps: int
+    eval_every: int
+    window: int
+
+
+def make_model(plan: Plan) -> nn.Module:
+    torch.manual_seed(plan.seed)
+    return plan.workload.make_model().to(device=plan.device, dtype=plan.dtype)
+
+
+def train_run(
+    plan: Plan,
+    build: Callable[[nn.Module], Built],
+    label: str,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a fresh model with the optimizer that ``build`` makes for it.
+
+    Returns the measured part of a results.json record: status (``ok`` or ``diverged``),
+    losses, step times, peak state bytes, health samples and warnings.
+    """
+    workload, steps = plan.workload, plan.order.shape[0]
+    model = make_model(plan)
+    built = build(model)
+    optimizer = built.optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(plan.schedule, steps, plan.warmup_steps)
+    )
+
+    # one untimed forward/backward so that the first timed step is not a cold start
+    workload.loss(model, workload.train_batch(plan.order[0])).backward(
+        create_graph=built.create_graph
+    )
+    optimizer.zero_grad(set_to_none=True)
+
+    timer = _Timer(plan.device)
+    check_every = 1 if plan.device.type == "cpu" else 50
+    losses: list[torch.Tensor] = []
+    val: list[dict[str, float]] = []
+    samples: list[dict[str, float]] = []
+    peak, status, error = 0, "ok", None
+    if progress is not None:
+        progress.start(label, steps)
+    wall_start = time.perf_counter()
+
+    def evaluate(step: int) -> None:
+        if not val or val[-1]["step"] != step:
+            model.eval()
+            value = workload.validation_loss(model)
+            model.train()
+            if value is not None:
+                val.append({"step": step, "loss": value})
+
+    evaluate(0)
+    for step in range(1, steps + 1):
+        batch = workload.train_batch(plan.order[step - 1])
+        timer.start()
+        optimizer.zero_grad(set_to_none=True)
+        loss = workload.loss(model, batch)
+        loss.backward(create_graph=built.create_graph)
+        try:
+            optimizer.step()
+        except FloatingPointError as exc:  # an optimizer told to raise on non-finite input
+            timer.stop()
+            status, error = "diverged", f"step {step}: {exc}"
+            break
+        timer.stop()
+        losses.append(loss.detach())
+        scheduler.step()
+        peak = max(peak, state_bytes(optimizer))
+        if step % plan.eval_every == 0 or step == steps:
+            evaluate(step)
+            health_now = health.sample(optimizer)
+            if health_now is not None:
+                samples.append({"step": step, **health_now})
+        if progress is not None:
+            progress.step()
+        if step % check_every == 0 or step == steps:
+            latest = float(losses[-1])
+            if not math.isfinite(latest):
+                status, error = "diverged", f"loss became {latest} at step {step}"
+                break
+            if progress is not None:
+                progress.loss(latest)
+    wall = time.perf_counter() - wall_start
+    optimizer.zero_grad(set_to_none=True)  # drop a create_graph graph held by the grads
+
+    step_seconds = timer.seconds()[: len(losses)]
+    train_loss = [float(v) for v in torch.stack(losses).float().cpu()] if losses else []
+    smoothed = smooth(train_loss, plan.window)
+    cumulative, acc = [], 0.0
+    for s in step_seconds:
+        acc += s
+        cumulative.append(acc)
+    notes = [n for n in [health.warm_up_note(optimizer, len(train_loss), label)] if n]
+    return {
+        "status": status,
+        "error": error,
+        "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "hyperparameters": built.kwargs,
+        "resolved_hyperparameters": dict(optimizer.defaults),
+        "create_graph": built.create_graph,
+        "steps_run": len(train_loss),
+        "train_loss": train_loss,
+        "train_loss_smoothed": smoothed,
+        "val_loss": val,
+        "step_seconds": step_seconds,
+        "cumulative_seconds": cumulative,
+        "final_train_loss": smoothed[-1] if smoothed else None,
+        "final_val_loss": val[-1]["loss"] if val else None,
+        "train_seconds": acc,
+        "wall_seconds": wall,
+        "mean_step_seconds": acc / len(step_seconds) if step_seconds else None,
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
+        "peak_state_bytes": peak,
+        "health": samples,
+        "warnings": notes,
+    }
