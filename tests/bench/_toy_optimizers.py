@@ -74,7 +74,8 @@ class CountingDiagnostics(torch.optim.SGD):
 
 
 class NaNAtStep3(torch.optim.SGD):
-    """SGD that writes NaN into the parameters at its third step (a diverging run)."""
+    """SGD that writes NaN into the parameters at its third step when ``lr >= 1`` (a
+    diverging run)."""
 
     def __init__(self, params: Any, lr: float = 0.01) -> None:
         super().__init__(params, lr=lr)
@@ -83,7 +84,7 @@ class NaNAtStep3(torch.optim.SGD):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         self.t += 1
-        if self.t == 3:
+        if self.t == 3 and self.param_groups[0]["lr"] >= 1:
             for g in self.param_groups:
                 for p in g["params"]:
                     p.fill_(float("nan"))

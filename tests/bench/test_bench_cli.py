@@ -18,7 +18,10 @@ from secondorder.bench.training import batch_order, lr_factor, smooth, state_byt
 from secondorder.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+# the MNIST IDX files: $SECONDORDER_MNIST_DIR, else ../shared/data/mnist beside the repository
+MNIST_DIR = Path(
+    os.environ.get("SECONDORDER_MNIST_DIR", REPO.parent / "shared" / "data" / "mnist")
+)
 # one thread: steadier and much faster than oversubscribed OpenMP on a busy 2-core machine
 TINY = ["--steps", "6", "--batch-size", "50", "--quiet", "--threads", "1"]
 
@@ -75,7 +78,8 @@ def test_bench_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert adamw["steps_to_target"] <= 6 and results["settings"]["target_source"]
     assert [p["step"] for p in adamw["val_loss"]][0] == 0 and adamw["val_loss"][-1]["step"] == 6
     assert results["argv"][0] == "digits-autoencoder" and "--seed 3" in results["command"]
-    assert results["settings"]["threads"] == 1 and "(1 threads)" in out
+    assert results["settings"]["threads"] == 1 and "(1 thread)" in out
+    assert "adamw:lr=3e-3  0.003  0.01" in out  # resolved lr and weight decay are shown
     png = tmp_path / "loss.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
 
@@ -97,7 +101,8 @@ def test_progress_goes_to_stderr(capsys: pytest.CaptureFixture[str], tmp_path: P
     main(["bench", "--steps", "4", "--batch-size", "50", "--opt", "adam", "--threads", "1",
           "--out", str(tmp_path)])  # fmt: skip
     err = capsys.readouterr().err
-    assert "adam" in err and "4/4" in err and "[####" in err
+    # not a terminal: no bars, one summary line per finished run
+    assert "adam: 4 steps, final train loss" in err and "\r" not in err
 
 
 def test_python_dash_m_subprocess(tmp_path: Path) -> None:
@@ -165,6 +170,24 @@ def test_byte_lm_reports_validation_loss(tmp_path: Path) -> None:
         (["--batch-size", "100000"], "exceeds the 1500 training examples"),
         (["mnist-autoencoder", "--data-dir", "/nonexistent/mnist"], "t10k-images-idx3-ubyte[.gz]"),
         (["mnist-autoencoder"], "needs --data-dir"),
+        (["--opt", "shampoo:lr=abc"], "lr='abc' in --opt 'shampoo:lr=abc' is not a number"),
+        (["--opt", "adamw:lr=nan"], "lr=nan in --opt 'adamw:lr=nan' is not a finite number"),
+        (["--opt", "sonew:lr=inf"], "lr=inf in --opt 'sonew:lr=inf' is not a finite number"),
+        (["--opt", "torch.optim.Nope"], "module 'torch.optim' has no attribute 'Nope'"),
+        (["--device", "meta"], "--device meta cannot train a model here"),
+        (["--device", "nonsense"], "invalid --device 'nonsense'"),
+        (["--data-dir", "/tmp"], "--data-dir is not used by digits-autoencoder"),
+        (["--target-loss", "nan"], "--target-loss must be a finite number"),
+        (["--warmup", "inf"], "--warmup must be a finite number"),
+        (["--opt", "adamw", "--opt", "sgd", "--opt", "AdamW"], "the same optimizer is given twice"),
+        (["--opt", "adamw:lr=1e-3,betas=(0.9,0.99)", "--opt", "adamw:betas=(0.9,0.99),lr=0.001"],
+         "the same optimizer is given twice"),
+        (["--sweep", "lr"], "cannot parse --sweep 'lr'"),
+        (["--sweep", "lr=1e-3"], "needs at least two values"),
+        (["--sweep", "lr=1e-3,abc"], "'abc' is not a finite number"),
+        (["--sweep", "lr=1e-3,nan"], "nan is not a finite number"),
+        (["--opt", "sgd", "--sweep", "lr=1e-3,1e-3"], "repeats a value"),
+        (["--opt", "sgd", "--sweep", "lr=1e-3,-1"], "invalid hyperparameters for 'sgd'"),
     ],
 )
 def test_usage_errors_are_one_clear_line(
@@ -173,13 +196,26 @@ def test_usage_errors_are_one_clear_line(
     assert main(["bench", "--quiet", "--threads", "1", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("secondorder bench: error:") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err  # one line
     assert not (tmp_path / "results.json").exists()
 
 
-def test_steps_and_epochs_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["bench", "--steps", "3", "--epochs", "1"])
-    assert "not allowed with argument" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "3", "--epochs", "1"], "not allowed with argument"),
+        (["--steps", "abc"], "invalid int value: 'abc'"),
+        (["--dtype", "float16"], "invalid choice: 'float16'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_argument_errors_are_one_line_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and err.count("\n") == 1
 
 
 def test_list_shows_workloads_and_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
@@ -232,9 +268,11 @@ def test_schedule_order_and_helpers() -> None:
 def test_divergence_stops_that_run_and_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    results = _run(tmp_path, *TINY, "--opt", "adam", "--opt", "sgd:lr=1e999")
-    adam, sgd = results["optimizers"]
-    assert adam["status"] == "ok" and sgd["status"] == "diverged"
-    assert sgd["steps_run"] < 6 and "loss became" in sgd["error"]
-    assert sgd["train_loss"][-1] is None  # NaN is written as null: results.json stays valid JSON
-    assert "sgd:lr=1e999: loss became" in capsys.readouterr().out
+    results = _run(tmp_path, *TINY, "--schedule", "constant", "--opt", "adam",
+                   "--opt", "_toy_optimizers.NaNAtStep3:lr=1")  # fmt: skip
+    adam, bad = results["optimizers"]
+    assert adam["status"] == "ok" and bad["status"] == "diverged"
+    # step 3 wrote NaN into the weights: the loss of step 4 is the first non-finite one
+    assert bad["steps_run"] == 4 and bad["error"] == "loss became nan at step 4"
+    assert bad["train_loss"][-1] is None  # NaN is written as null: results.json stays valid JSON
+    assert "_toy_optimizers.NaNAtStep3:lr=1: loss became nan at step 4" in capsys.readouterr().out

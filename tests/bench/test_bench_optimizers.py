@@ -102,7 +102,8 @@ def test_secondorder_optimizers_resolve_lazily(name: str, attr: str) -> None:
 # ------------------------------------------------------------ any class, checked values
 def test_any_importable_class_by_dotted_path() -> None:
     spec = parse_spec("torch.optim.NAdam:lr=2e-3,momentum_decay=5e-3")
-    assert spec.name == "torch.optim.NAdam" and spec.label == "torch.optim.NAdam:lr=2e-3,momentum_decay=5e-3"
+    assert spec.name == "torch.optim.NAdam"
+    assert spec.label == "torch.optim.NAdam:lr=2e-3,momentum_decay=5e-3"
     built = build_optimizer(spec, _params(), default_lr=0.5)
     assert type(built.optimizer) is torch.optim.NAdam
     assert built.optimizer.param_groups[0]["lr"] == 2e-3  # the spec beats the workload default

@@ -68,7 +68,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
         finite = [v for v in numbers if math.isfinite(v)]
         counting = any(word in key.lower() for word in COUNT_WORDS)
         if finite:
-            out[f"{key} ({'sum' if counting else 'max'})"] = sum(finite) if counting else max(finite)
+            reduced = sum(finite) if counting else max(finite)
+            out[f"{key} ({'sum' if counting else 'max'})"] = reduced
         if len(finite) < len(numbers):
             out[f"{key} non-finite"] = float(len(numbers) - len(finite))
     return out

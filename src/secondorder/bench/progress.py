@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
+
 def _tqdm() -> Any:
     from tqdm import tqdm
 

@@ -234,6 +234,11 @@ def _log_y(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _legend(label: str) -> str:
+    """matplotlib hides legend entries whose label starts with an underscore."""
+    return " " + label if label.startswith("_") else label
+
+
 def _ran(results: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return [(i, r) for i, r in enumerate(results["optimizers"]) if r.get("steps_run")]
 
@@ -248,13 +253,14 @@ def write_plot(results: dict[str, Any], out_dir: Path) -> Path:
         y = r["train_loss_smoothed"]
         steps = list(range(1, len(y) + 1))
         positive &= all(v is not None and v > 0 for v in y)
-        by_step.plot(steps, y, color=color, label=f"{r['label']} train")
-        by_time.plot(r["cumulative_seconds"], y, color=color, label=f"{r['label']} train")
+        name = _legend(r["label"])
+        by_step.plot(steps, y, color=color, label=f"{name} train")
+        by_time.plot(r["cumulative_seconds"], y, color=color, label=f"{name} train")
         if r["val_loss"]:
             vs = [p["step"] for p in r["val_loss"]]
             vy = [p["loss"] for p in r["val_loss"]]
             clock = [0.0] + r["cumulative_seconds"]
-            by_step.plot(vs, vy, "o--", color=color, ms=3, label=f"{r['label']} val")
+            by_step.plot(vs, vy, "o--", color=color, ms=3, label=f"{name} val")
             by_time.plot([clock[min(k, len(clock) - 1)] for k in vs], vy, "o--", color=color,
                          ms=3)  # fmt: skip
     w, s = results["workload"], results["settings"]
@@ -307,7 +313,7 @@ def write_health_plot(results: dict[str, Any], out_dir: Path) -> Path | None:
             if points:
                 xs, ys = zip(*points)
                 values_all += ys
-                ax.plot(xs, ys, "o-", ms=2, color=f"C{i % 10}", label=r["label"])
+                ax.plot(xs, ys, "o-", ms=2, color=f"C{i % 10}", label=_legend(r["label"]))
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

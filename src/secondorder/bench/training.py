@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,17 @@ class Plan:
     window: int
 
 
+def _backward(loss: torch.Tensor, create_graph: bool) -> None:
+    if not create_graph:
+        loss.backward()
+        return
+    with warnings.catch_warnings():
+        # torch warns that grads built with a graph reference their parameters (a cycle);
+        # the loop sets every grad to None before the next backward, which breaks it
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        loss.backward(create_graph=True)
+
+
 def make_model(plan: Plan) -> nn.Module:
     torch.manual_seed(plan.seed)
     return plan.workload.make_model().to(device=plan.device, dtype=plan.dtype)
@@ -163,9 +175,7 @@ def train_run(
     )
 
     # one untimed forward/backward so that the first timed step is not a cold start
-    workload.loss(model, workload.train_batch(plan.order[0])).backward(
-        create_graph=built.create_graph
-    )
+    _backward(workload.loss(model, workload.train_batch(plan.order[0])), built.create_graph)
     optimizer.zero_grad(set_to_none=True)
 
     timer = _Timer(plan.device)
@@ -192,7 +202,7 @@ def train_run(
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         loss = workload.loss(model, batch)
-        loss.backward(create_graph=built.create_graph)
+        _backward(loss, built.create_graph)
         try:
             optimizer.step()
         except FloatingPointError as exc:  # an optimizer told to raise on non-finite input
