@@ -1,62 +1,54 @@
-"""Shared pieces of the benchmark scripts: MNIST IDX data, the SONew-paper autoencoder and a
-timed training loop. Self-contained on purpose (torch only) so that the scripts measure the
-optimizers, not the harness.
+"""Shared pieces of the benchmark scripts, all taken from ``secondorder.bench`` (one MNIST
+reader, one autoencoder, one training loop, one state-size function for the CLI and the
+scripts): thin adapters to the scripts' older call signatures, plus ``machine()``.
+
+Run the scripts with the package importable (``pip install -e ".[bench]"`` or the venv of
+``scripts/setup.sh``).
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import platform
 import statistics
-import struct
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from secondorder.bench.mnist import available_splits
+from secondorder.bench.optimizers import Built
+from secondorder.bench.training import Plan, batch_order, state_bytes, train_run
+from secondorder.bench.workloads._mlp import pixel_bce
+from secondorder.bench.workloads.mnist_autoencoder import (
+    WIDTHS,
+    MNISTAutoencoder,
+    load_pixels,
+    make_autoencoder,
+)
+
 DEFAULT_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
+LAYERS = tuple(WIDTHS)
+__all__ = ["DEFAULT_MNIST", "LAYERS", "autoencoder", "autoencoder_loss", "load_mnist_images",
+           "machine", "state_bytes", "train"]  # fmt: skip
 
 
 def load_mnist_images(data_dir: str | os.PathLike = DEFAULT_MNIST) -> torch.Tensor:
-    """The t10k (or train) images as float32 in [0, 1], shape (N, 784)."""
-    d = Path(data_dir)
-    for name in (
-        "t10k-images-idx3-ubyte.gz",
-        "t10k-images-idx3-ubyte",
-        "train-images-idx3-ubyte.gz",
-        "train-images-idx3-ubyte",
-    ):
-        f = d / name
-        if f.exists():
-            raw = gzip.open(f).read() if f.suffix == ".gz" else f.read_bytes()
-            magic, n, rows, cols = struct.unpack(">IIII", raw[:16])
-            if magic != 2051 or len(raw) != 16 + n * rows * cols:
-                raise ValueError(f"{f} is not a valid IDX image file")
-            x = torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8)
-            return x.reshape(n, rows * cols).float().div_(255.0)
-    raise FileNotFoundError(f"no MNIST image file (t10k-images-idx3-ubyte[.gz]) in {d}")
+    """The t10k images (else the train images) as float32 in [0, 1], shape (N, 784)."""
+    splits = available_splits(data_dir)
+    split = "t10k" if "t10k" in splits or not splits else splits[0]
+    return load_pixels(str(data_dir), split)[0]
 
 
 def autoencoder() -> nn.Module:
     """784-1000-500-250-30-250-500-1000-784, tanh after every hidden layer but the code."""
-    mods: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(LAYERS[:-1], LAYERS[1:])):
-        mods.append(nn.Linear(a, b))
-        if i < len(LAYERS) - 2 and b != 30:
-            mods.append(nn.Tanh())
-    return nn.Sequential(*mods)
+    return make_autoencoder()
 
 
 def autoencoder_loss(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Sigmoid cross-entropy summed over the 784 pixels, averaged over the batch."""
-    return (
-        nn.functional.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="sum")
-        / x.shape[0]
-    )
+    return pixel_bce(logits, x)
 
 
 def train(
@@ -70,38 +62,33 @@ def train(
     warmup_steps: int = 5,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train the autoencoder; time every step (forward + backward + optimizer step)."""
-    torch.manual_seed(seed)
-    model = autoencoder().to(dtype)
-    opt = make_opt(list(model.parameters()))
-    data = data.to(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    n = data.shape[0]
-    step_times: list[float] = []
-    epoch_losses: list[float] = []
-    for ep in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        losses = []
-        for i in range(0, n - batch_size + 1, batch_size):
-            xb = data[perm[i : i + batch_size]]
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = autoencoder_loss(model(xb), xb)
-            loss.backward()
-            opt.step()
-            step_times.append(time.perf_counter() - t0)
-            losses.append(loss.detach())
-        epoch_losses.append(torch.stack(losses).float().mean().item())
+    """Train the autoencoder on ``data`` with ``secondorder bench``'s loop (same seeded
+    initialisation and batch order, constant learning rate); every step is timed
+    (zero_grad + forward + backward + optimizer step). Step-time statistics leave out the
+    first ``warmup_steps`` steps."""
+    workload = MNISTAutoencoder(None)
+    device = torch.device("cpu")
+    setup = workload.use_pixels(data, device, dtype)
+    per_epoch = setup.num_train // batch_size
+    steps = epochs * per_epoch
+    plan = Plan(workload, batch_order(setup.num_train, batch_size, steps, seed), device, dtype,
+                seed, "constant", 0, per_epoch, per_epoch)  # fmt: skip
+    run = train_run(plan, lambda m: Built(make_opt(list(m.parameters())), {}, False), "train")
+    losses = run["train_loss"]
+    epoch_losses = [statistics.fmean(losses[i : i + per_epoch])
+                    for i in range(0, len(losses), per_epoch)]  # fmt: skip
+    for i, value in enumerate(epoch_losses):
         if log:
-            log(f"  epoch {ep + 1}/{epochs}: train loss {epoch_losses[-1]:.3f}")
-    timed = step_times[warmup_steps:] or step_times
+            log(f"  epoch {i + 1}/{epochs}: train loss {value:.3f}")
+    timed = run["step_seconds"][warmup_steps:] or run["step_seconds"]
     return dict(
-        final_loss=epoch_losses[-1],
+        final_loss=epoch_losses[-1] if epoch_losses else float("nan"),
         epoch_losses=epoch_losses,
-        mean_step_s=statistics.fmean(timed),
-        median_step_s=statistics.median(timed),
-        steps=len(step_times),
-        all_finite=all(map(lambda v: v == v and abs(v) != float("inf"), epoch_losses)),
+        mean_step_s=statistics.fmean(timed) if timed else float("nan"),
+        median_step_s=statistics.median(timed) if timed else float("nan"),
+        steps=len(losses),
+        all_finite=run["status"] == "ok" and len(losses) == steps,
+        peak_state_bytes=run["peak_state_bytes"],
     )
 
 

@@ -1,4 +1,4 @@
-"""Asynchronous and distributed Shampoo on the MNIST autoencoder (issue #5).
+"""Asynchronous and distributed Shampoo on the MNIST autoencoder.
 
     python benchmarks/bench_async_dist.py                     # both parts
     python benchmarks/bench_async_dist.py --part async --rounds 8
@@ -42,6 +42,7 @@ from _common import (
     autoencoder_loss,
     load_mnist_images,
     machine,
+    state_bytes,
 )
 
 SHAMPOO = dict(block_size=1024, precondition_frequency=10, graft="adam")
@@ -166,7 +167,7 @@ def _dist_worker(rank, world, init, data, args, distributed, out_file):
             mean_step_s=statistics.fmean(timed),
             samples_per_s=bs / statistics.fmean(timed),
             final_loss=statistics.fmean(losses[-10:]),
-            state_bytes=opt.state_bytes(),
+            state_bytes=state_bytes(opt),
             param_checksum=float(flat.double().sum()),
         )
         every = [None] * world

@@ -1,6 +1,6 @@
 """Shampoo vs AdamW on the SONew paper's MNIST autoencoder: step time and training loss.
 
-    python benchmarks/bench_shampoo.py --epochs 20            # the issue's setting
+    python benchmarks/bench_shampoo.py --epochs 20            # the README's setting
     python benchmarks/bench_shampoo.py --epochs 2 --json out.json
 
 Both optimizers train the same model from the same seed in the same process. The step time

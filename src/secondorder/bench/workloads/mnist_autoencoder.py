@@ -1,4 +1,4 @@
-"""The SONew paper's MNIST autoencoder benchmark (ALGORITHMS.md §2.5), exactly.
+"""The SONew paper's MNIST autoencoder benchmark, exactly.
 
 784-1000-500-250-30-250-500-1000-784 fully connected, tanh after every hidden layer except
 the 30-unit code layer, logits out; sigmoid cross-entropy summed over the 784 pixels and
@@ -18,6 +18,21 @@ from ._mlp import autoencoder, pixel_bce
 from .base import Setup, Workload
 
 WIDTHS = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
+
+
+def make_autoencoder() -> nn.Sequential:
+    """The paper's 784-1000-500-250-30-250-500-1000-784 autoencoder (logits out)."""
+    return autoencoder(WIDTHS, code_index=4)
+
+
+def load_pixels(data_dir: str, split: str | None = None) -> tuple[torch.Tensor, str]:
+    """The images of ``split`` (default: ``train`` when present, else ``t10k``) as float32
+    pixels in [0, 1], shape ``[N, 784]``, and the split's name."""
+    if split is None:
+        splits = available_splits(data_dir)
+        split = splits[0] if splits else "t10k"  # loading "t10k" raises the clear error
+    images = load_mnist_images(data_dir, split)
+    return images.reshape(images.shape[0], -1).to(torch.float32) / 255.0, split
 
 
 @register
@@ -49,19 +64,21 @@ class MNISTAutoencoder(Workload):
                 f"mnist-autoencoder needs --data-dir: a directory holding {images_stem}[.gz] "
                 f"(or {expected_files('train')[0]}[.gz])"
             )
-        splits = available_splits(self.data_dir)
-        split = splits[0] if splits else "t10k"  # loading "t10k" raises the clear error
-        images = load_mnist_images(self.data_dir, split)
-        self.pixels = (images.reshape(images.shape[0], -1).to(torch.float32) / 255.0).to(
-            device=device, dtype=dtype
-        )
+        pixels, split = load_pixels(self.data_dir)
+        return self.use_pixels(pixels, device, dtype, split)
+
+    def use_pixels(
+        self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype, split: str = "given"
+    ) -> Setup:
+        """Set up on already loaded ``[N, 784]`` pixels (the benchmark scripts do this)."""
+        self.pixels = pixels.to(device=device, dtype=dtype)
         return Setup(
             num_train=self.pixels.shape[0],
             info={"split": split, "data_dir": str(self.data_dir), "widths": WIDTHS},
         )
 
     def make_model(self) -> nn.Module:
-        return autoencoder(WIDTHS, code_index=4)
+        return make_autoencoder()
 
     def train_batch(self, index: torch.Tensor) -> torch.Tensor:
         return self.pixels[index.to(self.pixels.device)]
