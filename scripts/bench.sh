@@ -4,5 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-EXTRAS=bench bash scripts/setup.sh
-exec "$VENV/bin/secondorder" bench "$@"
+EXTRAS=bench SETUP_QUIET=1 bash scripts/setup.sh
+set +e
+"$VENV/bin/secondorder" bench "$@"
+rc=$?
+set -e
+case "$VENV" in /*) where=$VENV ;; *) where=$PWD/$VENV ;; esac
+echo "more runs: source $where/bin/activate, then secondorder bench --help" \
+  "(or $where/bin/secondorder bench ... without activating)" >&2
+exit "$rc"
