@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from secondorder.bench.mnist import (
     read_idx,
 )
 
-MNIST_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist"
+# $SECONDORDER_MNIST_DIR, else ../shared/data/mnist beside the repository
+MNIST_DIR = Path(
+    os.environ.get(
+        "SECONDORDER_MNIST_DIR",
+        Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mnist",
+    )
+)
 needs_mnist = pytest.mark.skipif(
     not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
     reason=f"real MNIST files not found in {MNIST_DIR} (expected beside the repository)",

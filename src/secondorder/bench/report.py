@@ -157,9 +157,12 @@ def format_table(results: dict[str, Any]) -> str:
                    if t["status"] == "ok" else t["status"])
                 for t in r["sweep"]["trials"]
             )  # fmt: skip
+            values = [t["value"] for t in r["sweep"]["trials"]]
+            edge = r["sweep"]["chosen"] in (min(values), max(values))
             notes.append(
                 f"{r['label']}: {r['sweep']['key']}={r['sweep']['chosen']:g}{mark} is the best of "
                 f"the sweep by {r['sweep']['criterion']} ({trials})"
+                + ("; at the edge of the sweep, a wider one may find better" if edge else "")
             )
         elif sweep is not None:
             notes.append(f"{r['label']}: not swept ({sweep['key']} fixed by its --opt)")
@@ -180,7 +183,7 @@ def format_table(results: dict[str, Any]) -> str:
         ]
         if r["status"] == "diverged":
             notes.append(f"{r['label']}: {r['error']}")
-        notes += [f"{r['label']}: warning: {n}" for n in r.get("warnings") or []]
+        notes += [f"warning: {n}" for n in r.get("warnings") or []]
         rows.append(row)
     widths = [len(c) for c in columns]
     for row in rows:
