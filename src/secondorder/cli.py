@@ -209,7 +209,13 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     def save(run: dict[str, Any]) -> None:  # after each optimizer: never lose a finished run
         write_json(build_results(run, argv), out)
 
-    run = run_benchmark(config, stream=None if args.quiet else sys.stderr, on_update=save)
+    try:
+        run = run_benchmark(config, stream=None if args.quiet else sys.stderr, on_update=save)
+    except KeyboardInterrupt:
+        kept = out / "results.json"
+        where = f"the finished optimizers are in {kept}" if kept.exists() else "nothing finished"
+        print(f"\nsecondorder bench: interrupted; {where}", file=sys.stderr)
+        return 130
     results = build_results(run, argv)
     paths = write_outputs(results, out)
     print(format_table(results))

@@ -276,3 +276,17 @@ def test_divergence_stops_that_run_and_is_reported(
     assert bad["steps_run"] == 4 and bad["error"] == "loss became nan at step 4"
     assert bad["train_loss"][-1] is None  # NaN is written as null: results.json stays valid JSON
     assert "_toy_optimizers.NaNAtStep3:lr=1: loss became nan at step 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "cuda", "cuda:7"])
+def test_unavailable_accelerators_are_one_line_errors(
+    device: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kind = device.split(":")[0]
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    if backend is not None and backend.is_available():
+        if ":" not in device or backend.device_count() > int(device.split(":")[1]):
+            pytest.skip(f"{device} is available on this machine")
+    assert main(["bench", *TINY, "--device", device, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"secondorder bench: error: --device {device}") and err.count("\n") == 1

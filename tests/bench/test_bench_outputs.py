@@ -181,3 +181,27 @@ def test_missing_progress_library_is_named(
     assert main(args) == 2
     _one_line_error(capsys, "needs tqdm, from the [bench] extra")
     assert main([*args, "--quiet"]) == 0  # without progress output tqdm is not needed
+
+
+def test_ctrl_c_keeps_finished_results_and_says_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import secondorder.bench.runner as runner
+
+    real = runner.run_benchmark
+
+    def interrupted_after_first(config, stream=None, on_update=None):
+        def once(run):
+            on_update(run)
+            raise KeyboardInterrupt
+
+        return real(config, stream, on_update=once)
+
+    monkeypatch.setattr(runner, "run_benchmark", interrupted_after_first)
+    out = tmp_path / "o"
+    assert main(["bench", *TINY, "--opt", "sgd", "--opt", "adam", "--out", str(out)]) == 130
+    assert f"interrupted; the finished optimizers are in {out / 'results.json'}" in (
+        capsys.readouterr().err
+    )
+    labels = [r["label"] for r in json.loads((out / "results.json").read_text())["optimizers"]]
+    assert labels == ["sgd"]

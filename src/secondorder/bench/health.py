@@ -103,20 +103,24 @@ def first_preconditioned_step(optimizer: torch.optim.Optimizer) -> int | None:
 
 
 def warm_up_note(optimizer: torch.optim.Optimizer, steps_run: int, label: str) -> str | None:
-    """A warning when the run used its preconditioner for no or very few steps."""
+    """A warning when few or none of the run's losses come after a preconditioned update.
+
+    The loss of step ``t`` is measured before step ``t``'s update, so with the first
+    preconditioned step ``s`` only the losses of steps ``s + 1 ...`` can show its effect."""
     start = first_preconditioned_step(optimizer)
     if start is None or steps_run == 0:
         return None
-    used = steps_run - start + 1
-    if used <= 0:
+    after = steps_run - start
+    if after <= 0:
         return (
             f"{label} never left its warm-up: its first preconditioned step is {start} and the "
-            f"run has {steps_run} steps, so it ran as its grafting/diagonal method throughout "
-            "(train longer or lower start_preconditioning_step / precondition_frequency)"
+            f"run has {steps_run} steps, so every loss it reports comes from its "
+            "grafting/diagonal method (train longer or lower start_preconditioning_step / "
+            "precondition_frequency)"
         )
-    if used < 0.1 * steps_run:
+    if after < 0.1 * steps_run:
         return (
-            f"{label} used its preconditioner for only {used} of {steps_run} steps (from step "
-            f"{start} on); its row mostly reflects its warm-up method"
+            f"{label}: only {after} of {steps_run} losses come after preconditioned updates "
+            f"(from step {start} on); its row mostly reflects its warm-up method"
         )
     return None
