@@ -144,13 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _list() -> None:
     from .bench.optimizers import describe
+    from .bench.report import plural
     from .bench.workloads import DEFAULT_WORKLOAD, get_workload, workload_names
 
     print("workloads:")
     for name in workload_names():
         cls = get_workload(name)
         length = (
-            f"{cls.default_steps} steps" if cls.default_steps else f"{cls.default_epochs} epochs"
+            plural(cls.default_steps, "step")
+            if cls.default_steps
+            else plural(cls.default_epochs or 1, "epoch")
         )
         mark = " (default)" if name == DEFAULT_WORKLOAD else ""
         print(f"  {name}{mark}: {cls.description}; batch {cls.default_batch_size}, {length}")
