@@ -3,12 +3,15 @@ warnings, failed runs, and the table's formatting."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import secondorder
 from secondorder.bench import health
@@ -195,3 +198,36 @@ def test_significant_digits(value: float | None, digits: int, text: str) -> None
 def test_plurals() -> None:
     assert plural(1, "thread") == "1 thread" and plural(2, "thread") == "2 threads"
     assert plural(1.0, "epoch") == "1 epoch" and plural(0.2, "epoch") == "0.2 epochs"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.floats(min_value=1e-12, max_value=1e12) | st.floats(min_value=-1e12, max_value=-1e-12),
+    digits=st.integers(min_value=2, max_value=6),
+)
+def test_significant_digits_round_to_the_nearest(value: float, digits: int) -> None:
+    text = sig(value, digits)
+    back = float(text)
+    if 10 ** (digits - 1) <= abs(value) < 1e9:  # written in full: rounded to an integer
+        assert abs(back - value) <= 0.5
+    else:  # exactly `digits` significant digits, trailing zeros kept
+        mantissa = text.lstrip("-").split("e")[0].replace(".", "").lstrip("0")
+        assert len(mantissa) == digits
+        unit = 10 ** (math.floor(math.log10(abs(back))) - digits + 1)  # of the last digit
+        assert abs(back - value) <= 0.5 * unit * 1.0001
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_on_a_terminal() -> None:
+    stream = _Terminal()
+    config = BenchConfig(optimizers=["adamw", "sgd"], steps=5, batch_size=50, threads=1)
+    run_benchmark(config, stream=stream)
+    text = stream.getvalue()
+    assert "runs:" in text and "2/2" in text  # the overall bar
+    assert "\radamw:" in text and "/5 [" in text and "step/s" in text  # a bar per run
+    assert "\r" in text  # redrawn in place
+    assert "adamw: 5 steps, final train loss" in text and "sgd: 5 steps, final train loss" in text
