@@ -213,6 +213,40 @@ def library_only(row: str, why: str) -> None:
         pytest.skip(f"torch.optim.{base_name(row)} does not promise this: {why}")
 
 
+def _probe_named() -> None:
+    torch.optim.SGD([("w", torch.nn.Parameter(torch.zeros(2)))], lr=0.1)
+
+
+def _probe_one_element_lr() -> None:
+    p = torch.nn.Parameter(torch.tensor(1.0))  # 0-d: a (1,) lr must not broadcast into it
+    p.grad = torch.tensor(1.0)
+    torch.optim.AdamW([p], lr=torch.tensor([0.1])).step()
+    try:
+        torch.optim.AdamW([p], lr=torch.tensor([0.1, 0.1]))
+    except ValueError as e:
+        assert "Tensor lr must be 1-element" in str(e)
+    else:
+        raise AssertionError("a 2-element lr was accepted")
+
+
+#: behaviour of torch.optim that depends on the installed torch version (torch>=2.4 is
+#: supported): the reference row checks it only where this torch has it.
+TORCH_FEATURES: dict[str, Callable[[], None]] = {
+    "named parameters": _probe_named,
+    "1-element tensor lr": _probe_one_element_lr,
+}
+
+
+def torch_has(feature: str, row: str) -> None:
+    """Skip a reference row when the installed torch.optim lacks ``feature``."""
+    if base_name(row) not in REFERENCE:
+        return
+    try:
+        TORCH_FEATURES[feature]()
+    except Exception as e:
+        pytest.skip(f"torch {torch.__version__} lacks {feature}: {type(e).__name__}: {e}")
+
+
 # ========================================================================== utilities
 def tree_clone(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
@@ -675,6 +709,8 @@ def test_tensor_learning_rate(name, shape):
     """``lr`` may be any 1-element tensor, as in torch.optim: same training as the float;
     the group keeps the user's tensor (saved as given), and changing it in place (what LR
     schedulers do to tensor learning rates) takes effect at the next step."""
+    if shape:
+        torch_has("1-element tensor lr", name)
     m1, m2 = toy_model(), toy_model()
     lr = torch.full(shape, config(name)["lr"])
     train(name, m1, range(6))
@@ -718,6 +754,7 @@ def test_one_element_tensor_hyperparameters(name):
     """Real-valued hyperparameters may be 1-element tensors (torch.optim: ``lr`` and
     ``betas``; this library: every one). Shape ``(1,)`` trains bit-identically to 0-d, and
     0-d like the same float32 values given as Python floats."""
+    torch_has("1-element tensor lr", name)
     probe = make(name, [torch.nn.Parameter(torch.zeros(2))])
     floats = _float_hparams(probe)
     if base_name(name) in REFERENCE:
@@ -753,6 +790,7 @@ def test_one_element_tensor_hyperparameters(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_tensor_lr_must_have_one_element(name):
     """torch.optim's rule and message: ``Tensor lr must be 1-element``."""
+    torch_has("1-element tensor lr", name)
     with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
         make(name, [torch.nn.Parameter(torch.zeros(3))], lr=torch.tensor([1e-3, 1e-3]))
 
@@ -760,6 +798,7 @@ def test_tensor_lr_must_have_one_element(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_tensor_lr_with_a_scheduler(name):
     """A scheduler drives a 1-element tensor lr (in place) exactly as it drives a float."""
+    torch_has("1-element tensor lr", name)
     runs = []
     for lr in (config(name)["lr"], torch.tensor([config(name)["lr"]])):
         model = toy_model()
@@ -778,9 +817,6 @@ def test_tensor_lr_with_a_scheduler(name):
 
 
 # ================================================================ 3b. torch.optim parity
-_TORCH_HAS_NAMES = "param_names" in inspect.getsource(torch.optim.Optimizer.add_param_group)
-
-
 def _name_groups(model: torch.nn.Module, named: bool, split: bool, lr: float) -> list[Any]:
     """The model's parameters, named or not, as one list or as two groups (fc layers with
     half the learning rate, the rest)."""
@@ -859,8 +895,7 @@ def _check_named_into_unnamed_and_back(name: str) -> None:
 
 
 def _skip_if_torch_lacks_names(name: str) -> None:
-    if base_name(name) in REFERENCE and not _TORCH_HAS_NAMES:
-        pytest.skip(f"torch {torch.__version__} has no named parameters in torch.optim")
+    torch_has("named parameters", name)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one_group", "two_groups"])
@@ -1279,8 +1314,17 @@ def test_state_dict_hooks(name):
     opt = train(name, model, range(4))
     calls = []
     opt.register_state_dict_post_hook(lambda o, sd: calls.append("save") or {**sd, "mine": 1})
+    # Pre-hooks run before the dict is built (``prepend`` puts one first); what they change
+    # is in it.
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre-save"))
+    opt.register_state_dict_pre_hook(
+        lambda o: calls.append("first") or o.param_groups[0].update(tag=7), prepend=True
+    )
     sd = opt.state_dict()
-    assert calls == ["save"] and sd["mine"] == 1
+    assert calls == ["first", "pre-save", "save"] and sd["mine"] == 1
+    assert sd["param_groups"][0]["tag"] == 7
+    calls.clear()
+    del sd["param_groups"][0]["tag"]
     model2 = toy_model(seed=5)
     fresh = make(name, model2.parameters())
     params = list(model2.parameters())
@@ -1294,9 +1338,10 @@ def test_state_dict_hooks(name):
 
     seen = []
     fresh.register_load_state_dict_pre_hook(pre)
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre0"), prepend=True)
     fresh.register_load_state_dict_post_hook(lambda o: seen.append(opt_state(o, params)))
     fresh.load_state_dict(sd)
-    assert calls == ["save", "pre"] and len(seen) == 1
+    assert calls == ["pre0", "pre"] and len(seen) == 1
     assert all(g["lr"] == 0.0123 for g in fresh.param_groups)
     assert_bit_identical(seen[0], opt_state(fresh, params), "state seen by the post-hook")
 
