@@ -5,7 +5,22 @@ hyperparameters) and :meth:`SecondOrderOptimizer._update` (the math). This base 
 the behaviour users rely on being identical across optimizers:
 
 * every param group (including ``add_param_group`` later) is validated when it is added;
+* ``params`` may be ``model.named_parameters()`` (or groups of ``(name, tensor)`` pairs), as
+  in torch.optim: the names go to each group's ``param_names`` and into the state dict.
+  All groups are named or none is. On load, a checkpoint's names replace ours and a
+  checkpoint without names keeps ours; names never decide which state goes to which
+  parameter (position does, as in torch.optim). Done here, so older torch versions that
+  lack named parameters behave the same;
+* any real-valued hyperparameter may be a 1-element tensor (torch.optim documents this for
+  ``lr`` and ``betas``). ``_update`` sees such values as 0-d views of the user's tensor,
+  so ``p.add_(d, alpha=-group["lr"])`` works for every shape; the group keeps the tensor
+  itself (schedulers change it in place; ``state_dict`` saves it as given);
+* torch.optim flags this library does not implement (``maximize``, ``capturable``,
+  ``differentiable``) set to true in a group raise ``ValueError``; ``foreach``/``fused``
+  are performance hints, accepted and ignored;
 * ``step(closure)`` evaluates the closure with grad enabled and returns its loss;
+  torch.optim's step pre/post hooks (per optimizer and global) run around every step,
+  a skipped one included;
 * parameters whose ``grad`` is ``None`` and empty parameters are skipped (no state created);
 * sparse and complex gradients raise ``TypeError`` before anything is modified;
 * **non-finite gradients** (NaN/Inf anywhere in the step) follow ``nonfinite``:
@@ -19,7 +34,9 @@ the behaviour users rely on being identical across optimizers:
   do not fit, or that another optimizer wrote (``optimizer``, recorded by ``state_dict``).
   The checkpoint's hyperparameters replace the constructor's (as in ``torch.optim``);
   ones it lacks (older checkpoints) take the constructor's values; all are validated, and
-  :meth:`SecondOrderOptimizer._check_loaded_state` sees them in ``self.param_groups``;
+  :meth:`SecondOrderOptimizer._check_loaded_state` sees them in ``self.param_groups``.
+  A ``step`` saved as a Python number (older torch, other tools) becomes a tensor, as
+  torch.optim converts it; one that is not a whole number >= 0 is rejected at load;
 * torch.optim's state-dict hooks run once each, pre-hooks before everything and
   post-hooks on the final result;
 * ``copy.deepcopy`` / pickling keep every attribute except torch's hook registries and
