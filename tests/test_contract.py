@@ -1161,6 +1161,9 @@ def test_unsupported_torch_flags_are_rejected(name, flag):
     with pytest.raises(ValueError, match=flag):
         opt.load_state_dict(sd)
     assert opt.param_groups[0][flag] is False
+    opt.load_state_dict(opt.state_dict())  # torch's loading adds flags to ``defaults``
+    with pytest.raises(ValueError, match=flag):
+        opt.add_param_group({"params": [q], flag: True})
 
 
 @pytest.mark.parametrize("name", NAMES)

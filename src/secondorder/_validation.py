@@ -185,14 +185,14 @@ UNSUPPORTED_FLAGS = {
 }
 
 
-def check_unsupported_flags(group: dict[str, Any], defaults: dict[str, Any], name: str) -> None:
-    """Reject torch.optim flags set to true that the optimizer (its ``defaults``) lacks.
+def check_unsupported_flags(group: dict[str, Any], implemented: Iterable[str], name: str) -> None:
+    """Reject torch.optim flags set to true that the optimizer does not ``implement``.
 
     ``foreach`` and ``fused`` are performance hints and are accepted and ignored: each
     optimizer picks its own multi-tensor paths.
     """
     for flag, instead in UNSUPPORTED_FLAGS.items():
-        if flag not in defaults and group.get(flag):
+        if flag not in implemented and group.get(flag):
             raise ValueError(f"{name} does not support {flag}={group[flag]!r}: {instead}")
 
 

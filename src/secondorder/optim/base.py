@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from .._validation import (
+    UNSUPPORTED_FLAGS,
     check_choice,
     check_grad,
     check_loaded_step,
@@ -76,7 +77,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        self._check_group(dict(defaults), defaults)
+        # torch.optim flags the subclass implements (it has them in its defaults). Kept
+        # apart: torch's ``__setstate__`` adds ``differentiable`` to ``defaults`` on load.
+        self._implemented_flags = frozenset(f for f in UNSUPPORTED_FLAGS if f in defaults)
+        self._check_group(dict(defaults))
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -122,10 +126,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     f"{'without' if named else 'with'} names"
                 )
 
-    def _check_group(self, group: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
+    def _check_group(self, group: dict[str, Any]) -> None:
         """Validate a group (defaults merged in): torch.optim flags, then the subclass."""
-        defaults = self.defaults if defaults is None else defaults
-        check_unsupported_flags(group, defaults, type(self).__name__)
+        implemented = self.__dict__.get("_implemented_flags", frozenset())
+        check_unsupported_flags(group, implemented, type(self).__name__)
         self._validate_group(group)
 
     # -------------------------------------------------------------------- step
