@@ -863,8 +863,10 @@ def _check_named_parameters(name: str, split: bool) -> None:
     ref = make(name, _name_groups(ref_model, False, split, lr))
     names = _names(model, split)
     assert [g["param_names"] for g in opt.param_groups] == names
-    assert [len(g["params"]) for g in opt.param_groups] == [len(n) for n in names]
-    assert all(isinstance(p, torch.Tensor) for g in opt.param_groups for p in g["params"])
+    by_name = dict(model.named_parameters())
+    for g in opt.param_groups:  # each name goes with its own tensor
+        assert len(g["params"]) == len(g["param_names"])
+        assert all(p is by_name[n] for n, p in zip(g["param_names"], g["params"]))
     assert all("param_names" not in g for g in ref.param_groups)
     # Names change nothing in the math.
     _continue_and_compare(name, model, opt, ref_model, ref, range(4))
