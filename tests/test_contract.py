@@ -213,6 +213,40 @@ def library_only(row: str, why: str) -> None:
         pytest.skip(f"torch.optim.{base_name(row)} does not promise this: {why}")
 
 
+def _probe_named() -> None:
+    torch.optim.SGD([("w", torch.nn.Parameter(torch.zeros(2)))], lr=0.1)
+
+
+def _probe_one_element_lr() -> None:
+    p = torch.nn.Parameter(torch.tensor(1.0))  # 0-d: a (1,) lr must not broadcast into it
+    p.grad = torch.tensor(1.0)
+    torch.optim.AdamW([p], lr=torch.tensor([0.1])).step()
+    try:
+        torch.optim.AdamW([p], lr=torch.tensor([0.1, 0.1]))
+    except ValueError as e:
+        assert "Tensor lr must be 1-element" in str(e)
+    else:
+        raise AssertionError("a 2-element lr was accepted")
+
+
+#: behaviour of torch.optim that depends on the installed torch version (torch>=2.4 is
+#: supported): the reference row checks it only where this torch has it.
+TORCH_FEATURES: dict[str, Callable[[], None]] = {
+    "named parameters": _probe_named,
+    "1-element tensor lr": _probe_one_element_lr,
+}
+
+
+def torch_has(feature: str, row: str) -> None:
+    """Skip a reference row when the installed torch.optim lacks ``feature``."""
+    if base_name(row) not in REFERENCE:
+        return
+    try:
+        TORCH_FEATURES[feature]()
+    except Exception as e:
+        pytest.skip(f"torch {torch.__version__} lacks {feature}: {type(e).__name__}: {e}")
+
+
 # ========================================================================== utilities
 def tree_clone(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
@@ -669,14 +703,498 @@ def test_hyperparameters_can_change_between_steps(name):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)], ids=["0d", "1elem", "1x1"])
 @pytest.mark.parametrize("name", NAMES)
-def test_tensor_learning_rate(name):
-    """``lr`` may be a 0-d tensor, as in torch.optim: same training as the float."""
+def test_tensor_learning_rate(name, shape):
+    """``lr`` may be any 1-element tensor, as in torch.optim: same training as the float;
+    the group keeps the user's tensor (saved as given), and changing it in place (what LR
+    schedulers do to tensor learning rates) takes effect at the next step."""
+    if shape:
+        torch_has("1-element tensor lr", name)
     m1, m2 = toy_model(), toy_model()
+    lr = torch.full(shape, config(name)["lr"])
     train(name, m1, range(6))
-    train(name, m2, range(6), lr=torch.tensor(config(name)["lr"]))
+    opt = train(name, m2, range(6), lr=lr)
+    # float32 lr vs Python float: products differ in the last float32 bit per step.
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.param_groups[0]["lr"] is lr
+    saved = opt.state_dict()["param_groups"][0]["lr"]
+    assert isinstance(saved, torch.Tensor) and saved.shape == shape
+    lr.fill_(0.0)  # lr 0: the next step leaves every parameter bit-identical
+    before = tree_clone(list(m2.parameters()))
+    toy_step(m2, opt, 6)
+    assert_bit_identical(before, tree_clone(list(m2.parameters())), "params after lr=0")
+
+
+def _float_hparams(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's real-valued hyperparameters (floats and pairs of floats)."""
+    out = {}
+    for k, v in opt.defaults.items():
+        if type(v) is float:
+            out[k] = v
+        elif isinstance(v, tuple) and v and all(type(x) is float for x in v):
+            out[k] = v
+    return out
+
+
+#: hyperparameters torch.optim documents as possibly 1-element tensors
+TORCH_TENSOR_HPARAMS = ("lr", "betas")
+
+
+def _as_tensors(hparams: dict[str, Any], shape: tuple[int, ...]) -> dict[str, Any]:
+    def t(x):
+        return torch.full(shape, x)
+
+    return {k: tuple(map(t, v)) if isinstance(v, tuple) else t(v) for k, v in hparams.items()}
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_one_element_tensor_hyperparameters(name):
+    """Real-valued hyperparameters may be 1-element tensors (torch.optim: ``lr`` and
+    ``betas``; this library: every one). Shape ``(1,)`` trains bit-identically to 0-d (every
+    variant), and 0-d like the same float32 values given as Python floats (main settings;
+    some variants, e.g. early asynchronous roots of near-singular statistics, amplify the
+    last-bit differences beyond the bound below)."""
+    torch_has("1-element tensor lr", name)
+    probe = make(name, [torch.nn.Parameter(torch.zeros(2))])
+    floats = _float_hparams(probe)
+    if base_name(name) in REFERENCE:
+        floats = {k: v for k, v in floats.items() if k in TORCH_TENSOR_HPARAMS}
+    assert "lr" in floats
+    floats = _as_tensors(floats, ())
+    floats = {
+        k: tuple(map(float, v)) if isinstance(v, tuple) else float(v) for k, v in floats.items()
+    }
+    runs, init = [], None
+    for kw in (floats, _as_tensors(floats, ()), _as_tensors(floats, (1,))):
+        params = [
+            *_two_params(),
+            torch.nn.Parameter(torch.tensor(0.5)),
+            torch.nn.Parameter(torch.ones(4)),
+        ]
+        init = tree_clone(params) if init is None else init
+        opt = make(name, params, **kw)
+        for k in range(8):
+            _grads_for(params, k)
+            opt.step()
+        runs.append(params)
+    assert_bit_identical(tree_clone(runs[1]), tree_clone(runs[2]), "(1,) vs 0-d tensors")
+    # Python floats vs float32 tensors: the hyperparameter arithmetic rounds differently
+    # (float64 vs float32), a few float32 ulps per step; 8 steps with a margin of ~200 for
+    # the preconditioners' sensitivity give 1e-4 of the distance travelled. A hyperparameter
+    # ignored or misused would differ by O(1).
+    for a, b, p0 in zip(runs[0], runs[1], init):
+        moved = (a - p0).norm()
+        assert moved > 0 and torch.isfinite(b).all()
+        if "/" not in name:
+            assert (a - b).norm() <= 1e-4 * moved, f"{name}: {(a - b).norm() / moved:.3g}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_must_have_one_element(name):
+    """torch.optim's rule and message: ``Tensor lr must be 1-element``."""
+    torch_has("1-element tensor lr", name)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        make(name, [torch.nn.Parameter(torch.zeros(3))], lr=torch.tensor([1e-3, 1e-3]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_with_a_scheduler(name):
+    """A scheduler drives a 1-element tensor lr (in place) exactly as it drives a float."""
+    torch_has("1-element tensor lr", name)
+    runs = []
+    for lr in (config(name)["lr"], torch.tensor([config(name)["lr"]])):
+        model = toy_model()
+        opt = make(name, model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5**e)
+        lrs = []
+        for k in range(5):
+            toy_step(model, opt, k)
+            sched.step()
+            lrs.append(float(opt.param_groups[0]["lr"]))
+        runs.append((lrs, list(model.parameters())))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ================================================================ 3b. torch.optim parity
+def _name_groups(model: torch.nn.Module, named: bool, split: bool, lr: float) -> list[Any]:
+    """The model's parameters, named or not, as one list or as two groups (fc layers with
+    half the learning rate, the rest)."""
+    items = list(model.named_parameters())
+    if not named:
+        items = [p for _, p in items]
+    if not split:
+        return items
+    first = [x for x in items if _is_fc(model, x)]
+    rest = [x for x in items if not _is_fc(model, x)]
+    return [{"params": first, "lr": 0.5 * lr}, {"params": iter(rest)}]
+
+
+def _is_fc(model: torch.nn.Module, item: Any) -> bool:
+    p = item[1] if isinstance(item, tuple) else item
+    return any(p is q for q in [*model.fc1.parameters(), *model.fc2.parameters()])
+
+
+def _names(model: torch.nn.Module, split: bool) -> list[list[str]]:
+    named = list(model.named_parameters())
+    if not split:
+        return [[n for n, _ in named]]
+    fc = [n for n, p in named if _is_fc(model, p)]
+    return [fc, [n for n, p in named if not _is_fc(model, p)]]
+
+
+def _continue_and_compare(name, model, opt, ref_model, ref_opt, steps=range(4, 8)):
+    """Train both further; parameters and optimizer state must stay bit-identical."""
+    train(name, model, steps, opt=opt)
+    train(name, ref_model, steps, opt=ref_opt)
+    params, ref_params = list(model.parameters()), list(ref_model.parameters())
+    assert_bit_identical(tree_clone(ref_params), tree_clone(params), "params")
+    assert_bit_identical(opt_state(ref_opt, ref_params), opt_state(opt, params), "state")
+
+
+def _check_named_parameters(name: str, split: bool) -> None:
+    lr = config(name)["lr"]
+    model, ref_model = toy_model(), toy_model()
+    opt = make(name, _name_groups(model, True, split, lr))
+    ref = make(name, _name_groups(ref_model, False, split, lr))
+    names = _names(model, split)
+    assert [g["param_names"] for g in opt.param_groups] == names
+    by_name = dict(model.named_parameters())
+    for g in opt.param_groups:  # each name goes with its own tensor
+        assert len(g["params"]) == len(g["param_names"])
+        assert all(p is by_name[n] for n, p in zip(g["param_names"], g["params"]))
+    assert all("param_names" not in g for g in ref.param_groups)
+    # Names change nothing in the math.
+    _continue_and_compare(name, model, opt, ref_model, ref, range(4))
+    sd = opt.state_dict()
+    assert [g["param_names"] for g in sd["param_groups"]] == names
+    # Round trip into a fresh named optimizer: names kept, the run continues exactly.
+    model2 = toy_model(seed=7)
+    model2.load_state_dict(model.state_dict())
+    fresh = make(name, _name_groups(model2, True, split, lr))
+    fresh.load_state_dict(copy.deepcopy(sd))
+    assert [g["param_names"] for g in fresh.param_groups] == names
+    _continue_and_compare(name, model2, fresh, model, opt)
+
+
+def _check_named_into_unnamed_and_back(name: str) -> None:
+    """As torch.optim: a checkpoint's names replace the optimizer's (an unnamed optimizer
+    becomes named); a checkpoint without names leaves the optimizer's names alone."""
+    names = _names(toy_model(), False)
+    for src_named in (True, False):
+        model = toy_model()
+        opt = make(name, _name_groups(model, src_named, False, 0.0))
+        train(name, model, range(4), opt=opt)
+        sd = copy.deepcopy(opt.state_dict())
+        assert ("param_names" in sd["param_groups"][0]) == src_named
+        model2 = toy_model(seed=7)
+        model2.load_state_dict(model.state_dict())
+        dst = make(name, _name_groups(model2, not src_named, False, 0.0))
+        dst.load_state_dict(sd)
+        assert [g.get("param_names") for g in dst.param_groups] == names
+        assert [g.get("param_names") for g in dst.state_dict()["param_groups"]] == names
+        _continue_and_compare(name, model2, dst, model, opt)
+
+
+def _skip_if_torch_lacks_names(name: str) -> None:
+    torch_has("named parameters", name)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_group", "two_groups"])
+@pytest.mark.parametrize("name", NAMES)
+def test_named_parameters(name, split):
+    """``opt(model.named_parameters())`` (or named groups) keeps the names in each group's
+    ``param_names``, trains exactly as without names, and round-trips through a state dict."""
+    _skip_if_torch_lacks_names(name)
+    _check_named_parameters(name, split)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_state_dict_into_unnamed_optimizer_and_back(name):
+    _skip_if_torch_lacks_names(name)
+    _check_named_into_unnamed_and_back(name)
+
+
+def _check_named_and_unnamed_do_not_mix(name: str) -> None:
+    model = toy_model()
+    named = list(model.named_parameters())
+    with pytest.raises(ValueError, match="with/without names"):
+        make(name, [named[0], named[1][1]])
+    a, b, c = (torch.nn.Parameter(torch.randn(3)) for _ in range(3))
+    opt = make(name, [("a", a)])
+    with pytest.raises(ValueError, match="with/without names"):
+        opt.add_param_group({"params": [b]})
+    opt.add_param_group({"params": [("b", b)], "lr": 0.01})
+    assert [g["param_names"] for g in opt.param_groups] == [["a"], ["b"]]
+    unnamed = make(name, [a])
+    with pytest.raises(ValueError, match="with/without names"):
+        unnamed.add_param_group({"params": [("c", c)]})
+    assert len(opt.param_groups) == 2 and len(unnamed.param_groups) == 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_and_unnamed_parameters_do_not_mix(name):
+    """torch.optim's rule: all parameters of all groups are named, or none is."""
+    _skip_if_torch_lacks_names(name)
+    _check_named_and_unnamed_do_not_mix(name)
+
+
+@pytest.fixture
+def torch_without_named_params(monkeypatch):
+    """torch.optim as before named-parameter support (torch < 2.6): ``add_param_group``
+    rejects ``(name, tensor)`` pairs and ignores ``param_names``; ``load_state_dict`` keeps
+    only the loaded groups' keys."""
+    base = torch.optim.Optimizer
+    add, load = base.add_param_group, base.load_state_dict
+
+    def old_add(self, group):
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = params
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    "optimizer can only optimize Tensors, but one of the params is "
+                    + torch.typename(p)
+                )
+        hidden = {id(g): g.pop("param_names") for g in [*self.param_groups, group]
+                  if "param_names" in g}  # fmt: skip
+        try:
+            add(self, group)
+        finally:
+            for g in [*self.param_groups, group]:
+                if id(g) in hidden:
+                    g["param_names"] = hidden[id(g)]
+
+    def old_load(self, state_dict):
+        for g in self.param_groups:
+            g.pop("param_names", None)
+        load(self, state_dict)
+
+    monkeypatch.setattr(base, "add_param_group", old_add)
+    monkeypatch.setattr(base, "load_state_dict", old_load)
+    with pytest.raises(TypeError, match="only optimize Tensors"):  # the emulation bites
+        torch.optim.AdamW(toy_model().named_parameters())
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_named_parameters_on_torch_without_them(name, torch_without_named_params):
+    """Named parameters do not depend on the installed torch: with torch.optim's support
+    taken away, every named-parameter behaviour above still holds."""
+    _check_named_parameters(name, split=True)
+    _check_named_into_unnamed_and_back(name)
+    _check_named_and_unnamed_do_not_mix(name)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_named_parameters_bad_input(name):
+    t = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError, match="name"):
+        make(name, [(0, t)])
+    with pytest.raises(TypeError, match="name"):
+        make(name, [("a", t, "extra")])
+    with pytest.raises(ValueError, match="param_names"):
+        make(name, [{"params": [t], "param_names": ["a", "b"]}])
+    model = toy_model()
+    opt = make(name, model.named_parameters())
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["param_names"] = sd["param_groups"][0]["param_names"][:-1]
+    with pytest.raises(ValueError, match="param_names"):
+        opt.load_state_dict(sd)
+    assert len(opt.param_groups[0]["param_names"]) == len(opt.param_groups[0]["params"])
+
+
+def _resume_pair(name: str, edit: Callable[[dict[str, Any]], dict[str, Any]]):
+    """(model, optimizer) trained 4 steps, and a fresh pair loaded from its state dict after
+    ``edit`` (a copy of the dict goes in; what it returns is loaded)."""
+    model = toy_model()
+    opt = train(name, model, range(4))
+    model2 = toy_model(seed=7)
+    model2.load_state_dict(model.state_dict())
+    fresh = make(name, model2.parameters())
+    fresh.load_state_dict(edit(copy.deepcopy(opt.state_dict())))
+    return model, opt, model2, fresh
+
+
+def _python_steps(sd: dict[str, Any]) -> dict[str, Any]:
+    """Every ``step`` as a Python number (floats and ints), as older torch wrote them."""
+    for i, s in enumerate(sd["state"].values()):
+        if "step" in s:
+            s["step"] = float(s["step"]) if i % 2 else int(s["step"])
+    return sd
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loaded_step_may_be_a_python_number(name):
+    """A state dict whose ``step`` counters are Python numbers loads as torch.optim loads it
+    (converted to tensors) and the run continues exactly as if nothing happened."""
+    model, opt, model2, fresh = _resume_pair(name, _python_steps)
+    params, params2 = list(model.parameters()), list(model2.parameters())
+    for p, q in zip(params, params2):
+        if "step" in opt.state.get(p, {}):
+            a, b = opt.state[p]["step"], fresh.state[q]["step"]
+            assert isinstance(b, torch.Tensor), f"step loaded as {type(b).__name__}"
+            assert_bit_identical(a, b, "step")
+    _continue_and_compare(name, model2, fresh, model, opt)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, NAN, INF, "3", None, torch.tensor([1.0, 2.0])], ids=repr)
+@pytest.mark.parametrize("name", NAMES)
+def test_loaded_step_that_is_not_a_count_raises(name, bad):
+    library_only(name, "torch.optim loads any step value")
+    model = toy_model()
+    opt = train(name, model, range(2))
+    sd = copy.deepcopy(opt.state_dict())
+    next(st for st in sd["state"].values() if "step" in st)["step"] = bad
+    before = opt_state(opt, list(model.parameters()))
+    with pytest.raises(ValueError, match="step"):
+        opt.load_state_dict(sd)
+    assert_bit_identical(before, opt_state(opt, list(model.parameters())), "state")
+
+
+#: per-group keys of older checkpoints that torch.optim.AdamW fills in on load
+_TORCH_LATER_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loads_older_state_dict_formats(name):
+    """A checkpoint in an older format -- only ``state`` and ``param_groups`` (as torch.optim
+    and tools such as torch.distributed.checkpoint write it), hyperparameters added to the
+    optimizer since (filled from the constructor), Python-number steps -- continues exactly.
+    """
+
+    def older(sd):
+        sd = {"state": sd["state"], "param_groups": sd["param_groups"]}
+        drop = _TORCH_LATER_KEYS if base_name(name) in REFERENCE else ("weight_decay",)
+        for g in sd["param_groups"]:
+            for k in drop:
+                g.pop(k, None)
+        return _python_steps(sd)
+
+    model, opt, model2, fresh = _resume_pair(name, older)
+    assert fresh.param_groups[0]["weight_decay"] == opt.param_groups[0]["weight_decay"]
+    _continue_and_compare(name, model2, fresh, model, opt)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks(name):
+    """torch.optim's step hooks fire once per step, around it, for every optimizer:
+    per-instance and global ones; a pre-hook may replace the step's arguments."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model = toy_model()
+    opt = make(name, model.parameters())
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        x, y = toy_batch(0)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        seen.append("closure")
+        return loss
+
+    def swap(o, args, kwargs):  # args: (optimizer, closure)
+        seen.append("pre")
+        return (args[0], lambda: closure() * 0 + 42.0), kwargs
+
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("gpre", o is opt))),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(("gpost", o is opt))),
+        opt.register_step_pre_hook(swap),
+        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", len(a)))),
+    ]
+    try:
+        out = opt.step(closure)
+    finally:
+        for h in handles:
+            h.remove()
+    assert float(out.detach()) == 42.0
+    assert seen == [("gpre", True), "pre", "closure", ("post", 2), ("gpost", True)]
+    seen.clear()
+    opt.step(closure)  # removed hooks no longer fire
+    assert seen == ["closure"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks_fire_on_a_skipped_step(name):
+    library_only(name, "torch.optim has no skipped steps")
+    model = toy_model()
+    opt = train(name, model, range(2))
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    opt.zero_grad()
+    x, y = toy_batch(2)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model.fc1.weight.grad[0, 0] = NAN
+    opt.step()
+    assert opt.skipped_steps == 1 and seen == ["pre", "post"]
+
+
+#: torch.optim flags the library's optimizers do not implement
+UNSUPPORTED = ("maximize", "capturable", "differentiable")
+
+
+@pytest.mark.parametrize("flag", UNSUPPORTED)
+@pytest.mark.parametrize("name", NAMES)
+def test_unsupported_torch_flags_are_rejected(name, flag):
+    """``maximize``/``capturable``/``differentiable`` set to True are refused (a constructor
+    argument or a group entry), never silently ignored; ``False`` is accepted."""
+    library_only(name, f"torch.optim.AdamW implements {flag}")
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises((TypeError, ValueError), match=flag):
+        make(name, [p], **{flag: True})
+    with pytest.raises(ValueError, match=flag):
+        make(name, [{"params": [p], flag: True}])
+    opt = make(name, [{"params": [p], flag: False}])
+    with pytest.raises(ValueError, match=flag):
+        opt.add_param_group({"params": [q], flag: 1})
+    assert len(opt.param_groups) == 1
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0][flag] = True
+    with pytest.raises(ValueError, match=flag):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0][flag] is False
+    opt.load_state_dict(opt.state_dict())  # torch's loading adds flags to ``defaults``
+    with pytest.raises(ValueError, match=flag):
+        opt.add_param_group({"params": [q], flag: True})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_foreach_and_fused_group_hints_are_accepted(name):
+    """``foreach``/``fused`` in a group are performance hints: accepted, same result."""
+    library_only(name, "torch.optim.AdamW's fused path is another implementation")
+    m1, m2 = toy_model(), toy_model()
+    train(name, m1, range(4))
+    groups = [{"params": list(m2.parameters()), "foreach": True, "fused": True}]
+    train(name, m2, range(4), opt=make(name, groups))
+    assert_bit_identical(m1.state_dict(), m2.state_dict(), "params")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler(name):
+    """``torch.amp.GradScaler`` drives the optimizer as it drives torch.optim: with a
+    power-of-two scale the unscaled gradients are exact, so training is bit-identical."""
+    m1, m2 = toy_model(), toy_model()
+    train(name, m1, range(4))
+    opt = make(name, m2.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    for k in range(4):
+        x, y = toy_batch(k)
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(m2(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() > 2.0**10  # the scale grew: no step was skipped
+    assert_bit_identical(m1.state_dict(), m2.state_dict(), "params")
 
 
 # ====================================================================== 4. schedulers
@@ -805,8 +1323,17 @@ def test_state_dict_hooks(name):
     opt = train(name, model, range(4))
     calls = []
     opt.register_state_dict_post_hook(lambda o, sd: calls.append("save") or {**sd, "mine": 1})
+    # Pre-hooks run before the dict is built (``prepend`` puts one first); what they change
+    # is in it.
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre-save"))
+    opt.register_state_dict_pre_hook(
+        lambda o: calls.append("first") or o.param_groups[0].update(tag=7), prepend=True
+    )
     sd = opt.state_dict()
-    assert calls == ["save"] and sd["mine"] == 1
+    assert calls == ["first", "pre-save", "save"] and sd["mine"] == 1
+    assert sd["param_groups"][0]["tag"] == 7
+    calls.clear()
+    del sd["param_groups"][0]["tag"]
     model2 = toy_model(seed=5)
     fresh = make(name, model2.parameters())
     params = list(model2.parameters())
@@ -820,9 +1347,10 @@ def test_state_dict_hooks(name):
 
     seen = []
     fresh.register_load_state_dict_pre_hook(pre)
+    fresh.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre0"), prepend=True)
     fresh.register_load_state_dict_post_hook(lambda o: seen.append(opt_state(o, params)))
     fresh.load_state_dict(sd)
-    assert calls == ["save", "pre"] and len(seen) == 1
+    assert calls == ["pre0", "pre"] and len(seen) == 1
     assert all(g["lr"] == 0.0123 for g in fresh.param_groups)
     assert_bit_identical(seen[0], opt_state(fresh, params), "state seen by the post-hook")
 

@@ -36,8 +36,11 @@ def check_float(
     ``nan`` is always rejected.
     """
     if isinstance(value, torch.Tensor):
+        # torch.optim's rule for tensor hyperparameters (lr, betas): exactly one element.
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if not _is_real_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -133,3 +136,91 @@ def check_common_hparams(group: dict) -> None:
     check_float("eps", group["eps"], low=0.0, low_open=True)
     check_float("weight_decay", group["weight_decay"], low=0.0)
     check_float("graft_eps", group["graft_eps"], low=0.0, low_open=True)
+
+
+def split_named_params(params: list[Any]) -> tuple[list[Any], list[str] | None]:
+    """Split ``model.named_parameters()``-style ``(name, tensor)`` pairs, as torch.optim does.
+
+    Returns the tensors and their names (``None`` when no parameter is named). Either every
+    parameter of a group is named or none is.
+    """
+    named = [isinstance(p, tuple) for p in params]
+    if not any(named):
+        return params, None
+    if not all(named):
+        raise ValueError(
+            "all optimizer params should be with/without names: some are (name, tensor) "
+            "pairs from named_parameters(), some are bare tensors"
+        )
+    for p in params:
+        if len(p) != 2 or not isinstance(p[0], str):
+            raise TypeError(
+                "params: a named parameter must be a (name: str, tensor) pair, as "
+                f"named_parameters() yields; got {p!r:.80}"
+            )
+    return [p[1] for p in params], [p[0] for p in params]
+
+
+def check_param_names(group: dict[str, Any]) -> None:
+    """A group's ``param_names`` (if any) name each of its parameters with a string."""
+    if "param_names" not in group:
+        return
+    names, params = group["param_names"], group["params"]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"param_names must be a list of str, got {names!r:.80}")
+    if len(names) != len(params):
+        raise ValueError(
+            f"param_names has {len(names)} names for a group of {len(params)} parameters"
+        )
+
+
+#: torch.optim flags this library does not implement, with what to do instead. A group
+#: that sets one of them to a true value is rejected (it would otherwise be ignored).
+UNSUPPORTED_FLAGS = {
+    "maximize": "minimize the negated objective instead (loss = -objective)",
+    "capturable": "the step reads a flag on the host (non-finite check), so it cannot be "
+    "captured in a CUDA graph",
+    "differentiable": "the step runs under torch.no_grad(); gradients through the update "
+    "are not supported",
+}
+
+
+def check_unsupported_flags(group: dict[str, Any], implemented: Iterable[str], name: str) -> None:
+    """Reject torch.optim flags set to true that the optimizer does not ``implement``.
+
+    ``foreach`` and ``fused`` are performance hints and are accepted and ignored: each
+    optimizer picks its own multi-tensor paths.
+    """
+    for flag, instead in UNSUPPORTED_FLAGS.items():
+        if flag not in implemented and group.get(flag):
+            raise ValueError(f"{name} does not support {flag}={group[flag]!r}: {instead}")
+
+
+def check_loaded_step(value: Any, where: str) -> torch.Tensor:
+    """A loaded step counter: a tensor as is, a Python number converted as torch.optim does.
+
+    Older torch versions and other tools save ``step`` as a Python number; torch.optim turns
+    it into a 0-d CPU tensor when it loads it. A count that is not a whole number >= 0, or
+    not a number, is rejected here rather than failing at the next step.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"{where}: a step count must be a number or a 1-element real tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        number = value.item()
+    elif _is_real_number(value):
+        number = value
+    else:
+        raise ValueError(
+            f"{where}: a step count must be a number or a 1-element tensor, got "
+            f"{type(value).__name__} ({value!r:.40})"
+        )
+    if not (math.isfinite(number) and number >= 0 and float(number).is_integer()):
+        raise ValueError(f"{where}: a step count must be a whole number >= 0, got {number!r}")
+    if isinstance(value, torch.Tensor):
+        return value
+    # torch.optim's choice of dtype for step counters
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(float(number), dtype=dtype)

@@ -5,7 +5,22 @@ hyperparameters) and :meth:`SecondOrderOptimizer._update` (the math). This base 
 the behaviour users rely on being identical across optimizers:
 
 * every param group (including ``add_param_group`` later) is validated when it is added;
+* ``params`` may be ``model.named_parameters()`` (or groups of ``(name, tensor)`` pairs), as
+  in torch.optim: the names go to each group's ``param_names`` and into the state dict.
+  All groups are named or none is. On load, a checkpoint's names replace ours and a
+  checkpoint without names keeps ours; names never decide which state goes to which
+  parameter (position does, as in torch.optim). Done here, so older torch versions that
+  lack named parameters behave the same;
+* any real-valued hyperparameter may be a 1-element tensor (torch.optim documents this for
+  ``lr`` and ``betas``). ``_update`` sees such values as 0-d views of the user's tensor,
+  so ``p.add_(d, alpha=-group["lr"])`` works for every shape; the group keeps the tensor
+  itself (schedulers change it in place; ``state_dict`` saves it as given);
+* torch.optim flags this library does not implement (``maximize``, ``capturable``,
+  ``differentiable``) set to true in a group raise ``ValueError``; ``foreach``/``fused``
+  are performance hints, accepted and ignored;
 * ``step(closure)`` evaluates the closure with grad enabled and returns its loss;
+  torch.optim's step pre/post hooks (per optimizer and global) run around every step,
+  a skipped one included;
 * parameters whose ``grad`` is ``None`` and empty parameters are skipped (no state created);
 * sparse and complex gradients raise ``TypeError`` before anything is modified;
 * **non-finite gradients** (NaN/Inf anywhere in the step) follow ``nonfinite``:
@@ -19,7 +34,9 @@ the behaviour users rely on being identical across optimizers:
   do not fit, or that another optimizer wrote (``optimizer``, recorded by ``state_dict``).
   The checkpoint's hyperparameters replace the constructor's (as in ``torch.optim``);
   ones it lacks (older checkpoints) take the constructor's values; all are validated, and
-  :meth:`SecondOrderOptimizer._check_loaded_state` sees them in ``self.param_groups``;
+  :meth:`SecondOrderOptimizer._check_loaded_state` sees them in ``self.param_groups``.
+  A ``step`` saved as a Python number (older torch, other tools) becomes a tensor, as
+  torch.optim converts it; one that is not a whole number >= 0 is rejected at load;
 * torch.optim's state-dict hooks run once each, pre-hooks before everything and
   post-hooks on the final result;
 * ``copy.deepcopy`` / pickling keep every attribute except torch's hook registries and
@@ -37,7 +54,16 @@ from typing import Any
 
 import torch
 
-from .._validation import check_choice, check_grad, check_params_dtype
+from .._validation import (
+    UNSUPPORTED_FLAGS,
+    check_choice,
+    check_grad,
+    check_loaded_step,
+    check_param_names,
+    check_params_dtype,
+    check_unsupported_flags,
+    split_named_params,
+)
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -51,7 +77,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.nonfinite = nonfinite
         self.skipped_steps = 0
-        self._validate_group({k: v for k, v in defaults.items()})
+        # torch.optim flags the subclass implements (it has them in its defaults). Kept
+        # apart: torch's ``__setstate__`` adds ``differentiable`` to ``defaults`` on load.
+        self._implemented_flags = frozenset(f for f in UNSUPPORTED_FLAGS if f in defaults)
+        self._check_group(dict(defaults))
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -59,6 +88,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as ``torch.optim.Optimizer.add_param_group`` does, after validating it.
+
+        ``params`` may hold tensors or ``(name, tensor)`` pairs (``model.named_parameters()``);
+        names go to the group's ``param_names``, as in torch.optim. This is done here, not
+        left to torch, so it works on every supported torch version (older ones reject
+        pairs). Nothing is added if any check fails.
+        """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
@@ -66,11 +102,35 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             # Materialize once: a generator (``model.parameters()``) must not be consumed
             # by our checks and then reach torch.optim empty.
             params = [params] if isinstance(params, torch.Tensor) else list(params)
+            params, names = split_named_params(params)
             param_group["params"] = params
+            if names is not None:
+                param_group["param_names"] = names
+            check_param_names(param_group)
+            self._check_names_like_other_groups(param_group)
         check_params_dtype(params, type(self).__name__)
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self._validate_group(merged)
+        self._check_group(merged)
         super().add_param_group(param_group)
+
+    def _check_names_like_other_groups(self, param_group: dict[str, Any]) -> None:
+        """All groups are named or none is (torch.optim's rule, checked on every version)."""
+        named = "param_names" in param_group
+        for group in self.param_groups:
+            if ("param_names" in group) != named:
+                which = "with names" if named else "without names"
+                raise ValueError(
+                    "all optimizer param groups should be with/without names (from "
+                    f"named_parameters()): cannot add a param group {which} to "
+                    f"{type(self).__name__}, whose groups are "
+                    f"{'without' if named else 'with'} names"
+                )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group (defaults merged in): torch.optim flags, then the subclass."""
+        implemented = self.__dict__.get("_implemented_flags", frozenset())
+        check_unsupported_flags(group, implemented, type(self).__name__)
+        self._validate_group(group)
 
     # -------------------------------------------------------------------- step
     def _params_with_grad(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
@@ -124,8 +184,35 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 )
             self.skipped_steps += 1
             return loss
-        self._update(work)
+        with self._zero_dim_hparams():
+            self._update(work)
         return loss
+
+    @contextmanager
+    def _zero_dim_hparams(self) -> Iterator[None]:
+        """Let the update see 1-element tensor hyperparameters as 0-d tensors.
+
+        torch.optim accepts ``lr=torch.tensor([1e-3])`` (any 1-element tensor, also in
+        ``betas``) and squeezes it where it is used. Here each group's values are swapped
+        for 0-d views (same storage) for the duration of the update and put back after, so
+        every subclass gets it, the group keeps the user's tensor (schedulers ``fill_`` it)
+        and ``state_dict`` saves it as given.
+        """
+        swapped = []
+        for group in self.param_groups:
+            for key, value in group.items():
+                if key in ("params", "param_names"):
+                    continue
+                view = _zero_dim(value)
+                if view is not value:
+                    swapped.append((group, key, value, view))
+        for group, key, _, view in swapped:
+            group[key] = view
+        try:
+            yield
+        finally:
+            for group, key, value, _ in swapped:
+                group[key] = value
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -181,8 +268,13 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 f"loaded state dict was saved by {writer}, not by {type(self).__name__}: "
                 "optimizer state cannot be carried over between optimizers"
             )
-        saved_state = state_dict.get("state", {})
         groups = state_dict.get("param_groups", [])
+        # Step counters saved as Python numbers (older torch, other tools) become tensors
+        # now, as torch.optim converts them, instead of failing at the next step.
+        saved_state = {
+            pid: _with_step_tensor(st, f"state[{pid!r}]['step']")
+            for pid, st in state_dict.get("state", {}).items()
+        }
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(groups)} parameter groups, this optimizer has "
@@ -197,22 +289,30 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                     f"of this optimizer's group ({len(saved['params'])} vs {len(ours['params'])})"
                 )
             id_to_param.update(zip(saved["params"], ours["params"]))
+            check_param_names(saved)
         if shapes is not None:
             for gi, (saved_shapes, ours) in enumerate(zip(shapes, self.param_groups)):
                 for pi, (shape, p) in enumerate(zip(saved_shapes, ours["params"])):
                     if tuple(shape) != tuple(p.shape):
+                        names = groups[gi].get("param_names") or ours.get("param_names")
+                        at = f"param_groups[{gi}]['params'][{pi}]"
+                        at += f" ({names[pi]!r})" if names else ""
                         raise ValueError(
                             f"loaded state dict was saved for a parameter of shape "
-                            f"{tuple(shape)} at param_groups[{gi}]['params'][{pi}], but this "
-                            f"optimizer's parameter there has shape {tuple(p.shape)}: the state "
-                            "dict does not match these parameters"
+                            f"{tuple(shape)} at {at}, but this optimizer's parameter there "
+                            f"has shape {tuple(p.shape)}: the state dict does not match these "
+                            "parameters"
                         )
         # Hyperparameters missing from an older checkpoint take this optimizer's defaults
         # (torch.optim would drop them and fail at the next step); all are validated.
+        # Names: the checkpoint's replace ours; a checkpoint without names keeps ours (as
+        # torch.optim does, done here so that every torch version behaves the same).
         new_groups = []
-        for saved in groups:
+        for saved, ours in zip(groups, self.param_groups):
             merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
-            self._validate_group(merged)
+            if "param_names" not in merged and "param_names" in ours:
+                merged["param_names"] = list(ours["param_names"])
+            self._check_group(merged)
             new_groups.append({**merged, "params": saved["params"]})
         # The loaded hyperparameters replace ours (torch.optim semantics), so the state is
         # checked against them: ``_check_loaded_state`` sees them in ``self.param_groups``.
@@ -229,6 +329,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         finally:
             self.param_groups = ours_groups
         state_dict["param_groups"] = new_groups
+        state_dict["state"] = saved_state
         with self._hooks_paused(
             "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"
         ) as hooks:
@@ -292,6 +393,27 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
         Called after ``load_state_dict`` and after unpickling / ``copy.deepcopy``.
         """
+
+
+def _zero_dim(value: Any) -> Any:
+    """``value`` with 1-element tensors (also inside a tuple/list) as 0-d views; the same
+    object when there are none."""
+    if isinstance(value, torch.Tensor):
+        return value.view(()) if value.dim() > 0 and value.numel() == 1 else value
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+        views = [_zero_dim(v) for v in value]
+        if any(v is not u for v, u in zip(views, value)):
+            return type(value)(views)
+    return value
+
+
+def _with_step_tensor(st: Any, where: str) -> Any:
+    """A loaded per-parameter state with its ``step`` checked and, if a number, a tensor."""
+    if isinstance(st, dict) and "step" in st:
+        step = check_loaded_step(st["step"], where)
+        if step is not st["step"]:
+            return {**st, "step": step}
+    return st
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:
