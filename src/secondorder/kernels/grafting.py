@@ -56,10 +56,31 @@ def update_second_moment(kind: str | None, v: torch.Tensor, g: torch.Tensor, bet
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
 
+def robust_norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of ``x`` (0-d) that neither overflows nor underflows for finite ``x``.
+
+    float32/bfloat16 entries above ``~1.8e19`` overflow a float32 sum of squares, entries
+    below ``~1e-23`` vanish from it. The squares are accumulated in float64 (result in
+    float64) where the device has it; elsewhere ``x`` is divided by ``max |x|`` first.
+    """
+    if x.device.type != "mps":
+        return torch.linalg.vector_norm(x, dtype=torch.float64)
+    amax = torch.linalg.vector_norm(x, ord=float("inf"))
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.linalg.vector_norm(x / scale) * scale
+
+
 def graft_direction(
-    kind: str | None, m: torch.Tensor, v: torch.Tensor | None, step: int, beta2: float, eps: float
+    kind: str | None,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    step: int,
+    beta2: float,
+    eps: float | torch.Tensor,
 ) -> torch.Tensor:
-    """The diagonal method's direction ``a`` for input ``m`` (a new tensor)."""
+    """The diagonal method's direction ``a`` for input ``m`` (a new tensor).
+
+    ``eps`` may be a 0-d tensor (e.g. expressed in the units of scaled statistics)."""
     if kind in (None, "sgd"):
         return m.clone()
     if kind not in GRAFTS_WITH_STATE:
@@ -71,23 +92,29 @@ def graft_direction(
 
 
 def graft_norm(
-    kind: str | None, m: torch.Tensor, v: torch.Tensor | None, step: int, beta2: float, eps: float
+    kind: str | None,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    step: int,
+    beta2: float,
+    eps: float | torch.Tensor,
 ) -> torch.Tensor:
     """``||graft_direction(kind, m, v, ...)||`` as a 0-d tensor, without keeping the direction.
 
     For Adam, ``m / (sqrt(v / bc) + eps) = s * m / (sqrt(v) + eps * s)`` with ``s = sqrt(bc)``:
     three elementwise passes into one scratch tensor and a norm, where building the direction
-    and then its norm takes five passes and two allocations.
+    and then its norm takes five passes and two allocations. The norm is accumulated without
+    overflow or underflow (:func:`robust_norm`) and returned in ``m``'s dtype.
     """
     if kind in (None, "sgd"):
-        return torch.linalg.vector_norm(m)
+        return robust_norm(m).to(m.dtype)
     if kind not in GRAFTS_WITH_STATE:
         raise ValueError(f"graft must be one of {GRAFT_KINDS}, got {kind!r}")
     assert v is not None
     s = math.sqrt(bias_correction(beta2, step)) if kind == "adam" else 1.0
     d = v.sqrt().add_(eps * s)
     torch.div(m, d, out=d)
-    return torch.linalg.vector_norm(d).mul_(s)
+    return robust_norm(d).mul_(s).to(m.dtype)
 
 
 def block_norms(x: torch.Tensor) -> torch.Tensor:

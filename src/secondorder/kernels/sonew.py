@@ -1,7 +1,8 @@
 """SONew kernels: banded gradient statistics and the LogDet-optimal sparse preconditioner.
 
-Pure tensor math (no optimizer state); see ``ALGORITHMS.md`` §2. Everything here works on
-one parameter tensor flattened to a vector of length ``n``.
+Pure tensor math (no optimizer state); the method is described in the docstring of
+:class:`secondorder.SONew` and in ``docs/health.md``. Everything here works on one parameter
+tensor flattened to a vector of length ``n``.
 
 Storage convention (diagonal-major band storage)
 ------------------------------------------------
@@ -19,11 +20,23 @@ The preconditioner ``X = L · diag(D) · Lᵀ`` is returned as ``psi`` of shape 
 Damping and the stability guard
 -------------------------------
 The factorisations take ``delta`` (added to the diagonal: the factorised matrix is
-``H + delta·I`` on the band) and ``gamma``, the guard threshold (§2.3): a neighbour set is
+``H + delta·I`` on the band) and ``gamma``, the guard threshold: a neighbour set is
 kept only while the Schur complement stays above ``gamma`` times the diagonal it came from,
 otherwise its farthest edges are dropped (ultimately down to ``psi = 0, s_j = d_j``). This
 keeps every ``D_j`` positive and finite and bounds the conditioning of ``X``.
 ``gamma=None`` disables the guard (the plain formula, for tests and diagnostics only).
+
+Scale-aware statistics
+----------------------
+Squared gradients overflow the float32/bfloat16 range once ``|g| > ~1.8e19`` and underflow
+below ``~1e-23``. The optimizer therefore stores the statistics of ``g / c`` instead of ``g``,
+with a per-tensor power of two ``c = 2**e`` (:func:`scale_exponent`) chosen so that every
+stored entry is at most about 1 (:func:`next_stats_bound` keeps an upper bound ``B`` of
+``sqrt(max_j H_jj)``, and ``c`` is the next power of two above ``B``). When ``c`` changes, the
+stored band is multiplied by ``(c_old / c_new)²`` together with the EMA decay
+(:func:`update_band_stats_scaled`): powers of two are exact, so the scaled statistics carry
+the same rounding as unscaled ones would, only without the overflow. Everything downstream
+(damping, guard, ``X m``) is either scale invariant or rescaled by ``c`` explicitly.
 
 Python loops in this module run over the band (``k = 1..b``), never over ``n``.
 """
@@ -43,9 +56,16 @@ __all__ = [
     "diag_preconditioner",
     "guard_threshold",
     "ldl_to_dense",
+    "next_stats_bound",
+    "scale_exponent",
     "tridiag_ldl",
     "update_band_stats",
+    "update_band_stats_scaled",
 ]
+
+#: The statistics scale ``c = 2**e`` is kept within ``2**±SCALE_EXP_MAX``: ``c``, ``1 / c`` and
+#: ``min(c, 1/c)**-1`` stay finite normal float32/bfloat16 numbers.
+SCALE_EXP_MAX = 126
 
 
 class Scratch:
@@ -107,6 +127,60 @@ def update_band_stats(h: torch.Tensor, g: torch.Tensor, beta2: float, weight: fl
     h[0].addcmul_(g, g, value=weight)
     for k in range(1, min(h.shape[0], n)):
         h[k, : n - k].addcmul_(g[: n - k], g[k:], value=weight)
+
+
+def scale_exponent(bound: torch.Tensor) -> torch.Tensor:
+    """``e`` (a float 0-d tensor) with ``2**e`` the next power of two strictly above ``bound``.
+
+    ``bound = 0`` gives ``e = 0``; ``e`` is clamped to ``[-SCALE_EXP_MAX, SCALE_EXP_MAX]``.
+    Computed with ``frexp`` (exact, no rounding of a logarithm), on device.
+    """
+    _, e = torch.frexp(bound.float())
+    return e.clamp_(-SCALE_EXP_MAX, SCALE_EXP_MAX).float()
+
+
+def next_stats_bound(
+    bound: torch.Tensor, gmax: torch.Tensor, beta2: float, weight: float, floor: float = 0.0
+) -> torch.Tensor:
+    """Upper bound of ``sqrt(max_j H_jj)`` after one more EMA update (a new 0-d tensor).
+
+    ``H_jj ← beta2 · H_jj + weight · g_j²`` with ``|g_j| <= gmax`` and ``H_jj <= bound²``
+    gives ``sqrt(H_jj) <= hypot(sqrt(beta2) · bound, sqrt(weight) · gmax)``; ``hypot`` never
+    squares, so it neither overflows nor underflows. By Cauchy-Schwarz every off-diagonal
+    entry of the band is bounded by the same number. The result is at least ``floor`` and
+    at most ``2**SCALE_EXP_MAX``.
+    """
+    new = torch.hypot(bound.float() * beta2**0.5, gmax.float() * weight**0.5)
+    return new.clamp_(min=floor, max=2.0**SCALE_EXP_MAX)
+
+
+def update_band_stats_scaled(
+    h: torch.Tensor,
+    g: torch.Tensor,
+    beta2: float,
+    weight: float,
+    e_old: torch.Tensor,
+    e_new: torch.Tensor,
+    scratch: Scratch | None = None,
+) -> None:
+    """In place: the band of ``H / 4**e_old`` in ``h`` becomes that of ``H' / 4**e_new``.
+
+    ``H' = beta2 · H + weight · g gᵀ`` (on the band). One pass multiplies ``h`` by
+    ``beta2 · 4**(e_old - e_new)`` (exact powers of two, no host sync), one pass forms
+    ``g / 2**e_new``, then the products are accumulated as in :func:`update_band_stats`.
+    The exponent shift is capped at ``4**SCALE_EXP_MAX / 4`` so that the multiplier is
+    finite; it can only be reached when the stored entries are below ``4**-SCALE_EXP_MAX``
+    (they have decayed under a scale that shrank by more than ``2**63`` in one step).
+    """
+    n = g.shape[0]
+    take = _taker(scratch)
+    if beta2 == 0.0:
+        h.zero_()
+    else:
+        shift = torch.sub(e_old, e_new).mul_(2.0).clamp_(max=SCALE_EXP_MAX)
+        h.mul_(torch.exp2(shift).mul_(beta2))
+    gs = torch.mul(g, torch.exp2(-e_new).to(g.dtype), out=take("gs", n, h))
+    update_band_stats(h, gs, 1.0, weight)
 
 
 def band_inf_norm(

@@ -8,14 +8,21 @@ state, dtypes and step order.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .._validation import check_bool, check_choice, check_common_hparams, check_float, check_int
 from ..kernels import sonew as K
-from ..kernels.grafting import bias_correction, ema_weight, graft_direction, graft_norm
+from ..kernels.grafting import (
+    bias_correction,
+    ema_weight,
+    graft_direction,
+    graft_norm,
+    robust_norm,
+)
 from .base import SecondOrderOptimizer
 
 __all__ = ["SONew"]
@@ -24,11 +31,6 @@ GRAFTS = ("adam", None)
 DAMPINGS = ("relative", "absolute")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
-
-
-@functools.cache
-def _tiny(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).tiny)
 
 
 class SONew(SecondOrderOptimizer):
@@ -174,6 +176,14 @@ class SONew(SecondOrderOptimizer):
                 f"SONew state for a parameter of shape {tuple(p.shape)} lacks "
                 f"{sorted(missing)}: not a SONew state dict"
             )
+        bound = st.get("stats_bound")  # absent in checkpoints of older versions: migrated
+        if bound is not None and not (
+            isinstance(bound, torch.Tensor) and bound.dim() == 0 and bound.is_floating_point()
+        ):
+            raise ValueError(
+                "SONew state 'stats_bound' must be a 0-d floating-point tensor, got "
+                f"{bound!r}: not a SONew state dict"
+            )
         # While loading, self.param_groups holds the loaded hyperparameters.
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         band = self._band_for(group, p)
@@ -187,6 +197,36 @@ class SONew(SecondOrderOptimizer):
                 "dict does not match these parameters or this band"
             )
 
+    def stats_scale(self, p: torch.Tensor) -> float:
+        """The power of two ``c`` with ``state["band_stats"] = H / c²`` for parameter ``p``
+        (reads a device value: not for the hot path)."""
+        st = self.state.get(p, {})
+        if "stats_bound" not in st:
+            raise ValueError("SONew.stats_scale: this parameter has no SONew state yet")
+        return 2.0 ** float(K.scale_exponent(st["stats_bound"]).item())
+
+    def band_statistics(self, p: torch.Tensor) -> torch.Tensor:
+        """The band of ``H`` (EMA of ``g gᵀ``, not bias-corrected) of parameter ``p`` in
+        float64 (float32 would overflow where the scaled storage does not): row ``k`` holds
+        ``H[j, j + k]``. A new tensor, for inspection and tests."""
+        c = self.stats_scale(p)
+        return self.state[p]["band_stats"].double() * c * c
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        # Checkpoints of versions without scale-aware statistics hold H itself: give them
+        # a bound and store H / c² like every newer state.
+        for st in self.state.values():
+            if "band_stats" in st and "stats_bound" not in st:
+                h = st["band_stats"]
+                bound = h[0].float().amax().clamp_(min=0).sqrt_() if h.numel() else None
+                if bound is None:
+                    bound = torch.zeros((), dtype=torch.float32, device=h.device)
+                e = K.scale_exponent(bound)
+                inv_c = torch.exp2(-e).to(h.dtype)
+                h.mul_(inv_c).mul_(inv_c)
+                st["stats_bound"] = bound
+
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
         # float16's range (max 65504) cannot hold squared gradients: keep its state in fp32.
@@ -196,6 +236,7 @@ class SONew(SecondOrderOptimizer):
         st["step"] = torch.tensor(0.0)
         st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
         st["band_stats"] = torch.zeros((width, p.numel()), dtype=sdt, device=p.device)
+        st["stats_bound"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     def _scratch_buffers(self) -> K.Scratch:
         """Per-optimizer reusable buffers (not state): about 10 vectors of the largest
@@ -226,58 +267,181 @@ class SONew(SecondOrderOptimizer):
                 f"needs {width}; band (and precondition_1d) cannot change during training"
             )
         sdt = m.dtype
-        cdt = group["compute_dtype"] or (torch.float64 if sdt == torch.float64 else torch.float32)
+        cdt = self._compute_dtype(group, sdt)
 
         st["step"] += 1
         t = int(st["step"].item())  # CPU scalar: no device sync
         bc1 = bias_correction(beta1, t)
         bc2 = bias_correction(beta2, t)
+        w2 = ema_weight(beta2)
+        absolute = band is not None and group["damping"] == "absolute"
 
         scratch = self._scratch_buffers()
         n = p.numel()
-        g = p.grad.reshape(-1)
+        grad = p.grad.reshape(-1)
+        g = grad
         if g.dtype != sdt:
             g = scratch.take("g", n, g, sdt).copy_(g)
         mf = m.view(-1)
         mf.lerp_(g, 1.0 - beta1)
-        K.update_band_stats(h, g, beta2, ema_weight(beta2))
+        # Scale-aware statistics: h holds the band of H / c² with c = 2**e a power of two
+        # above a running bound of sqrt(max H_jj) (see kernels.sonew), so that squares of
+        # huge gradients cannot overflow nor those of tiny ones underflow.
+        lo, hi = torch.aminmax(grad)
+        gmax = torch.maximum(hi.float(), lo.float().neg())
+        bound = st["stats_bound"]
+        e_old = K.scale_exponent(bound)
+        floor = _absolute_scale_floor(group["eps"] * bc2) if absolute else 0.0
+        bound.copy_(K.next_stats_bound(bound, gmax, beta2, w2, floor))
+        e = K.scale_exponent(bound)
+        K.update_band_stats_scaled(h, g, beta2, w2, e_old, e, scratch)
 
-        hc, mc = h, mf
-        if cdt != sdt:  # upcast (or downcast) into scratch: no per-step allocation
-            hc = scratch.take("h", h.numel(), h, cdt).view(h.shape).copy_(h)
-            mc = scratch.take("m", n, mf, cdt).copy_(mf)
-        if band is None:
-            u = graft_direction("adam", mc, hc[0], t, beta2, group["graft_eps"])
-            scale = 1.0 / bc1
-        else:
-            # Factorise H + δ'I with the raw (not bias-corrected) statistics: with
-            # Ĥ = H / bc2 and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard
-            # decisions, which are scale invariant); the scalar is folded into the step.
-            if group["damping"] == "relative":
-                delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
-                delta.clamp_min_(_tiny(cdt))
-            else:
-                delta = group["eps"] * bc2
-            if band == 0:
-                u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
-            else:
-                gamma = group["guard_threshold"]
-                if gamma is None:
-                    gamma = self.default_guard_threshold(sdt, cdt)
-                if band == 1:
-                    psi, D = K.tridiag_ldl(hc, delta, gamma, scratch)
-                else:
-                    psi, D = K.band_ldl(hc, delta, gamma, scratch)
-                u = K.apply_preconditioner(psi, D, mc, scratch)
-            if group["graft"] == "adam":
-                # Only the graft's norm is needed; the rescale is fused into the update.
-                ratio = graft_norm("adam", mc, hc[0], t, beta2, group["graft_eps"])
-                ratio.div_(torch.linalg.vector_norm(u).add_(1e-16))
-                if wd != 0.0:
-                    p.mul_(1.0 - lr * wd)
-                p.addcmul_(u.view(p.shape), ratio, value=-lr / bc1)
-                return
-            scale = bc2 / bc1
+        d = self._direction(group, band, h, mf, e, t, sdt, cdt, scratch)
         if wd != 0.0:
             p.mul_(1.0 - lr * wd)
-        p.add_(u.view(p.shape), alpha=-lr * scale)
+        if d.graft_norm is not None:
+            # Only the graft's norm is needed; the rescale is fused into the update. Both
+            # norms are of scale-free vectors (m / c), so their ratio is the true one.
+            ratio = _safe_ratio(d.graft_norm, robust_norm(d.u), d.u.dtype)
+            p.addcmul_(d.u.view(p.shape), ratio, value=-lr / bc1)
+        elif band is None:  # plain Adam update (scale free)
+            p.add_(d.u.view(p.shape), alpha=-lr / bc1)
+        else:
+            # X m = X_c (m / c) / c, with X_c the preconditioner of the scaled statistics.
+            factor = d.inv_c.to(cdt).mul_(-lr * bc2 / bc1)
+            p.addcmul_(d.u.view(p.shape), factor.clamp_(-_floor(cdt).max, _floor(cdt).max))
+
+    def _direction(
+        self,
+        group: dict[str, Any],
+        band: int | None,
+        h: torch.Tensor,
+        mf: torch.Tensor,
+        e: torch.Tensor,
+        t: int,
+        sdt: torch.dtype,
+        cdt: torch.dtype,
+        scratch: K.Scratch | None,
+    ) -> _Direction:
+        """The preconditioned direction of the scaled momentum ``m / c`` (see _Direction)."""
+        beta2 = group["betas"][1]
+        bc2 = bias_correction(beta2, t)
+        n = mf.shape[0]
+        take = scratch.take if scratch is not None else _fresh
+        inv_c = torch.exp2(-e)  # 1 / c, exact
+        hc = h
+        if cdt != sdt:  # upcast (or downcast) into scratch: no per-step allocation
+            hc = take("h", h.numel(), h, cdt).view(h.shape).copy_(h)
+        # the momentum in the same units as the statistics: |m / c| <~ 1
+        mc = torch.mul(mf, inv_c.to(mf.dtype), out=take("m", n, mf, cdt))
+        geps = self._graft_eps(group, inv_c, cdt)
+        if band is None:
+            u = graft_direction("adam", mc, hc[0], t, beta2, geps)
+            return _Direction(u, hc, mc, inv_c, None, None, None, None)
+        # Factorise H + δ'I with the raw (not bias-corrected) statistics: with Ĥ = H / bc2
+        # and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard decisions, which are
+        # scale invariant); the scalar is folded into the step.
+        delta = self._damping(group, hc, e, bc2, scratch)
+        psi = D = None
+        if band == 0:
+            u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
+        else:
+            gamma = self._effective_guard(group, sdt, cdt)
+            if band == 1:
+                psi, D = K.tridiag_ldl(hc, delta, gamma, scratch)
+            else:
+                psi, D = K.band_ldl(hc, delta, gamma, scratch)
+            u = K.apply_preconditioner(psi, D, mc, scratch)
+        gn = None
+        if group["graft"] == "adam":
+            gn = graft_norm("adam", mc, hc[0], t, beta2, geps)
+        return _Direction(u, hc, mc, inv_c, delta, psi, D, gn)
+
+    # ------------------------------------------------------------- numerics
+    @staticmethod
+    def _compute_dtype(group: dict[str, Any], sdt: torch.dtype) -> torch.dtype:
+        return group["compute_dtype"] or (torch.float64 if sdt == torch.float64 else torch.float32)
+
+    def _effective_guard(self, group: dict[str, Any], sdt: torch.dtype, cdt: torch.dtype) -> float:
+        """The guard threshold used: the group's (or the default), never below the compute
+        dtype's machine epsilon (a Schur complement below rounding noise is not signal, and
+        ``D = 1/s`` must stay finite)."""
+        gamma = group["guard_threshold"]
+        if gamma is None:
+            return self.default_guard_threshold(sdt, cdt)
+        return max(gamma, K.guard_threshold(cdt))
+
+    @staticmethod
+    def _graft_eps(group: dict[str, Any], inv_c: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        """``graft_eps`` in the units of the scaled statistics (``graft_eps / c``), at least
+        ``sqrt(tiny)`` of the compute dtype so that ``m / (sqrt(v) + eps)`` stays finite."""
+        return inv_c.mul(group["graft_eps"]).clamp_(min=_floor(cdt).delta).to(cdt)
+
+    @staticmethod
+    def _damping(
+        group: dict[str, Any],
+        hc: torch.Tensor,
+        e: torch.Tensor,
+        bc2: float,
+        scratch: K.Scratch | None,
+    ) -> torch.Tensor:
+        """``δ'`` in the units of the scaled statistics, a 0-d tensor (no host sync).
+
+        Relative: ``eps · ‖H_c‖∞`` (scale invariant). Absolute: ``eps · bc2 / c²``, finite
+        because ``c >= sqrt(eps · bc2) · 2**-30`` (see :func:`_absolute_scale_floor`). Both
+        are at least ``sqrt(tiny)`` of the compute dtype (about ``1e-19`` for float32 and
+        bfloat16), far below the stored statistics' scale (at most about 1): pivots then
+        stay positive, and ``D = 1/s`` finite.
+        """
+        cdt = hc.dtype
+        if group["damping"] == "relative":
+            delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
+        else:
+            # (sqrt(eps · bc2) / c)², which is at most 2**60; exact under power-of-two
+            # rescaling of the gradients (and of eps by the square)
+            delta = torch.exp2(-e).to(cdt).mul_(math.sqrt(group["eps"] * bc2)).square_()
+        return delta.clamp_min_(_floor(cdt).delta)
+
+
+class _Floors(NamedTuple):
+    delta: float  # smallest damping / graft eps in scaled units: sqrt(tiny)
+    max: float  # largest finite value
+
+
+@functools.cache
+def _floor(dtype: torch.dtype) -> _Floors:
+    fi = torch.finfo(dtype)
+    return _Floors(delta=math.sqrt(fi.tiny), max=float(fi.max))
+
+
+def _absolute_scale_floor(delta: float) -> float:
+    """Least statistics scale for absolute damping ``delta``: ``sqrt(delta) · 2**-30``, so that
+    the damping in scaled units (``delta / c²``) is at most ``2**60``; tiny gradients then
+    keep a representable ``X ≈ 1/delta`` instead of an underflowing scaled one."""
+    return math.sqrt(delta) * 2.0**-30
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``num / den`` as a 0-d tensor finite in ``dtype``; 0 where ``den`` is 0 (then the
+    direction it multiplies is 0 as well)."""
+    num = num.to(den.dtype)
+    r = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+    return r.clamp_(max=_floor(dtype).max).to(dtype)
+
+
+class _Direction(NamedTuple):
+    """What :meth:`SONew._direction` computed, all in the units of the scaled statistics
+    (``H / c²``, ``m / c``); tensors may live in scratch buffers."""
+
+    u: torch.Tensor  # X_c (m / c), or the Adam direction for tensors without a band
+    hc: torch.Tensor  # the statistics in the compute dtype
+    mc: torch.Tensor  # m / c in the compute dtype
+    inv_c: torch.Tensor  # 1 / c (0-d)
+    delta: torch.Tensor | None  # damping added to the diagonal (0-d)
+    psi: torch.Tensor | None  # LDLᵀ off-diagonal multipliers (band >= 1)
+    D: torch.Tensor | None  # LDLᵀ diagonal (band >= 1)
+    graft_norm: torch.Tensor | None  # ||Adam direction|| (graft="adam")
+
+
+def _fresh(slot: str, n: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    return torch.empty(n, dtype=dtype or like.dtype, device=like.device)
