@@ -357,6 +357,114 @@ class SONew(SecondOrderOptimizer):
             gn = graft_norm("adam", mc, hc[0], t, beta2, geps)
         return _Direction(u, hc, mc, inv_c, delta, psi, D, gn)
 
+    # -------------------------------------------------------------- health
+    @torch.no_grad()
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """One record per parameter with SONew state: how its preconditioner is doing.
+
+        Recomputed from the current state (statistics and momentum after the last step),
+        so ``step()`` pays nothing for it; it reads device values: call it off the hot path.
+        Fields (all Python numbers; ``None`` where not applicable):
+
+        * ``param`` (index over all param groups), ``shape``, ``band`` (``None``: the tensor
+          takes the plain Adam update, ``precondition_1d=False``), ``step``;
+        * ``stats_scale``: the power of two ``c`` the statistics are stored divided by
+          (``c²``); ``max_stat``: the largest bias-corrected diagonal statistic
+          ``max_j Ĥ_jj`` (the gradient scale squared);
+        * ``damping``: ``δ`` actually added to the diagonal of ``Ĥ`` (after the floors);
+        * ``min_pivot``: the smallest relative Schur complement ``s_j / d_j`` over columns
+          (1: no coupling; close to the guard threshold: nearly singular neighbourhoods);
+        * ``guarded_columns``: fraction of columns where the stability guard dropped at
+          least one neighbour edge; ``dropped_edges``: fraction of all band edges dropped;
+        * ``graft_norm`` / ``direction_norm`` / ``graft_ratio``: ``‖Adam direction‖``,
+          ``‖X(Ĥ + δI) m̂‖`` and their ratio, the factor the graft rescales SONew's
+          direction by (``graft="adam"`` only; ``direction_norm`` also with ``graft=None``);
+        * ``finite``: every state tensor is finite (always true unless something is wrong).
+
+        ``skipped_steps`` (non-finite gradients, optimizer-wide) is an attribute.
+        """
+        out = []
+        idx = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                idx += 1
+                st = self.state.get(p, {})
+                if "band_stats" not in st or "stats_bound" not in st:
+                    continue
+                out.append(self._health(idx, group, p, st))
+        return out
+
+    def _health(
+        self, idx: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]
+    ) -> dict[str, Any]:
+        band = self._band_for(group, p)
+        h, m = st["band_stats"], st["exp_avg"]
+        t = int(st["step"].item())
+        bc1 = bias_correction(group["betas"][0], t)
+        bc2 = bias_correction(group["betas"][1], t)
+        sdt = m.dtype
+        cdt = self._compute_dtype(group, sdt)
+        e = K.scale_exponent(st["stats_bound"])
+        c = 2.0 ** float(e.item())
+        rec: dict[str, Any] = dict(
+            param=idx,
+            shape=tuple(p.shape),
+            band=band,
+            step=t,
+            stats_scale=c,
+            max_stat=float(h[0].double().max()) * c * c / bc2,
+            damping=None,
+            min_pivot=None,
+            guarded_columns=None,
+            dropped_edges=None,
+            graft_norm=None,
+            direction_norm=None,
+            graft_ratio=None,
+            finite=all(
+                bool(torch.isfinite(v).all())
+                for v in st.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            ),
+        )
+        if band is None:
+            return rec
+        d = self._direction(group, band, h, m.reshape(-1), e, t, sdt, cdt, None)
+        rec["damping"] = float(d.delta) * c * c / bc2
+        # X(Ĥ + δI) m̂ = (bc2 / bc1) · X_c (m / c) / c
+        unorm = float(robust_norm(d.u)) * bc2 / (bc1 * c)
+        rec["direction_norm"] = unorm
+        if d.graft_norm is not None:
+            gnorm = float(d.graft_norm) / bc1
+            rec["graft_norm"] = gnorm
+            rec["graft_ratio"] = gnorm / unorm if unorm > 0 else None
+        if d.D is None:  # diagonal: no edges, every pivot is its diagonal
+            rec.update(min_pivot=1.0, guarded_columns=0.0, dropped_edges=0.0)
+            return rec
+        n = h.shape[1]
+        diag = d.hc[0].double() + float(d.delta)
+        rec["min_pivot"] = float((1.0 / (d.D.double() * diag)).min())
+        # a dropped edge has psi = 0 although its statistic is not 0 (the guard zeroes a
+        # column's farthest edges; a kept edge is 0 only for an exactly 0 statistic)
+        dropped = (d.psi == 0) & (d.hc[1:] != 0)
+        edges = sum(max(n - k, 0) for k in range(1, band + 1))
+        rec["dropped_edges"] = float(dropped.sum()) / edges if edges else 0.0
+        rec["guarded_columns"] = float(dropped.any(0).double().mean())
+        return rec
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in the optimizer state (what ``state_dict`` saves)."""
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    def scratch_bytes(self) -> int:
+        """Bytes of the reusable work buffers (not state, not saved; see the class doc)."""
+        scratch = self.__dict__.get("_scratch")
+        return 0 if scratch is None else scratch.nbytes()
+
     # ------------------------------------------------------------- numerics
     @staticmethod
     def _compute_dtype(group: dict[str, Any], sdt: torch.dtype) -> torch.dtype:
