@@ -1,4 +1,4 @@
-"""SONew kernels against dense float64 references (ALGORITHMS.md §2)."""
+"""SONew kernels against dense float64 references."""
 
 from __future__ import annotations
 
@@ -226,3 +226,63 @@ def test_inf_norm_nonneg_diag_shortcut(b, n):
     dense = K.band_to_dense(h).abs().sum(dim=1).max()
     torch.testing.assert_close(K.band_inf_norm(h, nonneg_diag=True), dense)
     torch.testing.assert_close(K.band_inf_norm(h, K.Scratch(), nonneg_diag=True), dense)
+
+
+# ------------------------------------------------------------------ scale-aware statistics
+@settings(max_examples=30, deadline=None)
+@given(x=st.floats(0.0, 2.0**127, allow_subnormal=False, width=32))
+def test_scale_exponent_is_the_next_power_of_two(x):
+    import math
+
+    e = K.scale_exponent(torch.tensor(x, dtype=torch.float32))
+    assert e.dtype == torch.float32 and e.dim() == 0
+    if x == 0.0:
+        assert float(e) == 0.0
+        return
+    want = math.frexp(x)[1]  # x = m · 2**want, m in [0.5, 1): 2**want > x >= 2**(want-1)
+    want = min(max(want, -K.SCALE_EXP_MAX), K.SCALE_EXP_MAX)
+    assert float(e) == want
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    decades=st.lists(st.integers(-30, 30), min_size=1, max_size=8),
+    beta2=st.sampled_from([0.0, 0.5, 0.999, 1.0]),
+    b=st.integers(0, 3),
+)
+def test_scaled_statistics_track_a_float64_reference_without_overflow(seed, decades, beta2, b):
+    """h · 4**e equals the float64 EMA of g gᵀ (to float32 rounding relative to the largest
+    entry), every stored entry is at most 1, and the bound covers sqrt(max H_jj)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 9
+    w = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    h = torch.zeros(b + 1, n)
+    H = torch.zeros(b + 1, n, dtype=torch.float64)
+    bound = torch.zeros(())
+    for d in decades:
+        g = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0**d).float()
+        e_old = K.scale_exponent(bound)
+        bound = K.next_stats_bound(bound, g.abs().max(), beta2, w)
+        e = K.scale_exponent(bound)
+        K.update_band_stats_scaled(h, g, beta2, w, e_old, e)
+        K.update_band_stats(H, g.double(), beta2, w)
+        assert torch.isfinite(h).all() and h.abs().max() <= 1.0
+        assert float(bound) ** 2 >= float(H[0].max()) * (1 - 1e-6)
+    c2 = 4.0 ** float(e)
+    big = float(H.abs().max())
+    got = h.double() * c2
+    # each stored entry carries ~len(decades) float32 roundings of at most the largest entry
+    torch.testing.assert_close(got, H, rtol=0, atol=4 * len(decades) * 2.0**-24 * big)
+
+
+def test_robust_norm_neither_overflows_nor_underflows():
+    from secondorder.kernels.grafting import robust_norm
+
+    for scale in (1e30, 1e-30, 1.0):
+        x = torch.full((1000,), 3.0) * scale
+        for dtype in (torch.float32, torch.bfloat16):
+            got = float(robust_norm(x.to(dtype)))
+            want = float(x.to(dtype).double().norm())
+            assert got == pytest.approx(want, rel=1e-12)
+    assert float(robust_norm(torch.zeros(5))) == 0.0
