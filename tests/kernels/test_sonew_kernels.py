@@ -262,10 +262,10 @@ def test_scaled_statistics_track_a_float64_reference_without_overflow(seed, deca
     bound = torch.zeros(())
     for d in decades:
         g = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0**d).float()
-        e_old = K.scale_exponent(bound)
-        bound = K.next_stats_bound(bound, g.abs().max(), beta2, w)
-        e = K.scale_exponent(bound)
-        K.update_band_stats_scaled(h, g, beta2, w, e_old, e)
+        sc = K.advance_stats_scale(bound, g.abs().max(), beta2, w)
+        bound, e = sc.bound, sc.exponent
+        assert float(sc.inv_scale) == 2.0 ** -float(e)
+        K.update_band_stats_scaled(h, g, sc.decay, sc.inv_scale, w)
         K.update_band_stats(H, g.double(), beta2, w)
         assert torch.isfinite(h).all() and h.abs().max() <= 1.0
         assert float(bound) ** 2 >= float(H[0].max()) * (1 - 1e-6)
@@ -286,3 +286,20 @@ def test_robust_norm_neither_overflows_nor_underflows():
             want = float(x.to(dtype).double().norm())
             assert got == pytest.approx(want, rel=1e-12)
     assert float(robust_norm(torch.zeros(5))) == 0.0
+
+
+def test_advance_stats_scale_is_elementwise():
+    """Vectorised over tensors (one call for all parameters) == one call per tensor."""
+    bound = torch.tensor([0.0, 3.0, 1e30, 1e-30])
+    gmax = torch.tensor([1.0, 0.5, 1e-3, 1e30])
+    beta2 = torch.tensor([0.999, 0.0, 0.5, 1.0])
+    weight = torch.tensor([1e-3, 1.0, 0.5, 1.0])
+    floor = torch.tensor([0.0, 0.0, 0.0, 1e31])
+    vec = K.advance_stats_scale(bound, gmax, beta2, weight, floor)
+    for i in range(4):
+        one = K.advance_stats_scale(
+            bound[i], gmax[i], float(beta2[i]), float(weight[i]), float(floor[i])
+        )
+        for a, b in zip(vec, one):
+            assert torch.equal(a[i], b)
+    assert float(vec.bound[3]) == pytest.approx(1e31, rel=1e-6)  # the floor

@@ -62,6 +62,8 @@ def robust_norm(x: torch.Tensor) -> torch.Tensor:
     float32/bfloat16 entries above ``~1.8e19`` overflow a float32 sum of squares, entries
     below ``~1e-23`` vanish from it. The squares are accumulated in float64 (result in
     float64) where the device has it; elsewhere ``x`` is divided by ``max |x|`` first.
+    About three times the cost of a plain norm (a float64 copy): for diagnostics and
+    checks, not for every step.
     """
     if x.device.type != "mps":
         return torch.linalg.vector_norm(x, dtype=torch.float64)
@@ -103,18 +105,17 @@ def graft_norm(
 
     For Adam, ``m / (sqrt(v / bc) + eps) = s * m / (sqrt(v) + eps * s)`` with ``s = sqrt(bc)``:
     three elementwise passes into one scratch tensor and a norm, where building the direction
-    and then its norm takes five passes and two allocations. The norm is accumulated without
-    overflow or underflow (:func:`robust_norm`) and returned in ``m``'s dtype.
+    and then its norm takes five passes and two allocations.
     """
     if kind in (None, "sgd"):
-        return robust_norm(m).to(m.dtype)
+        return torch.linalg.vector_norm(m)
     if kind not in GRAFTS_WITH_STATE:
         raise ValueError(f"graft must be one of {GRAFT_KINDS}, got {kind!r}")
     assert v is not None
     s = math.sqrt(bias_correction(beta2, step)) if kind == "adam" else 1.0
     d = v.sqrt().add_(eps * s)
     torch.div(m, d, out=d)
-    return robust_norm(d).mul_(s).to(m.dtype)
+    return torch.linalg.vector_norm(d).mul_(s)
 
 
 def block_norms(x: torch.Tensor) -> torch.Tensor:

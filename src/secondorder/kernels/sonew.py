@@ -31,7 +31,7 @@ Scale-aware statistics
 Squared gradients overflow the float32/bfloat16 range once ``|g| > ~1.8e19`` and underflow
 below ``~1e-23``. The optimizer therefore stores the statistics of ``g / c`` instead of ``g``,
 with a per-tensor power of two ``c = 2**e`` (:func:`scale_exponent`) chosen so that every
-stored entry is at most about 1 (:func:`next_stats_bound` keeps an upper bound ``B`` of
+stored entry is at most 1 (:func:`advance_stats_scale` keeps an upper bound ``B`` of
 ``sqrt(max_j H_jj)``, and ``c`` is the next power of two above ``B``). When ``c`` changes, the
 stored band is multiplied by ``(c_old / c_new)²`` together with the EMA decay
 (:func:`update_band_stats_scaled`): powers of two are exact, so the scaled statistics carry
@@ -44,6 +44,7 @@ Python loops in this module run over the band (``k = 1..b``), never over ``n``.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -56,7 +57,8 @@ __all__ = [
     "diag_preconditioner",
     "guard_threshold",
     "ldl_to_dense",
-    "next_stats_bound",
+    "StatsScale",
+    "advance_stats_scale",
     "scale_exponent",
     "tridiag_ldl",
     "update_band_stats",
@@ -130,7 +132,7 @@ def update_band_stats(h: torch.Tensor, g: torch.Tensor, beta2: float, weight: fl
 
 
 def scale_exponent(bound: torch.Tensor) -> torch.Tensor:
-    """``e`` (a float 0-d tensor) with ``2**e`` the next power of two strictly above ``bound``.
+    """``e`` (float, same shape) with ``2**e`` the next power of two strictly above ``bound``.
 
     ``bound = 0`` gives ``e = 0``; ``e`` is clamped to ``[-SCALE_EXP_MAX, SCALE_EXP_MAX]``.
     Computed with ``frexp`` (exact, no rounding of a logarithm), on device.
@@ -139,47 +141,63 @@ def scale_exponent(bound: torch.Tensor) -> torch.Tensor:
     return e.clamp_(-SCALE_EXP_MAX, SCALE_EXP_MAX).float()
 
 
-def next_stats_bound(
-    bound: torch.Tensor, gmax: torch.Tensor, beta2: float, weight: float, floor: float = 0.0
-) -> torch.Tensor:
-    """Upper bound of ``sqrt(max_j H_jj)`` after one more EMA update (a new 0-d tensor).
+class StatsScale(NamedTuple):
+    """One step of the statistics scale (:func:`advance_stats_scale`); same shape as the
+    bound it came from (0-d for one tensor, ``(P,)`` for ``P`` tensors at once)."""
+
+    bound: torch.Tensor  #: new upper bound of sqrt(max_j H_jj)
+    exponent: torch.Tensor  #: new ``e``: the statistics are stored as ``H / 4**e``
+    decay: torch.Tensor  #: multiplier of the stored band: ``beta2 · 4**(e_old - e)``
+    inv_scale: torch.Tensor  #: ``2**-e``, exact
+
+
+def advance_stats_scale(
+    bound: torch.Tensor,
+    gmax: torch.Tensor,
+    beta2: float | torch.Tensor,
+    weight: float | torch.Tensor,
+    floor: float | torch.Tensor = 0.0,
+) -> StatsScale:
+    """The scale of the statistics after one more EMA update, elementwise over any shape.
 
     ``H_jj ← beta2 · H_jj + weight · g_j²`` with ``|g_j| <= gmax`` and ``H_jj <= bound²``
     gives ``sqrt(H_jj) <= hypot(sqrt(beta2) · bound, sqrt(weight) · gmax)``; ``hypot`` never
     squares, so it neither overflows nor underflows. By Cauchy-Schwarz every off-diagonal
-    entry of the band is bounded by the same number. The result is at least ``floor`` and
-    at most ``2**SCALE_EXP_MAX``.
+    entry of the band is bounded by the same number, so the stored entries stay ``<= 1``.
+    The new bound is at least ``floor`` and at most ``2**SCALE_EXP_MAX``; the exponent shift
+    in ``decay`` is capped at ``2 · SCALE_EXP_MAX / 2`` so that it is finite (reached only
+    when the stored entries were below ``4**-SCALE_EXP_MAX / beta2`` anyway).
     """
-    new = torch.hypot(bound.float() * beta2**0.5, gmax.float() * weight**0.5)
-    return new.clamp_(min=floor, max=2.0**SCALE_EXP_MAX)
+    bound = bound.float()
+    e_old = scale_exponent(bound)
+    new = torch.hypot(bound * torch.as_tensor(beta2).sqrt(), gmax * torch.as_tensor(weight).sqrt())
+    new = torch.maximum(new, torch.as_tensor(floor, dtype=new.dtype, device=new.device))
+    new.clamp_(max=2.0**SCALE_EXP_MAX)
+    e = scale_exponent(new)
+    shift = torch.sub(e_old, e).mul_(2.0).clamp_(max=SCALE_EXP_MAX)
+    decay = torch.exp2(shift).mul_(beta2)
+    return StatsScale(new, e, decay, torch.exp2(-e))
 
 
 def update_band_stats_scaled(
     h: torch.Tensor,
     g: torch.Tensor,
-    beta2: float,
+    decay: torch.Tensor,
+    inv_scale: torch.Tensor,
     weight: float,
-    e_old: torch.Tensor,
-    e_new: torch.Tensor,
     scratch: Scratch | None = None,
 ) -> None:
-    """In place: the band of ``H / 4**e_old`` in ``h`` becomes that of ``H' / 4**e_new``.
+    """In place: the band of ``H / c_old²`` in ``h`` becomes that of ``H' / c²``.
 
-    ``H' = beta2 · H + weight · g gᵀ`` (on the band). One pass multiplies ``h`` by
-    ``beta2 · 4**(e_old - e_new)`` (exact powers of two, no host sync), one pass forms
-    ``g / 2**e_new``, then the products are accumulated as in :func:`update_band_stats`.
-    The exponent shift is capped at ``4**SCALE_EXP_MAX / 4`` so that the multiplier is
-    finite; it can only be reached when the stored entries are below ``4**-SCALE_EXP_MAX``
-    (they have decayed under a scale that shrank by more than ``2**63`` in one step).
+    ``H' = beta2 · H + weight · g gᵀ`` (on the band), with ``decay = beta2 · (c_old / c)²``
+    and ``inv_scale = 1 / c`` from :func:`advance_stats_scale` (0-d tensors: no host sync).
+    One pass multiplies ``h`` by ``decay``, one forms ``g / c``, then the products are
+    accumulated as in :func:`update_band_stats`. Powers of two are exact: the stored values
+    carry the same rounding as an unscaled accumulation would, without its overflow.
     """
     n = g.shape[0]
-    take = _taker(scratch)
-    if beta2 == 0.0:
-        h.zero_()
-    else:
-        shift = torch.sub(e_old, e_new).mul_(2.0).clamp_(max=SCALE_EXP_MAX)
-        h.mul_(torch.exp2(shift).mul_(beta2))
-    gs = torch.mul(g, torch.exp2(-e_new).to(g.dtype), out=take("gs", n, h))
+    h.mul_(decay)
+    gs = torch.mul(g, inv_scale, out=_taker(scratch)("gs", n, h))
     update_band_stats(h, gs, 1.0, weight)
 
 

@@ -248,38 +248,82 @@ class SONew(SecondOrderOptimizer):
         return scratch
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        items = []
         for group, params in work:
             for p in params:
                 st = self.state[p]
                 if len(st) == 0:
                     self._init_state(group, p, st)
-                self._step_param(group, p, st)
+                self._check_band(group, p, st)
+                st["step"] += 1
+                items.append((group, p, st))
+        # The scalar bookkeeping of the statistics scale (a dozen tiny operations per
+        # tensor) runs once for all tensors on a device, as short vectors.
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, p, _) in enumerate(items):
+            by_device.setdefault(p.device, []).append(i)
+        scalars: list[_Scalars | None] = [None] * len(items)
+        for idx in by_device.values():
+            for i, sc in zip(idx, self._advance_scales([items[i] for i in idx])):
+                scalars[i] = sc
+        for (group, p, st), sc in zip(items, scalars):
+            self._step_param(group, p, st, sc)
 
-    def _step_param(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+    def _check_band(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        band = self._band_for(group, p)
+        width = 1 if band is None else band + 1
+        rows = st["band_stats"].shape[0]
+        if rows != width:
+            raise ValueError(
+                f"SONew: band_stats of a parameter has {rows} rows but band={band} "
+                f"needs {width}; band (and precondition_1d) cannot change during training"
+            )
+
+    def _advance_scales(self, items: list[tuple[dict[str, Any], torch.Tensor, dict]]) -> list:
+        """Per tensor: advance its statistics scale with this step's max |g| and return the
+        0-d quantities its step needs (:class:`_Scalars`), computed for all at once."""
+        dev = items[0][1].device
+        gmax, beta2, weight, floor, geps, root_delta = [], [], [], [], [], []
+        for group, p, st in items:
+            lo, hi = torch.aminmax(p.grad)  # one pass; the only per-tensor scalar work
+            gmax += [hi, lo]
+            b2 = group["betas"][1]
+            t = int(st["step"].item())  # CPU scalar: no device sync
+            bc2 = bias_correction(b2, t)
+            absolute = self._band_for(group, p) is not None and group["damping"] == "absolute"
+            beta2.append(b2)
+            weight.append(ema_weight(b2))
+            floor.append(_absolute_scale_floor(group["eps"] * bc2) if absolute else 0.0)
+            geps.append(group["graft_eps"])
+            root_delta.append(math.sqrt(group["eps"] * bc2) if absolute else 0.0)
+
+        def vec(xs: list[float]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.float32, device=dev)
+
+        lohi = torch.stack(gmax).float().abs_().view(-1, 2)
+        bounds = [st["stats_bound"] for _, _, st in items]
+        sc = K.advance_stats_scale(
+            torch.stack(bounds), lohi.amax(1), vec(beta2), vec(weight), vec(floor)
+        )
+        torch._foreach_copy_(bounds, list(sc.bound.unbind()))
+        return _scaled_scalars(sc.decay, sc.inv_scale, geps, root_delta)
+
+    def _step_param(
+        self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], sc: _Scalars
+    ) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         band = self._band_for(group, p)
         m, h = st["exp_avg"], st["band_stats"]
-        width = 1 if band is None else band + 1
-        if h.shape[0] != width:
-            raise ValueError(
-                f"SONew: band_stats of a parameter has {h.shape[0]} rows but band={band} "
-                f"needs {width}; band (and precondition_1d) cannot change during training"
-            )
         sdt = m.dtype
         cdt = self._compute_dtype(group, sdt)
-
-        st["step"] += 1
         t = int(st["step"].item())  # CPU scalar: no device sync
         bc1 = bias_correction(beta1, t)
         bc2 = bias_correction(beta2, t)
-        w2 = ema_weight(beta2)
-        absolute = band is not None and group["damping"] == "absolute"
 
         scratch = self._scratch_buffers()
         n = p.numel()
-        grad = p.grad.reshape(-1)
-        g = grad
+        g = p.grad.reshape(-1)
         if g.dtype != sdt:
             g = scratch.take("g", n, g, sdt).copy_(g)
         mf = m.view(-1)
@@ -287,28 +331,21 @@ class SONew(SecondOrderOptimizer):
         # Scale-aware statistics: h holds the band of H / c² with c = 2**e a power of two
         # above a running bound of sqrt(max H_jj) (see kernels.sonew), so that squares of
         # huge gradients cannot overflow nor those of tiny ones underflow.
-        lo, hi = torch.aminmax(grad)
-        gmax = torch.maximum(hi.float(), lo.float().neg())
-        bound = st["stats_bound"]
-        e_old = K.scale_exponent(bound)
-        floor = _absolute_scale_floor(group["eps"] * bc2) if absolute else 0.0
-        bound.copy_(K.next_stats_bound(bound, gmax, beta2, w2, floor))
-        e = K.scale_exponent(bound)
-        K.update_band_stats_scaled(h, g, beta2, w2, e_old, e, scratch)
+        K.update_band_stats_scaled(h, g, sc.decay, sc.inv_scale, ema_weight(beta2), scratch)
 
-        d = self._direction(group, band, h, mf, e, t, sdt, cdt, scratch)
+        d = self._direction(group, band, h, mf, sc, t, sdt, cdt, scratch)
         if wd != 0.0:
             p.mul_(1.0 - lr * wd)
         if d.graft_norm is not None:
             # Only the graft's norm is needed; the rescale is fused into the update. Both
             # norms are of scale-free vectors (m / c), so their ratio is the true one.
-            ratio = _safe_ratio(d.graft_norm, robust_norm(d.u), d.u.dtype)
+            ratio = _safe_ratio(d.graft_norm, torch.linalg.vector_norm(d.u))
             p.addcmul_(d.u.view(p.shape), ratio, value=-lr / bc1)
         elif band is None:  # plain Adam update (scale free)
             p.add_(d.u.view(p.shape), alpha=-lr / bc1)
         else:
             # X m = X_c (m / c) / c, with X_c the preconditioner of the scaled statistics.
-            factor = d.inv_c.to(cdt).mul_(-lr * bc2 / bc1)
+            factor = sc.inv_scale.to(cdt).mul_(-lr * bc2 / bc1)
             p.addcmul_(d.u.view(p.shape), factor.clamp_(-_floor(cdt).max, _floor(cdt).max))
 
     def _direction(
@@ -317,7 +354,7 @@ class SONew(SecondOrderOptimizer):
         band: int | None,
         h: torch.Tensor,
         mf: torch.Tensor,
-        e: torch.Tensor,
+        sc: _Scalars,
         t: int,
         sdt: torch.dtype,
         cdt: torch.dtype,
@@ -325,23 +362,22 @@ class SONew(SecondOrderOptimizer):
     ) -> _Direction:
         """The preconditioned direction of the scaled momentum ``m / c`` (see _Direction)."""
         beta2 = group["betas"][1]
-        bc2 = bias_correction(beta2, t)
         n = mf.shape[0]
         take = scratch.take if scratch is not None else _fresh
-        inv_c = torch.exp2(-e)  # 1 / c, exact
+        inv_c = sc.inv_scale  # 1 / c, exact
         hc = h
         if cdt != sdt:  # upcast (or downcast) into scratch: no per-step allocation
             hc = take("h", h.numel(), h, cdt).view(h.shape).copy_(h)
         # the momentum in the same units as the statistics: |m / c| <~ 1
-        mc = torch.mul(mf, inv_c.to(mf.dtype), out=take("m", n, mf, cdt))
-        geps = self._graft_eps(group, inv_c, cdt)
+        mc = torch.mul(mf, inv_c, out=take("m", n, mf, cdt))
+        geps = sc.graft_eps
         if band is None:
             u = graft_direction("adam", mc, hc[0], t, beta2, geps)
             return _Direction(u, hc, mc, inv_c, None, None, None, None)
         # Factorise H + δ'I with the raw (not bias-corrected) statistics: with Ĥ = H / bc2
         # and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard decisions, which are
         # scale invariant); the scalar is folded into the step.
-        delta = self._damping(group, hc, e, bc2, scratch)
+        delta = self._damping(group, hc, sc.delta, scratch)
         psi = D = None
         if band == 0:
             u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
@@ -428,7 +464,14 @@ class SONew(SecondOrderOptimizer):
         )
         if band is None:
             return rec
-        d = self._direction(group, band, h, m.reshape(-1), e, t, sdt, cdt, None)
+        absolute = group["damping"] == "absolute"
+        (sc,) = _scaled_scalars(
+            torch.ones(1, device=h.device),
+            torch.exp2(-e).view(1),
+            [group["graft_eps"]],
+            [math.sqrt(group["eps"] * bc2) if absolute else 0.0],
+        )
+        d = self._direction(group, band, h, m.reshape(-1), sc, t, sdt, cdt, None)
         rec["damping"] = float(d.delta) * c * c / bc2
         # X(Ĥ + δI) m̂ = (bc2 / bc1) · X_c (m / c) / c
         unorm = float(robust_norm(d.u)) * bc2 / (bc1 * c)
@@ -480,46 +523,38 @@ class SONew(SecondOrderOptimizer):
         return max(gamma, K.guard_threshold(cdt))
 
     @staticmethod
-    def _graft_eps(group: dict[str, Any], inv_c: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-        """``graft_eps`` in the units of the scaled statistics (``graft_eps / c``), at least
-        ``sqrt(tiny)`` of the compute dtype so that ``m / (sqrt(v) + eps)`` stays finite."""
-        return inv_c.mul(group["graft_eps"]).clamp_(min=_floor(cdt).delta).to(cdt)
-
-    @staticmethod
     def _damping(
         group: dict[str, Any],
         hc: torch.Tensor,
-        e: torch.Tensor,
-        bc2: float,
+        delta_abs: torch.Tensor,
         scratch: K.Scratch | None,
     ) -> torch.Tensor:
         """``δ'`` in the units of the scaled statistics, a 0-d tensor (no host sync).
 
-        Relative: ``eps · ‖H_c‖∞`` (scale invariant). Absolute: ``eps · bc2 / c²``, finite
-        because ``c >= sqrt(eps · bc2) · 2**-30`` (see :func:`_absolute_scale_floor`). Both
-        are at least ``sqrt(tiny)`` of the compute dtype (about ``1e-19`` for float32 and
-        bfloat16), far below the stored statistics' scale (at most about 1): pivots then
-        stay positive, and ``D = 1/s`` finite.
+        Relative: ``eps · ‖H_c‖∞`` (scale invariant). Absolute: ``eps · bc2 / c²`` (from
+        :meth:`_advance_scales`), at most ``2**60`` because ``c >= sqrt(eps · bc2) · 2**-30``
+        (:func:`_absolute_scale_floor`). Both are at least ``sqrt(tiny)`` of the compute
+        dtype (about ``1e-19`` for float32 and bfloat16), far below the stored statistics'
+        scale (at most 1): pivots stay positive and ``D = 1/s`` finite.
         """
         cdt = hc.dtype
         if group["damping"] == "relative":
             delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
         else:
-            # (sqrt(eps · bc2) / c)², which is at most 2**60; exact under power-of-two
-            # rescaling of the gradients (and of eps by the square)
-            delta = torch.exp2(-e).to(cdt).mul_(math.sqrt(group["eps"] * bc2)).square_()
+            delta = delta_abs.to(cdt)
         return delta.clamp_min_(_floor(cdt).delta)
 
 
 class _Floors(NamedTuple):
     delta: float  # smallest damping / graft eps in scaled units: sqrt(tiny)
     max: float  # largest finite value
+    tiny: float  # smallest normal value
 
 
 @functools.cache
 def _floor(dtype: torch.dtype) -> _Floors:
     fi = torch.finfo(dtype)
-    return _Floors(delta=math.sqrt(fi.tiny), max=float(fi.max))
+    return _Floors(delta=math.sqrt(fi.tiny), max=float(fi.max), tiny=float(fi.tiny))
 
 
 def _absolute_scale_floor(delta: float) -> float:
@@ -529,12 +564,41 @@ def _absolute_scale_floor(delta: float) -> float:
     return math.sqrt(delta) * 2.0**-30
 
 
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``num / den`` as a 0-d tensor finite in ``dtype``; 0 where ``den`` is 0 (then the
-    direction it multiplies is 0 as well)."""
-    num = num.to(den.dtype)
-    r = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
-    return r.clamp_(max=_floor(dtype).max).to(dtype)
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` for the graft rescale, finite for any finite ``num``: the denominator is
+    kept above ``num · 2**-100`` and float32's ``tiny`` (a zero ``den`` means a zero
+    direction, whatever it is multiplied by); an overflowed (``inf``) ``den`` gives 0."""
+    den = torch.maximum(den, num * 2.0**-100).clamp_min_(_floor(torch.float32).tiny)
+    return num / den
+
+
+def _scaled_scalars(
+    decay: torch.Tensor, inv: torch.Tensor, geps: list[float], root_delta: list[float]
+) -> list[_Scalars]:
+    """Per tensor :class:`_Scalars` from vectors of ``decay`` and ``1 / c`` and the lists of
+    ``graft_eps`` and ``sqrt(eps · bc2)`` (0 for relative damping)."""
+    # float64 where the device has it: the absolute damping keeps its precision for
+    # float64 states; these are vectors of one number per tensor
+    fdt = torch.float32 if inv.device.type == "mps" else torch.float64
+    invd = inv.to(fdt)
+    # graft_eps in scaled units, at least sqrt(tiny): m / (sqrt(v) + eps) stays finite
+    geps_c = torch.tensor(geps, dtype=fdt, device=inv.device).mul_(invd)
+    geps_c.clamp_(min=_floor(torch.float32).delta)
+    # absolute damping in scaled units: (sqrt(eps · bc2) / c)² <= 2**60 (the scale floor)
+    delta_c = torch.tensor(root_delta, dtype=fdt, device=inv.device).mul_(invd).square_()
+    return [
+        _Scalars(*x)
+        for x in zip(decay.unbind(), inv.unbind(), geps_c.unbind(), delta_c.unbind())
+    ]
+
+
+class _Scalars(NamedTuple):
+    """The 0-d per-tensor quantities of one step (:meth:`SONew._advance_scales`)."""
+
+    decay: torch.Tensor  # multiplier of the stored statistics: beta2 · (c_old / c)²
+    inv_scale: torch.Tensor  # 1 / c
+    graft_eps: torch.Tensor  # graft_eps / c, at least sqrt(tiny)
+    delta: torch.Tensor  # absolute damping eps · bc2 / c² (0 for relative damping)
 
 
 class _Direction(NamedTuple):
