@@ -106,7 +106,7 @@ def test_band_ldl_handles_short_vectors_and_matches_tridiag(n):
 
 
 def test_tridiag_explicit_entries():
-    """§2.2: X_jj = D_j + ψ_{j−1}² D_{j−1}, X_{j+1,j} = −ψ_j D_j."""
+    """Tridiagonal closed form: X_jj = D_j + ψ_{j−1}² D_{j−1}, X_{j+1,j} = −ψ_j D_j."""
     h = _random_stats(20, 1, seed=3)
     psi, D = K.tridiag_ldl(h, 1e-4, None)
     X = K.ldl_to_dense(psi, D)
@@ -146,7 +146,7 @@ def test_low_precision_close_to_fp64(n, b, dtype, seed):
     assert rel < tol
 
 
-# ------------------------------------------------------------------ stability guard (§2.3)
+# ------------------------------------------------------------------ stability guard
 def _correlated_bf16_stats(n: int, b: int) -> torch.Tensor:
     """bf16 statistics of strongly correlated gradients: neighbours nearly proportional."""
     gen = torch.Generator().manual_seed(0)

@@ -1,8 +1,9 @@
 """SONew: the sparsified online Newton method with LogDet-optimal banded preconditioners.
 
-Math in ``ALGORITHMS.md`` §2; the kernels are in :mod:`secondorder.kernels.sonew`, grafting
-is shared with Shampoo (:mod:`secondorder.kernels.grafting`). This module only orchestrates:
-state, dtypes and step order.
+The math is in the class docstring below; the kernels are in :mod:`secondorder.kernels.sonew`,
+grafting is shared with Shampoo (:mod:`secondorder.kernels.grafting`). This module only
+orchestrates: state, dtypes, the statistics scale and step order. What
+:meth:`SONew.diagnostics` reports is explained in ``docs/health.md``.
 """
 
 from __future__ import annotations
@@ -71,14 +72,16 @@ class SONew(SecondOrderOptimizer):
             (less memory traffic; relies on the stability guard). Measured on the MNIST
             autoencoder with bf16 model and state (benchmarks/RESULTS-sonew.md): both train
             to about the same loss, bf16 factorisation ~5% faster per step.
-        guard_threshold: the stability guard of §2.3. A neighbour edge of column ``j`` is
+        guard_threshold: the stability guard. A neighbour edge of column ``j`` is
             dropped when the Schur complement ``s_j`` falls to ``guard_threshold · d_j`` or
             below (farthest edges first for ``band > 1``), so every ``D_j > 0``. ``None``
             (default) uses the machine epsilon of the less precise of the compute and state
             dtypes (fp32 1.2e-7, bf16 7.8e-3): bf16 statistics carry bf16 rounding noise
             even when factorised in fp32, and an edge whose Schur complement is below that
             noise would blow up ``D_j`` (measured: band-4 SONew with bf16 state diverges
-            on the autoencoder with the fp32 threshold and trains with this one).
+            on the autoencoder with the fp32 threshold and trains with this one). A value
+            below the compute dtype's machine epsilon is raised to it (``D_j = 1/s_j``
+            must stay finite).
         precondition_1d: if ``True`` (default) every tensor, including 1-d biases and
             norm scales, gets the banded preconditioner; if ``False``, tensors with fewer
             than 2 dims take the plain Adam update (``m̂ / (√v̂ + graft_eps)``).
@@ -92,12 +95,37 @@ class SONew(SecondOrderOptimizer):
     on across row boundaries (the last weight of unit ``i`` neighbours the first weight of
     unit ``i + 1``); the statistics decide how much that edge matters.
 
-    **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped),
-    ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of ``g_j · g_{j+k}``, i.e.
-    the ``n × (b + 1)`` band array stored diagonal-major so every diagonal is contiguous).
-    Besides the state, the optimizer keeps reusable scratch buffers (not checkpointed) of
-    about 10 vectors of its largest parameter (``b²/2 + 4b + 10`` for ``band = b > 1``), so
-    that the step allocates almost nothing.
+    **Finite gradients give finite parameters.** Squares of gradients overflow float32 and
+    bfloat16 at ``|g| > ~1.8e19`` and vanish below ``~1e-23``. The statistics are therefore
+    stored relative to a per-tensor power of two: ``band_stats = H / c²``, with ``c`` the
+    next power of two above a running upper bound of ``sqrt(max_j H_jj)`` (``stats_bound``,
+    updated with ``hypot``, which never squares). Every stored entry is at most 1, ``c``
+    follows the statistics down again after a gradient spike, and powers of two are
+    exact: multiplying every gradient by ``2**k`` (and ``graft_eps`` with it) leaves the
+    ``graft="adam"`` update bit-identical (tested over ``2**±90``). The momentum enters
+    the preconditioner as ``m / c``; ``graft_eps`` and an absolute damping are converted to
+    these units. Floors that keep every intermediate finite, each far below what float32
+    resolves relative to the tensor's largest statistic: the damping and the graft ε in
+    scaled units are at least ``sqrt(tiny)`` (about ``1e-19``), the guard threshold at least
+    the compute dtype's epsilon, and with ``damping="absolute"`` ``c >= sqrt(ε) · 2**-30``
+    (a tiny gradient under a large absolute damping keeps ``X ≈ 1/ε``). The graft ratio is
+    computed so that it is finite for any finite norms. Two cases remain the method's own,
+    not numerical: with ``graft=None`` and relative damping the step scales as
+    ``1 / gradient`` (Newton-like), so gradients near float32's smallest numbers give
+    steps near its largest; and momentum larger than the statistics allow
+    (``β1² >= β2``, e.g. ``β2 = 0`` with ``β1 > 0``) has no Adam-style bound on
+    ``m̂ / √v̂``. :meth:`diagnostics` shows the scale, damping, pivots and graft ratio.
+
+    **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped,
+    unscaled), ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of
+    ``g_j · g_{j+k}`` divided by ``c²``, i.e. the ``n × (b + 1)`` band array stored
+    diagonal-major so every diagonal is contiguous; :meth:`band_statistics` returns it
+    unscaled), ``stats_bound`` (0-d float32 on the parameter's device; ``c`` derives from
+    it, :meth:`stats_scale`). Checkpoints without ``stats_bound`` (older versions, unscaled
+    statistics) are converted on load. Besides the state, the optimizer keeps reusable
+    scratch buffers (not checkpointed, :meth:`scratch_bytes`) of about 10 vectors of its
+    largest parameter (``b²/2 + 4b + 10`` for ``band = b > 1``), so that the step allocates
+    almost nothing.
     """
 
     _param_shaped_keys = ("exp_avg",)
