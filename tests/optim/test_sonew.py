@@ -535,3 +535,27 @@ def test_state_bytes_is_the_size_of_the_state():
     # fp32 W: exp_avg 30, band 3 x 30, bound, step; bf16 v: exp_avg 7, band 3 x 7 (bf16)
     assert opt.state_bytes() == 4 * (30 + 90 + 1 + 1) + 2 * (7 + 21) + 4 * (1 + 1)
     assert opt.scratch_bytes() > 0
+
+
+def test_readme_quick_start_runs_with_the_sonew_swap(capsys):
+    """The README's Quick start, with its "or: SONew" line swapped in, runs as written and
+    its final print shows SONew health records."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    text = readme.read_text()
+    section = text[text.index("## Quick start") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    swap = re.search(r"^# or: (opt = secondorder\.SONew\(.*)$", code, re.M)
+    assert swap, "the Quick start lost its SONew alternative"
+    code = code + "\n" + swap.group(1).split("  #")[0] + "\n" + code[code.index("for x, y") :]
+    gen = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 784, generator=gen), torch.tensor([1, 2, 3, 4])) for _ in range(2)]
+    namespace = {"loader": loader}
+    exec(compile(code, str(readme), "exec"), namespace)
+    assert isinstance(namespace["opt"], SONew)
+    records = namespace["opt"].diagnostics()[:2]
+    assert [r["param"] for r in records] == [0, 1] and all(r["finite"] for r in records)
+    out = capsys.readouterr().out
+    assert "'band': 1" in out and "'min_pivot'" in out
