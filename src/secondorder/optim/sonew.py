@@ -314,7 +314,7 @@ class SONew(SecondOrderOptimizer):
         gmax, beta2, weight, floor, geps, root_delta = [], [], [], [], [], []
         for group, p, st in items:
             lo, hi = torch.aminmax(p.grad)  # one pass; the only per-tensor scalar work
-            gmax += [hi, lo]
+            gmax += [hi.float(), lo.float()]  # no-ops for float32
             b2 = group["betas"][1]
             t = int(st["step"].item())  # CPU scalar: no device sync
             bc2 = bias_correction(b2, t)
@@ -328,7 +328,7 @@ class SONew(SecondOrderOptimizer):
         def vec(xs: list[float]) -> torch.Tensor:
             return torch.tensor(xs, dtype=torch.float32, device=dev)
 
-        lohi = torch.stack(gmax).float().abs_().view(-1, 2)
+        lohi = torch.stack(gmax).abs_().view(-1, 2)
         bounds = [st["stats_bound"] for _, _, st in items]
         sc = K.advance_stats_scale(
             torch.stack(bounds), lohi.amax(1), vec(beta2), vec(weight), vec(floor)
