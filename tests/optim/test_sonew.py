@@ -559,3 +559,26 @@ def test_readme_quick_start_runs_with_the_sonew_swap(capsys):
     assert [r["param"] for r in records] == [0, 1] and all(r["finite"] for r in records)
     out = capsys.readouterr().out
     assert "'band': 1" in out and "'min_pivot'" in out
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-25])
+def test_diagnostics_report_the_absolute_damping(scale):
+    """With damping="absolute", the reported δ is eps itself, also for tiny gradients (the
+    scale floor keeps eps representable); for huge ones the float32 floor of the scaled
+    damping (sqrt(tiny) · c²) shows instead, and is reported as such."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(4, 6, generator=gen))
+    eps = 1e-3 * scale**2
+    opt = SONew([w], band=1, damping="absolute", eps=eps, graft=None)
+    for _ in range(3):
+        w.grad = torch.randn(4, 6, generator=gen) * scale
+        opt.step()
+    (rec,) = opt.diagnostics()
+    assert rec["damping"] == pytest.approx(eps, rel=1e-6)
+    w.grad = torch.randn(4, 6, generator=gen) * 1e30
+    opt.step()
+    (rec,) = opt.diagnostics()
+    c = rec["stats_scale"]
+    floor = torch.finfo(torch.float32).tiny ** 0.5 * c * c / (1 - 0.999**4)
+    assert rec["damping"] == pytest.approx(max(eps, floor), rel=1e-6)
+    assert torch.isfinite(w).all() and rec["finite"]
