@@ -282,9 +282,10 @@ class SONew(SecondOrderOptimizer):
                 st = self.state[p]
                 if len(st) == 0:
                     self._init_state(group, p, st)
-                self._check_band(group, p, st)
-                st["step"] += 1
+                self._check_band(group, p, st)  # before anything is modified
                 items.append((group, p, st))
+        for _, _, st in items:
+            st["step"] += 1
         # The scalar bookkeeping of the statistics scale (a dozen tiny operations per
         # tensor) runs once for all tensors on a device, as short vectors.
         by_device: dict[torch.device, list[int]] = {}
