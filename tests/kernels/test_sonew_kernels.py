@@ -1,4 +1,4 @@
-"""SONew kernels against dense float64 references (ALGORITHMS.md §2)."""
+"""SONew kernels against dense float64 references."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_band_ldl_handles_short_vectors_and_matches_tridiag(n):
 
 
 def test_tridiag_explicit_entries():
-    """§2.2: X_jj = D_j + ψ_{j−1}² D_{j−1}, X_{j+1,j} = −ψ_j D_j."""
+    """Tridiagonal closed form: X_jj = D_j + ψ_{j−1}² D_{j−1}, X_{j+1,j} = −ψ_j D_j."""
     h = _random_stats(20, 1, seed=3)
     psi, D = K.tridiag_ldl(h, 1e-4, None)
     X = K.ldl_to_dense(psi, D)
@@ -146,7 +146,7 @@ def test_low_precision_close_to_fp64(n, b, dtype, seed):
     assert rel < tol
 
 
-# ------------------------------------------------------------------ stability guard (§2.3)
+# ------------------------------------------------------------------ stability guard
 def _correlated_bf16_stats(n: int, b: int) -> torch.Tensor:
     """bf16 statistics of strongly correlated gradients: neighbours nearly proportional."""
     gen = torch.Generator().manual_seed(0)
@@ -226,3 +226,80 @@ def test_inf_norm_nonneg_diag_shortcut(b, n):
     dense = K.band_to_dense(h).abs().sum(dim=1).max()
     torch.testing.assert_close(K.band_inf_norm(h, nonneg_diag=True), dense)
     torch.testing.assert_close(K.band_inf_norm(h, K.Scratch(), nonneg_diag=True), dense)
+
+
+# ------------------------------------------------------------------ scale-aware statistics
+@settings(max_examples=30, deadline=None)
+@given(x=st.floats(0.0, 2.0**127, allow_subnormal=False, width=32))
+def test_scale_exponent_is_the_next_power_of_two(x):
+    import math
+
+    e = K.scale_exponent(torch.tensor(x, dtype=torch.float32))
+    assert e.dtype == torch.float32 and e.dim() == 0
+    if x == 0.0:
+        assert float(e) == 0.0
+        return
+    want = math.frexp(x)[1]  # x = m · 2**want, m in [0.5, 1): 2**want > x >= 2**(want-1)
+    want = min(max(want, -K.SCALE_EXP_MAX), K.SCALE_EXP_MAX)
+    assert float(e) == want
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    decades=st.lists(st.integers(-30, 30), min_size=1, max_size=8),
+    beta2=st.sampled_from([0.0, 0.5, 0.999, 1.0]),
+    b=st.integers(0, 3),
+)
+def test_scaled_statistics_track_a_float64_reference_without_overflow(seed, decades, beta2, b):
+    """h · 4**e equals the float64 EMA of g gᵀ (to float32 rounding relative to the largest
+    entry), every stored entry is at most 1, and the bound covers sqrt(max H_jj)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 9
+    w = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    h = torch.zeros(b + 1, n)
+    H = torch.zeros(b + 1, n, dtype=torch.float64)
+    bound = torch.zeros(())
+    for d in decades:
+        g = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0**d).float()
+        sc = K.advance_stats_scale(bound, g.abs().max(), beta2, w)
+        bound, e = sc.bound, sc.exponent
+        assert float(sc.inv_scale) == 2.0 ** -float(e)
+        K.update_band_stats_scaled(h, g, sc.decay, sc.inv_scale, w)
+        K.update_band_stats(H, g.double(), beta2, w)
+        assert torch.isfinite(h).all() and h.abs().max() <= 1.0
+        assert float(bound) ** 2 >= float(H[0].max()) * (1 - 1e-6)
+    c2 = 4.0 ** float(e)
+    big = float(H.abs().max())
+    got = h.double() * c2
+    # each stored entry carries ~len(decades) float32 roundings of at most the largest entry
+    torch.testing.assert_close(got, H, rtol=0, atol=4 * len(decades) * 2.0**-24 * big)
+
+
+def test_robust_norm_neither_overflows_nor_underflows():
+    from secondorder.kernels.grafting import robust_norm
+
+    for scale in (1e30, 1e-30, 1.0):
+        x = torch.full((1000,), 3.0) * scale
+        for dtype in (torch.float32, torch.bfloat16):
+            got = float(robust_norm(x.to(dtype)))
+            want = float(x.to(dtype).double().norm())
+            assert got == pytest.approx(want, rel=1e-12)
+    assert float(robust_norm(torch.zeros(5))) == 0.0
+
+
+def test_advance_stats_scale_is_elementwise():
+    """Vectorised over tensors (one call for all parameters) == one call per tensor."""
+    bound = torch.tensor([0.0, 3.0, 1e30, 1e-30])
+    gmax = torch.tensor([1.0, 0.5, 1e-3, 1e30])
+    beta2 = torch.tensor([0.999, 0.0, 0.5, 1.0])
+    weight = torch.tensor([1e-3, 1.0, 0.5, 1.0])
+    floor = torch.tensor([0.0, 0.0, 0.0, 1e31])
+    vec = K.advance_stats_scale(bound, gmax, beta2, weight, floor)
+    for i in range(4):
+        one = K.advance_stats_scale(
+            bound[i], gmax[i], float(beta2[i]), float(weight[i]), float(floor[i])
+        )
+        for a, b in zip(vec, one):
+            assert torch.equal(a[i], b)
+    assert float(vec.bound[3]) == pytest.approx(1e31, rel=1e-6)  # the floor

@@ -144,8 +144,8 @@ def test_flattening_order_is_row_major():
     g = torch.randn(4, 3)
     w.grad = g
     opt.step()
-    h = opt.state[w]["band_stats"]
-    flat = g.reshape(-1)
+    h = opt.band_statistics(w)  # unscaled: the state holds H / c² (see below)
+    flat = g.reshape(-1).double()
     torch.testing.assert_close(h[1, :-1], 0.001 * flat[:-1] * flat[1:])
 
 
@@ -355,3 +355,230 @@ def test_deepcopy_and_pickle_keep_working():
     clone = copy.deepcopy(opt)
     assert "_scratch" not in clone.__dict__
     _train(clone, clone.param_groups[0]["params"], 1)
+
+
+# --------------------------------------------------------------- extreme gradient scales
+def _scaled_run(k, band, dtype, damping, graft, steps=4, zero_init=False):
+    """Parameters after ``steps`` steps on gradients ``g · 2**k`` (the same g for every k),
+    with every hyperparameter that carries units scaled along (graft_eps ~ g, absolute
+    eps ~ g²)."""
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.zeros(5, 7) if zero_init else torch.randn(5, 7, generator=gen)
+    w = torch.nn.Parameter(w0.to(dtype))
+    eps = 1e-2 * 4.0**k if damping == "absolute" else 1e-5
+    opt = SONew(
+        [w], lr=0.1, band=band, graft=graft, graft_eps=1e-8 * 2.0**k, eps=eps, damping=damping
+    )
+    for _ in range(steps):
+        w.grad = (torch.randn(5, 7, generator=gen) * 2.0**k).to(dtype)
+        opt.step()
+    return w.detach(), opt
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k=st.integers(-90, 90),
+    band=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    damping=st.sampled_from(["relative", "absolute"]),
+)
+def test_update_is_exactly_scale_invariant_with_the_adam_graft(k, band, dtype, damping):
+    """Statistics are stored relative to a power-of-two scale, so multiplying every gradient
+    by 2**k (up to ~1e27 and down to ~1e-27, where squares overflow / underflow float32)
+    leaves the graft-adam update bit-identical."""
+    ref, _ = _scaled_run(0, band, dtype, damping, "adam")
+    got, opt = _scaled_run(k, band, dtype, damping, "adam")
+    assert torch.equal(got, ref)
+    assert opt.state[opt.param_groups[0]["params"][0]]["band_stats"].abs().max() <= 1.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(k=st.integers(-60, 60), band=st.integers(0, 3))
+def test_update_without_graft_scales_as_the_inverse_gradient(k, band):
+    """graft=None is Newton-like: X m̂ ~ g / g², so gradients 2**k give updates 2**-k,
+    exactly (absolute damping scaled as g²; parameters start at 0)."""
+    ref, _ = _scaled_run(0, band, torch.float32, "absolute", None, zero_init=True)
+    got, _ = _scaled_run(k, band, torch.float32, "absolute", None, zero_init=True)
+    assert torch.equal(got, ref * 2.0**-k)
+
+
+def test_statistics_are_those_of_the_unscaled_gradients():
+    """band_statistics() (H = c² · state) equals a float64 EMA of g gᵀ, gradients 1e25."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.zeros(12))
+    opt = SONew([w], band=2, betas=(0.9, 0.99))
+    H = torch.zeros(3, 12, dtype=torch.float64)
+    for _ in range(5):
+        g = torch.randn(12, generator=gen, dtype=torch.float64) * 1e25
+        w.grad = g.float()
+        opt.step()
+        g = w.grad.double()
+        H *= 0.99
+        for k in range(3):
+            H[k, : 12 - k] += 0.01 * g[: 12 - k] * g[k:]
+    got = opt.band_statistics(w)
+    scale = H.abs().max()
+    # float32 storage: a few rounding errors of the largest entry
+    torch.testing.assert_close(got / scale, H / scale, rtol=0, atol=20 * 2.0**-24)
+
+
+def test_a_gradient_spike_is_forgotten():
+    """One step of 1e25 gradients, then unit gradients: the scale follows the statistics
+    back down, so they regain full precision (a fixed scale would flush the unit-gradient
+    statistics, (1/1e25)², to zero) and match a run that never saw the spike."""
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(20, generator=gen) for _ in range(200)]
+    runs = []
+    for spike in (False, True):
+        w = torch.nn.Parameter(torch.zeros(20))
+        opt = SONew([w], lr=1e-3, band=1, betas=(0.9, 0.5))
+        for i, g in enumerate(grads):
+            w.grad = g * 1e25 if (spike and i == 0) else g
+            opt.step()
+        assert torch.isfinite(w).all()
+        runs.append((opt.band_statistics(w), opt.stats_scale(w)))
+    (h_ref, c_ref), (h_spk, c_spk) = runs
+    assert c_spk == c_ref  # the scale came back down
+    # the spike's weight after 199 decays: 0.5**199 · 1e50 ≈ 1e-10 relative to O(1) stats
+    torch.testing.assert_close(h_spk, h_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_legacy_checkpoint_without_scale_is_migrated():
+    """A state dict of the unscaled format (no stats_bound, band_stats = H) loads into the
+    scaled format and continues exactly like the run that wrote it."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(4, 6, generator=gen))
+    opt = SONew([w], band=2)
+    _train(opt, [w], 3)
+    sd = copy.deepcopy(opt.state_dict())
+    legacy = copy.deepcopy(sd)
+    st0 = legacy["state"][0]
+    st0["band_stats"] = opt.band_statistics(w).float()
+    del st0["stats_bound"]
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = SONew([w2], band=2)
+    opt2.load_state_dict(legacy)
+    torch.testing.assert_close(opt2.band_statistics(w2), opt.band_statistics(w))
+    _train(opt, [w], 2, seed=9)
+    _train(opt2, [w2], 2, seed=9)
+    torch.testing.assert_close(w2, w, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ health
+def _dense_direction(opt, w, gamma):
+    """X(Ĥ + δI) m̂ and the Adam direction, in float64 from the optimizer's own state."""
+    group = opt.param_groups[0]
+    b1, b2 = group["betas"]
+    st_ = opt.state[w]
+    t = int(st_["step"])
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    Hh = opt.band_statistics(w) / bc2
+    mh = st_["exp_avg"].double().reshape(-1) / bc1
+    delta = group["eps"] * K.band_to_dense(Hh).abs().sum(1).max()  # relative damping
+    if group["band"] == 1:
+        psi, D = K.tridiag_ldl(Hh, delta, gamma)
+    else:
+        psi, D = K.band_ldl(Hh, delta, gamma)
+    X = K.ldl_to_dense(psi, D)
+    adam = mh / (Hh[0].sqrt() + group["graft_eps"])
+    return X @ mh, adam, float(delta), psi, D, Hh
+
+
+@pytest.mark.parametrize("band", [1, 3])
+@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])
+def test_diagnostics_match_a_dense_float64_reference(band, scale):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
+    b = torch.nn.Parameter(torch.randn(5, generator=gen))
+    opt = SONew([w, b], lr=1e-3, band=band, precondition_1d=False)
+    for _ in range(6):
+        w.grad = torch.randn(6, 5, generator=gen) * scale
+        b.grad = torch.randn(5, generator=gen) * scale
+        opt.step()
+    rec, rec_b = opt.diagnostics()
+    assert rec_b["param"] == 1 and rec_b["band"] is None and rec_b["damping"] is None
+    assert rec["param"] == 0 and rec["band"] == band and rec["step"] == 6 and rec["finite"]
+    u, adam, delta, psi, D, Hh = _dense_direction(opt, w, K.guard_threshold(torch.float32))
+    rel = 1e-4  # float32 factorisation of a well-conditioned band
+    assert rec["max_stat"] == pytest.approx(float(Hh[0].max()), rel=rel)
+    assert rec["damping"] == pytest.approx(delta, rel=rel)
+    assert rec["direction_norm"] == pytest.approx(float(u.norm()), rel=rel)
+    assert rec["graft_norm"] == pytest.approx(float(adam.norm()), rel=rel)
+    assert rec["graft_ratio"] == pytest.approx(float(adam.norm() / u.norm()), rel=2 * rel)
+    pivots = 1.0 / (D * (Hh[0] + delta))
+    assert rec["min_pivot"] == pytest.approx(float(pivots.min()), rel=1e-3)
+    assert rec["guarded_columns"] == 0.0 and rec["dropped_edges"] == 0.0  # iid gradients
+
+
+def test_diagnostics_report_the_guard_on_perfectly_correlated_gradients():
+    """Rank-one statistics with a tiny damping: every relative Schur complement is about
+    1e-12 plus float32 rounding (~1e-7), far below a 1e-3 guard threshold, so every edge is
+    dropped and X is diagonal (all pivots 1)."""
+    w = torch.nn.Parameter(torch.zeros(10))
+    opt = SONew([w], band=2, eps=1e-12, guard_threshold=1e-3)
+    v = torch.linspace(1.0, 2.0, 10)
+    for s in (1.0, -2.0, 0.5):
+        w.grad = v * s
+        opt.step()
+    (rec,) = opt.diagnostics()
+    assert rec["guarded_columns"] == 1.0 - 0.1  # the last column has no neighbour
+    assert rec["dropped_edges"] == 1.0
+    assert rec["min_pivot"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_state_bytes_is_the_size_of_the_state():
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    v = torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16))
+    opt = SONew([w, v], band=2)
+    assert opt.state_bytes() == 0
+    _train(opt, [w, v], 1)
+    # fp32 W: exp_avg 30, band 3 x 30, bound, step; bf16 v: exp_avg 7, band 3 x 7 (bf16)
+    assert opt.state_bytes() == 4 * (30 + 90 + 1 + 1) + 2 * (7 + 21) + 4 * (1 + 1)
+    assert opt.scratch_bytes() > 0
+
+
+def test_readme_quick_start_runs_with_the_sonew_swap(capsys):
+    """The README's Quick start, with its "or: SONew" line swapped in, runs as written and
+    its final print shows SONew health records."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    text = readme.read_text()
+    section = text[text.index("## Quick start") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    swap = re.search(r"^# or: (opt = secondorder\.SONew\(.*)$", code, re.M)
+    assert swap, "the Quick start lost its SONew alternative"
+    code = code + "\n" + swap.group(1).split("  #")[0] + "\n" + code[code.index("for x, y") :]
+    gen = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 784, generator=gen), torch.tensor([1, 2, 3, 4])) for _ in range(2)]
+    namespace = {"loader": loader}
+    exec(compile(code, str(readme), "exec"), namespace)
+    assert isinstance(namespace["opt"], SONew)
+    records = namespace["opt"].diagnostics()[:2]
+    assert [r["param"] for r in records] == [0, 1] and all(r["finite"] for r in records)
+    out = capsys.readouterr().out
+    assert "'band': 1" in out and "'min_pivot'" in out
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-25])
+def test_diagnostics_report_the_absolute_damping(scale):
+    """With damping="absolute", the reported δ is eps itself, also for tiny gradients (the
+    scale floor keeps eps representable); for huge ones the float32 floor of the scaled
+    damping (sqrt(tiny) · c²) shows instead, and is reported as such."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.nn.Parameter(torch.randn(4, 6, generator=gen))
+    eps = 1e-3 * scale**2
+    opt = SONew([w], band=1, damping="absolute", eps=eps, graft=None)
+    for _ in range(3):
+        w.grad = torch.randn(4, 6, generator=gen) * scale
+        opt.step()
+    (rec,) = opt.diagnostics()
+    assert rec["damping"] == pytest.approx(eps, rel=1e-6)
+    w.grad = torch.randn(4, 6, generator=gen) * 1e30
+    opt.step()
+    (rec,) = opt.diagnostics()
+    c = rec["stats_scale"]
+    floor = torch.finfo(torch.float32).tiny ** 0.5 * c * c / (1 - 0.999**4)
+    assert rec["damping"] == pytest.approx(max(eps, floor), rel=1e-6)
+    assert torch.isfinite(w).all() and rec["finite"]

@@ -56,10 +56,33 @@ def update_second_moment(kind: str | None, v: torch.Tensor, g: torch.Tensor, bet
             v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
 
+def robust_norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of ``x`` (0-d) that neither overflows nor underflows for finite ``x``.
+
+    float32/bfloat16 entries above ``~1.8e19`` overflow a float32 sum of squares, entries
+    below ``~1e-23`` vanish from it. The squares are accumulated in float64 (result in
+    float64) where the device has it; elsewhere ``x`` is divided by ``max |x|`` first.
+    About three times the cost of a plain norm (a float64 copy): for diagnostics and
+    checks, not for every step.
+    """
+    if x.device.type != "mps":
+        return torch.linalg.vector_norm(x, dtype=torch.float64)
+    amax = torch.linalg.vector_norm(x, ord=float("inf"))
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return torch.linalg.vector_norm(x / scale) * scale
+
+
 def graft_direction(
-    kind: str | None, m: torch.Tensor, v: torch.Tensor | None, step: int, beta2: float, eps: float
+    kind: str | None,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    step: int,
+    beta2: float,
+    eps: float | torch.Tensor,
 ) -> torch.Tensor:
-    """The diagonal method's direction ``a`` for input ``m`` (a new tensor)."""
+    """The diagonal method's direction ``a`` for input ``m`` (a new tensor).
+
+    ``eps`` may be a 0-d tensor (e.g. expressed in the units of scaled statistics)."""
     if kind in (None, "sgd"):
         return m.clone()
     if kind not in GRAFTS_WITH_STATE:
@@ -71,7 +94,12 @@ def graft_direction(
 
 
 def graft_norm(
-    kind: str | None, m: torch.Tensor, v: torch.Tensor | None, step: int, beta2: float, eps: float
+    kind: str | None,
+    m: torch.Tensor,
+    v: torch.Tensor | None,
+    step: int,
+    beta2: float,
+    eps: float | torch.Tensor,
 ) -> torch.Tensor:
     """``||graft_direction(kind, m, v, ...)||`` as a 0-d tensor, without keeping the direction.
 

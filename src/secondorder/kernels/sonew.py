@@ -1,7 +1,8 @@
 """SONew kernels: banded gradient statistics and the LogDet-optimal sparse preconditioner.
 
-Pure tensor math (no optimizer state); see ``ALGORITHMS.md`` §2. Everything here works on
-one parameter tensor flattened to a vector of length ``n``.
+Pure tensor math (no optimizer state); the method is described in the docstring of
+:class:`secondorder.SONew` and in ``docs/health.md``. Everything here works on one parameter
+tensor flattened to a vector of length ``n``.
 
 Storage convention (diagonal-major band storage)
 ------------------------------------------------
@@ -19,11 +20,23 @@ The preconditioner ``X = L · diag(D) · Lᵀ`` is returned as ``psi`` of shape 
 Damping and the stability guard
 -------------------------------
 The factorisations take ``delta`` (added to the diagonal: the factorised matrix is
-``H + delta·I`` on the band) and ``gamma``, the guard threshold (§2.3): a neighbour set is
+``H + delta·I`` on the band) and ``gamma``, the guard threshold: a neighbour set is
 kept only while the Schur complement stays above ``gamma`` times the diagonal it came from,
 otherwise its farthest edges are dropped (ultimately down to ``psi = 0, s_j = d_j``). This
 keeps every ``D_j`` positive and finite and bounds the conditioning of ``X``.
 ``gamma=None`` disables the guard (the plain formula, for tests and diagnostics only).
+
+Scale-aware statistics
+----------------------
+Squared gradients overflow the float32/bfloat16 range once ``|g| > ~1.8e19`` and underflow
+below ``~1e-23``. The optimizer therefore stores the statistics of ``g / c`` instead of ``g``,
+with a per-tensor power of two ``c = 2**e`` (:func:`scale_exponent`) chosen so that every
+stored entry is at most 1 (:func:`advance_stats_scale` keeps an upper bound ``B`` of
+``sqrt(max_j H_jj)``, and ``c`` is the next power of two above ``B``). When ``c`` changes, the
+stored band is multiplied by ``(c_old / c_new)²`` together with the EMA decay
+(:func:`update_band_stats_scaled`): powers of two are exact, so the scaled statistics carry
+the same rounding as unscaled ones would, only without the overflow. Everything downstream
+(damping, guard, ``X m``) is either scale invariant or rescaled by ``c`` explicitly.
 
 Python loops in this module run over the band (``k = 1..b``), never over ``n``.
 """
@@ -31,6 +44,7 @@ Python loops in this module run over the band (``k = 1..b``), never over ``n``.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -43,9 +57,17 @@ __all__ = [
     "diag_preconditioner",
     "guard_threshold",
     "ldl_to_dense",
+    "StatsScale",
+    "advance_stats_scale",
+    "scale_exponent",
     "tridiag_ldl",
     "update_band_stats",
+    "update_band_stats_scaled",
 ]
+
+#: The statistics scale ``c = 2**e`` is kept within ``2**±SCALE_EXP_MAX``: ``c``, ``1 / c`` and
+#: ``min(c, 1/c)**-1`` stay finite normal float32/bfloat16 numbers.
+SCALE_EXP_MAX = 126
 
 
 class Scratch:
@@ -107,6 +129,76 @@ def update_band_stats(h: torch.Tensor, g: torch.Tensor, beta2: float, weight: fl
     h[0].addcmul_(g, g, value=weight)
     for k in range(1, min(h.shape[0], n)):
         h[k, : n - k].addcmul_(g[: n - k], g[k:], value=weight)
+
+
+def scale_exponent(bound: torch.Tensor) -> torch.Tensor:
+    """``e`` (float, same shape) with ``2**e`` the next power of two strictly above ``bound``.
+
+    ``bound = 0`` gives ``e = 0``; ``e`` is clamped to ``[-SCALE_EXP_MAX, SCALE_EXP_MAX]``.
+    Computed with ``frexp`` (exact, no rounding of a logarithm), on device.
+    """
+    _, e = torch.frexp(bound.float())
+    return e.clamp_(-SCALE_EXP_MAX, SCALE_EXP_MAX).float()
+
+
+class StatsScale(NamedTuple):
+    """One step of the statistics scale (:func:`advance_stats_scale`); same shape as the
+    bound it came from (0-d for one tensor, ``(P,)`` for ``P`` tensors at once)."""
+
+    bound: torch.Tensor  #: new upper bound of sqrt(max_j H_jj)
+    exponent: torch.Tensor  #: new ``e``: the statistics are stored as ``H / 4**e``
+    decay: torch.Tensor  #: multiplier of the stored band: ``beta2 · 4**(e_old - e)``
+    inv_scale: torch.Tensor  #: ``2**-e``, exact
+
+
+def advance_stats_scale(
+    bound: torch.Tensor,
+    gmax: torch.Tensor,
+    beta2: float | torch.Tensor,
+    weight: float | torch.Tensor,
+    floor: float | torch.Tensor = 0.0,
+) -> StatsScale:
+    """The scale of the statistics after one more EMA update, elementwise over any shape.
+
+    ``H_jj ← beta2 · H_jj + weight · g_j²`` with ``|g_j| <= gmax`` and ``H_jj <= bound²``
+    gives ``sqrt(H_jj) <= hypot(sqrt(beta2) · bound, sqrt(weight) · gmax)``; ``hypot`` never
+    squares, so it neither overflows nor underflows. By Cauchy-Schwarz every off-diagonal
+    entry of the band is bounded by the same number, so the stored entries stay ``<= 1``.
+    The new bound is at least ``floor`` and at most ``2**SCALE_EXP_MAX``; the exponent shift
+    in ``decay`` is capped at ``2 · SCALE_EXP_MAX / 2`` so that it is finite (reached only
+    when the stored entries were below ``4**-SCALE_EXP_MAX / beta2`` anyway).
+    """
+    bound = bound.float()
+    e_old = scale_exponent(bound)
+    new = torch.hypot(bound * torch.as_tensor(beta2).sqrt(), gmax * torch.as_tensor(weight).sqrt())
+    new = torch.maximum(new, torch.as_tensor(floor, dtype=new.dtype, device=new.device))
+    new.clamp_(max=2.0**SCALE_EXP_MAX)
+    e = scale_exponent(new)
+    shift = torch.sub(e_old, e).mul_(2.0).clamp_(max=SCALE_EXP_MAX)
+    decay = torch.exp2(shift).mul_(beta2)
+    return StatsScale(new, e, decay, torch.exp2(-e))
+
+
+def update_band_stats_scaled(
+    h: torch.Tensor,
+    g: torch.Tensor,
+    decay: torch.Tensor,
+    inv_scale: torch.Tensor,
+    weight: float,
+    scratch: Scratch | None = None,
+) -> None:
+    """In place: the band of ``H / c_old²`` in ``h`` becomes that of ``H' / c²``.
+
+    ``H' = beta2 · H + weight · g gᵀ`` (on the band), with ``decay = beta2 · (c_old / c)²``
+    and ``inv_scale = 1 / c`` from :func:`advance_stats_scale` (0-d tensors: no host sync).
+    One pass multiplies ``h`` by ``decay``, one forms ``g / c``, then the products are
+    accumulated as in :func:`update_band_stats`. Powers of two are exact: the stored values
+    carry the same rounding as an unscaled accumulation would, without its overflow.
+    """
+    n = g.shape[0]
+    h.mul_(decay)
+    gs = torch.mul(g, inv_scale, out=_taker(scratch)("gs", n, h))
+    update_band_stats(h, gs, 1.0, weight)
 
 
 def band_inf_norm(

@@ -1,21 +1,29 @@
 """SONew: the sparsified online Newton method with LogDet-optimal banded preconditioners.
 
-Math in ``ALGORITHMS.md`` §2; the kernels are in :mod:`secondorder.kernels.sonew`, grafting
-is shared with Shampoo (:mod:`secondorder.kernels.grafting`). This module only orchestrates:
-state, dtypes and step order.
+The math is in the class docstring below; the kernels are in :mod:`secondorder.kernels.sonew`,
+grafting is shared with Shampoo (:mod:`secondorder.kernels.grafting`). This module only
+orchestrates: state, dtypes, the statistics scale and step order. What
+:meth:`SONew.diagnostics` reports is explained in ``docs/health.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .._validation import check_bool, check_choice, check_common_hparams, check_float, check_int
 from ..kernels import sonew as K
-from ..kernels.grafting import bias_correction, ema_weight, graft_direction, graft_norm
+from ..kernels.grafting import (
+    bias_correction,
+    ema_weight,
+    graft_direction,
+    graft_norm,
+    robust_norm,
+)
 from .base import SecondOrderOptimizer
 
 __all__ = ["SONew"]
@@ -24,11 +32,6 @@ GRAFTS = ("adam", None)
 DAMPINGS = ("relative", "absolute")
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMPUTE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float64)
-
-
-@functools.cache
-def _tiny(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).tiny)
 
 
 class SONew(SecondOrderOptimizer):
@@ -69,14 +72,16 @@ class SONew(SecondOrderOptimizer):
             (less memory traffic; relies on the stability guard). Measured on the MNIST
             autoencoder with bf16 model and state (benchmarks/RESULTS-sonew.md): both train
             to about the same loss, bf16 factorisation ~5% faster per step.
-        guard_threshold: the stability guard of §2.3. A neighbour edge of column ``j`` is
+        guard_threshold: the stability guard. A neighbour edge of column ``j`` is
             dropped when the Schur complement ``s_j`` falls to ``guard_threshold · d_j`` or
             below (farthest edges first for ``band > 1``), so every ``D_j > 0``. ``None``
             (default) uses the machine epsilon of the less precise of the compute and state
             dtypes (fp32 1.2e-7, bf16 7.8e-3): bf16 statistics carry bf16 rounding noise
             even when factorised in fp32, and an edge whose Schur complement is below that
             noise would blow up ``D_j`` (measured: band-4 SONew with bf16 state diverges
-            on the autoencoder with the fp32 threshold and trains with this one).
+            on the autoencoder with the fp32 threshold and trains with this one). A value
+            below the compute dtype's machine epsilon is raised to it (``D_j = 1/s_j``
+            must stay finite).
         precondition_1d: if ``True`` (default) every tensor, including 1-d biases and
             norm scales, gets the banded preconditioner; if ``False``, tensors with fewer
             than 2 dims take the plain Adam update (``m̂ / (√v̂ + graft_eps)``).
@@ -90,12 +95,37 @@ class SONew(SecondOrderOptimizer):
     on across row boundaries (the last weight of unit ``i`` neighbours the first weight of
     unit ``i + 1``); the statistics decide how much that edge matters.
 
-    **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped),
-    ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of ``g_j · g_{j+k}``, i.e.
-    the ``n × (b + 1)`` band array stored diagonal-major so every diagonal is contiguous).
-    Besides the state, the optimizer keeps reusable scratch buffers (not checkpointed) of
-    about 10 vectors of its largest parameter (``b²/2 + 4b + 10`` for ``band = b > 1``), so
-    that the step allocates almost nothing.
+    **Finite gradients give finite parameters.** Squares of gradients overflow float32 and
+    bfloat16 at ``|g| > ~1.8e19`` and vanish below ``~1e-23``. The statistics are therefore
+    stored relative to a per-tensor power of two: ``band_stats = H / c²``, with ``c`` the
+    next power of two above a running upper bound of ``sqrt(max_j H_jj)`` (``stats_bound``,
+    updated with ``hypot``, which never squares). Every stored entry is at most 1, ``c``
+    follows the statistics down again after a gradient spike, and powers of two are
+    exact: multiplying every gradient by ``2**k`` (and ``graft_eps`` with it) leaves the
+    ``graft="adam"`` update bit-identical (tested over ``2**±90``). The momentum enters
+    the preconditioner as ``m / c``; ``graft_eps`` and an absolute damping are converted to
+    these units. Floors that keep every intermediate finite, each far below what float32
+    resolves relative to the tensor's largest statistic: the damping and the graft ε in
+    scaled units are at least ``sqrt(tiny)`` (about ``1e-19``), the guard threshold at least
+    the compute dtype's epsilon, and with ``damping="absolute"`` ``c >= sqrt(ε) · 2**-30``
+    (a tiny gradient under a large absolute damping keeps ``X ≈ 1/ε``). The graft ratio is
+    computed so that it is finite for any finite norms. Two cases remain the method's own,
+    not numerical: with ``graft=None`` and relative damping the step scales as
+    ``1 / gradient`` (Newton-like), so gradients near float32's smallest numbers give
+    steps near its largest; and momentum larger than the statistics allow
+    (``β1² >= β2``, e.g. ``β2 = 0`` with ``β1 > 0``) has no Adam-style bound on
+    ``m̂ / √v̂``. :meth:`diagnostics` shows the scale, damping, pivots and graft ratio.
+
+    **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped,
+    unscaled), ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of
+    ``g_j · g_{j+k}`` divided by ``c²``, i.e. the ``n × (b + 1)`` band array stored
+    diagonal-major so every diagonal is contiguous; :meth:`band_statistics` returns it
+    unscaled), ``stats_bound`` (0-d float32 on the parameter's device; ``c`` derives from
+    it, :meth:`stats_scale`). Checkpoints without ``stats_bound`` (older versions, unscaled
+    statistics) are converted on load. Besides the state, the optimizer keeps reusable
+    scratch buffers (not checkpointed, :meth:`scratch_bytes`) of about 10 vectors of its
+    largest parameter (``b²/2 + 4b + 10`` for ``band = b > 1``), so that the step allocates
+    almost nothing.
     """
 
     _param_shaped_keys = ("exp_avg",)
@@ -174,6 +204,14 @@ class SONew(SecondOrderOptimizer):
                 f"SONew state for a parameter of shape {tuple(p.shape)} lacks "
                 f"{sorted(missing)}: not a SONew state dict"
             )
+        bound = st.get("stats_bound")  # absent in checkpoints of older versions: migrated
+        if bound is not None and not (
+            isinstance(bound, torch.Tensor) and bound.dim() == 0 and bound.is_floating_point()
+        ):
+            raise ValueError(
+                "SONew state 'stats_bound' must be a 0-d floating-point tensor, got "
+                f"{bound!r}: not a SONew state dict"
+            )
         # While loading, self.param_groups holds the loaded hyperparameters.
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         band = self._band_for(group, p)
@@ -187,6 +225,36 @@ class SONew(SecondOrderOptimizer):
                 "dict does not match these parameters or this band"
             )
 
+    def stats_scale(self, p: torch.Tensor) -> float:
+        """The power of two ``c`` with ``state["band_stats"] = H / c²`` for parameter ``p``
+        (reads a device value: not for the hot path)."""
+        st = self.state.get(p, {})
+        if "stats_bound" not in st:
+            raise ValueError("SONew.stats_scale: this parameter has no SONew state yet")
+        return 2.0 ** float(K.scale_exponent(st["stats_bound"]).item())
+
+    def band_statistics(self, p: torch.Tensor) -> torch.Tensor:
+        """The band of ``H`` (EMA of ``g gᵀ``, not bias-corrected) of parameter ``p`` in
+        float64 (float32 would overflow where the scaled storage does not): row ``k`` holds
+        ``H[j, j + k]``. A new tensor, for inspection and tests."""
+        c = self.stats_scale(p)
+        return self.state[p]["band_stats"].double() * c * c
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        # Checkpoints of versions without scale-aware statistics hold H itself: give them
+        # a bound and store H / c² like every newer state.
+        for st in self.state.values():
+            if "band_stats" in st and "stats_bound" not in st:
+                h = st["band_stats"]
+                bound = h[0].float().amax().clamp_(min=0).sqrt_() if h.numel() else None
+                if bound is None:
+                    bound = torch.zeros((), dtype=torch.float32, device=h.device)
+                e = K.scale_exponent(bound)
+                inv_c = torch.exp2(-e).to(h.dtype)
+                h.mul_(inv_c).mul_(inv_c)
+                st["stats_bound"] = bound
+
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
         # float16's range (max 65504) cannot hold squared gradients: keep its state in fp32.
@@ -196,6 +264,7 @@ class SONew(SecondOrderOptimizer):
         st["step"] = torch.tensor(0.0)
         st["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.contiguous_format)
         st["band_stats"] = torch.zeros((width, p.numel()), dtype=sdt, device=p.device)
+        st["stats_bound"] = torch.zeros((), dtype=torch.float32, device=p.device)
 
     def _scratch_buffers(self) -> K.Scratch:
         """Per-optimizer reusable buffers (not state): about 10 vectors of the largest
@@ -207,28 +276,76 @@ class SONew(SecondOrderOptimizer):
         return scratch
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        items = []
         for group, params in work:
             for p in params:
                 st = self.state[p]
                 if len(st) == 0:
                     self._init_state(group, p, st)
-                self._step_param(group, p, st)
+                self._check_band(group, p, st)  # before anything is modified
+                items.append((group, p, st))
+        for _, _, st in items:
+            st["step"] += 1
+        # The scalar bookkeeping of the statistics scale (a dozen tiny operations per
+        # tensor) runs once for all tensors on a device, as short vectors.
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, p, _) in enumerate(items):
+            by_device.setdefault(p.device, []).append(i)
+        scalars: list[_Scalars | None] = [None] * len(items)
+        for idx in by_device.values():
+            for i, sc in zip(idx, self._advance_scales([items[i] for i in idx])):
+                scalars[i] = sc
+        for (group, p, st), sc in zip(items, scalars):
+            self._step_param(group, p, st, sc)
 
-    def _step_param(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+    def _check_band(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        band = self._band_for(group, p)
+        width = 1 if band is None else band + 1
+        rows = st["band_stats"].shape[0]
+        if rows != width:
+            raise ValueError(
+                f"SONew: band_stats of a parameter has {rows} rows but band={band} "
+                f"needs {width}; band (and precondition_1d) cannot change during training"
+            )
+
+    def _advance_scales(self, items: list[tuple[dict[str, Any], torch.Tensor, dict]]) -> list:
+        """Per tensor: advance its statistics scale with this step's max |g| and return the
+        0-d quantities its step needs (:class:`_Scalars`), computed for all at once."""
+        dev = items[0][1].device
+        gmax, beta2, weight, floor, geps, root_delta = [], [], [], [], [], []
+        for group, p, st in items:
+            lo, hi = torch.aminmax(p.grad)  # one pass; the only per-tensor scalar work
+            gmax += [hi.float(), lo.float()]  # no-ops for float32
+            b2 = group["betas"][1]
+            t = int(st["step"].item())  # CPU scalar: no device sync
+            bc2 = bias_correction(b2, t)
+            absolute = self._band_for(group, p) is not None and group["damping"] == "absolute"
+            beta2.append(b2)
+            weight.append(ema_weight(b2))
+            floor.append(_absolute_scale_floor(group["eps"] * bc2) if absolute else 0.0)
+            geps.append(group["graft_eps"])
+            root_delta.append(math.sqrt(group["eps"] * bc2) if absolute else 0.0)
+
+        def vec(xs: list[float]) -> torch.Tensor:
+            return torch.tensor(xs, dtype=torch.float32, device=dev)
+
+        lohi = torch.stack(gmax).abs_().view(-1, 2)
+        bounds = [st["stats_bound"] for _, _, st in items]
+        sc = K.advance_stats_scale(
+            torch.stack(bounds), lohi.amax(1), vec(beta2), vec(weight), vec(floor)
+        )
+        torch._foreach_copy_(bounds, list(sc.bound.unbind()))
+        return _scaled_scalars(sc.decay, sc.inv_scale, geps, root_delta)
+
+    def _step_param(
+        self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], sc: _Scalars
+    ) -> None:
         beta1, beta2 = group["betas"]
         lr, wd = group["lr"], group["weight_decay"]
         band = self._band_for(group, p)
         m, h = st["exp_avg"], st["band_stats"]
-        width = 1 if band is None else band + 1
-        if h.shape[0] != width:
-            raise ValueError(
-                f"SONew: band_stats of a parameter has {h.shape[0]} rows but band={band} "
-                f"needs {width}; band (and precondition_1d) cannot change during training"
-            )
         sdt = m.dtype
-        cdt = group["compute_dtype"] or (torch.float64 if sdt == torch.float64 else torch.float32)
-
-        st["step"] += 1
+        cdt = self._compute_dtype(group, sdt)
         t = int(st["step"].item())  # CPU scalar: no device sync
         bc1 = bias_correction(beta1, t)
         bc2 = bias_correction(beta2, t)
@@ -240,44 +357,292 @@ class SONew(SecondOrderOptimizer):
             g = scratch.take("g", n, g, sdt).copy_(g)
         mf = m.view(-1)
         mf.lerp_(g, 1.0 - beta1)
-        K.update_band_stats(h, g, beta2, ema_weight(beta2))
+        # Scale-aware statistics: h holds the band of H / c² with c = 2**e a power of two
+        # above a running bound of sqrt(max H_jj) (see kernels.sonew), so that squares of
+        # huge gradients cannot overflow nor those of tiny ones underflow.
+        K.update_band_stats_scaled(h, g, sc.decay, sc.inv_scale, ema_weight(beta2), scratch)
 
-        hc, mc = h, mf
-        if cdt != sdt:  # upcast (or downcast) into scratch: no per-step allocation
-            hc = scratch.take("h", h.numel(), h, cdt).view(h.shape).copy_(h)
-            mc = scratch.take("m", n, mf, cdt).copy_(mf)
-        if band is None:
-            u = graft_direction("adam", mc, hc[0], t, beta2, group["graft_eps"])
-            scale = 1.0 / bc1
-        else:
-            # Factorise H + δ'I with the raw (not bias-corrected) statistics: with
-            # Ĥ = H / bc2 and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard
-            # decisions, which are scale invariant); the scalar is folded into the step.
-            if group["damping"] == "relative":
-                delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
-                delta.clamp_min_(_tiny(cdt))
-            else:
-                delta = group["eps"] * bc2
-            if band == 0:
-                u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
-            else:
-                gamma = group["guard_threshold"]
-                if gamma is None:
-                    gamma = self.default_guard_threshold(sdt, cdt)
-                if band == 1:
-                    psi, D = K.tridiag_ldl(hc, delta, gamma, scratch)
-                else:
-                    psi, D = K.band_ldl(hc, delta, gamma, scratch)
-                u = K.apply_preconditioner(psi, D, mc, scratch)
-            if group["graft"] == "adam":
-                # Only the graft's norm is needed; the rescale is fused into the update.
-                ratio = graft_norm("adam", mc, hc[0], t, beta2, group["graft_eps"])
-                ratio.div_(torch.linalg.vector_norm(u).add_(1e-16))
-                if wd != 0.0:
-                    p.mul_(1.0 - lr * wd)
-                p.addcmul_(u.view(p.shape), ratio, value=-lr / bc1)
-                return
-            scale = bc2 / bc1
+        d = self._direction(group, band, h, mf, sc, t, sdt, cdt, scratch)
         if wd != 0.0:
             p.mul_(1.0 - lr * wd)
-        p.add_(u.view(p.shape), alpha=-lr * scale)
+        if d.graft_norm is not None:
+            # Only the graft's norm is needed; the rescale is fused into the update. Both
+            # norms are of scale-free vectors (m / c), so their ratio is the true one.
+            ratio = _safe_ratio(d.graft_norm, torch.linalg.vector_norm(d.u))
+            p.addcmul_(d.u.view(p.shape), ratio, value=-lr / bc1)
+        elif band is None:  # plain Adam update (scale free)
+            p.add_(d.u.view(p.shape), alpha=-lr / bc1)
+        else:
+            # X m = X_c (m / c) / c, with X_c the preconditioner of the scaled statistics.
+            factor = sc.inv_scale.to(cdt).mul_(-lr * bc2 / bc1)
+            p.addcmul_(d.u.view(p.shape), factor.clamp_(-_floor(cdt).max, _floor(cdt).max))
+
+    def _direction(
+        self,
+        group: dict[str, Any],
+        band: int | None,
+        h: torch.Tensor,
+        mf: torch.Tensor,
+        sc: _Scalars,
+        t: int,
+        sdt: torch.dtype,
+        cdt: torch.dtype,
+        scratch: K.Scratch | None,
+    ) -> _Direction:
+        """The preconditioned direction of the scaled momentum ``m / c`` (see _Direction)."""
+        beta2 = group["betas"][1]
+        n = mf.shape[0]
+        take = scratch.take if scratch is not None else _fresh
+        inv_c = sc.inv_scale  # 1 / c, exact
+        hc = h
+        if cdt != sdt:  # upcast (or downcast) into scratch: no per-step allocation
+            hc = take("h", h.numel(), h, cdt).view(h.shape).copy_(h)
+        # the momentum in the same units as the statistics: |m / c| <~ 1
+        mc = torch.mul(mf, inv_c, out=take("m", n, mf, cdt))
+        geps = sc.graft_eps
+        if band is None:
+            u = graft_direction("adam", mc, hc[0], t, beta2, geps)
+            return _Direction(u, hc, mc, inv_c, None, None, None, None)
+        # Factorise H + δ'I with the raw (not bias-corrected) statistics: with Ĥ = H / bc2
+        # and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard decisions, which are
+        # scale invariant); the scalar is folded into the step.
+        delta = self._damping(group, hc, sc.delta, scratch)
+        psi = D = None
+        if band == 0:
+            u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
+        else:
+            gamma = self._effective_guard(group, sdt, cdt)
+            if band == 1:
+                psi, D = K.tridiag_ldl(hc, delta, gamma, scratch)
+            else:
+                psi, D = K.band_ldl(hc, delta, gamma, scratch)
+            u = K.apply_preconditioner(psi, D, mc, scratch)
+        gn = None
+        if group["graft"] == "adam":
+            gn = graft_norm("adam", mc, hc[0], t, beta2, geps)
+        return _Direction(u, hc, mc, inv_c, delta, psi, D, gn)
+
+    # -------------------------------------------------------------- health
+    @torch.no_grad()
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """One record per parameter with SONew state: how its preconditioner is doing.
+
+        Recomputed from the current state (statistics and momentum after the last step),
+        so ``step()`` pays nothing for it; it reads device values: call it off the hot path.
+        Fields (all Python numbers; ``None`` where not applicable):
+
+        * ``param`` (index over all param groups), ``shape``, ``band`` (``None``: the tensor
+          takes the plain Adam update, ``precondition_1d=False``), ``step``;
+        * ``stats_scale``: the power of two ``c`` the statistics are stored divided by
+          (``c²``); ``max_stat``: the largest bias-corrected diagonal statistic
+          ``max_j Ĥ_jj`` (the gradient scale squared);
+        * ``damping``: ``δ`` actually added to the diagonal of ``Ĥ`` (after the floors);
+        * ``min_pivot``: the smallest relative Schur complement ``s_j / d_j`` over columns
+          (1: no coupling; close to the guard threshold: nearly singular neighbourhoods);
+        * ``guarded_columns``: fraction of columns where the stability guard dropped at
+          least one neighbour edge; ``dropped_edges``: fraction of all band edges dropped;
+        * ``graft_norm`` / ``direction_norm`` / ``graft_ratio``: ``‖Adam direction‖``,
+          ``‖X(Ĥ + δI) m̂‖`` and their ratio, the factor the graft rescales SONew's
+          direction by (``graft="adam"`` only; ``direction_norm`` also with ``graft=None``);
+        * ``finite``: every state tensor is finite (always true unless something is wrong).
+
+        ``skipped_steps`` (non-finite gradients, optimizer-wide) is an attribute.
+        """
+        out = []
+        idx = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                idx += 1
+                st = self.state.get(p, {})
+                if "band_stats" not in st or "stats_bound" not in st:
+                    continue
+                out.append(self._health(idx, group, p, st))
+        return out
+
+    def _health(
+        self, idx: int, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]
+    ) -> dict[str, Any]:
+        band = self._band_for(group, p)
+        h, m = st["band_stats"], st["exp_avg"]
+        t = int(st["step"].item())
+        bc1 = bias_correction(group["betas"][0], t)
+        bc2 = bias_correction(group["betas"][1], t)
+        sdt = m.dtype
+        cdt = self._compute_dtype(group, sdt)
+        e = K.scale_exponent(st["stats_bound"])
+        c = 2.0 ** float(e.item())
+        rec: dict[str, Any] = dict(
+            param=idx,
+            shape=tuple(p.shape),
+            band=band,
+            step=t,
+            stats_scale=c,
+            max_stat=float(h[0].double().max()) * c * c / bc2,
+            damping=None,
+            min_pivot=None,
+            guarded_columns=None,
+            dropped_edges=None,
+            graft_norm=None,
+            direction_norm=None,
+            graft_ratio=None,
+            finite=all(
+                bool(torch.isfinite(v).all())
+                for v in st.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            ),
+        )
+        if band is None:
+            return rec
+        absolute = group["damping"] == "absolute"
+        (sc,) = _scaled_scalars(
+            torch.ones(1, device=h.device),
+            torch.exp2(-e).view(1),
+            [group["graft_eps"]],
+            [math.sqrt(group["eps"] * bc2) if absolute else 0.0],
+        )
+        d = self._direction(group, band, h, m.reshape(-1), sc, t, sdt, cdt, None)
+        rec["damping"] = float(d.delta) * c * c / bc2
+        # X(Ĥ + δI) m̂ = (bc2 / bc1) · X_c (m / c) / c
+        unorm = float(robust_norm(d.u)) * bc2 / (bc1 * c)
+        rec["direction_norm"] = unorm
+        if d.graft_norm is not None:
+            gnorm = float(d.graft_norm) / bc1
+            rec["graft_norm"] = gnorm
+            rec["graft_ratio"] = gnorm / unorm if unorm > 0 else None
+        if d.D is None:  # diagonal: no edges, every pivot is its diagonal
+            rec.update(min_pivot=1.0, guarded_columns=0.0, dropped_edges=0.0)
+            return rec
+        n = h.shape[1]
+        diag = d.hc[0].double() + float(d.delta)
+        rec["min_pivot"] = float((1.0 / (d.D.double() * diag)).min())
+        # a dropped edge has psi = 0 although its statistic is not 0 (the guard zeroes a
+        # column's farthest edges; a kept edge is 0 only for an exactly 0 statistic)
+        dropped = (d.psi == 0) & (d.hc[1:] != 0)
+        edges = sum(max(n - k, 0) for k in range(1, band + 1))
+        rec["dropped_edges"] = float(dropped.sum()) / edges if edges else 0.0
+        rec["guarded_columns"] = float(dropped.any(0).double().mean())
+        return rec
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in the optimizer state (what ``state_dict`` saves)."""
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    def scratch_bytes(self) -> int:
+        """Bytes of the reusable work buffers (not state, not saved; see the class doc)."""
+        scratch = self.__dict__.get("_scratch")
+        return 0 if scratch is None else scratch.nbytes()
+
+    # ------------------------------------------------------------- numerics
+    @staticmethod
+    def _compute_dtype(group: dict[str, Any], sdt: torch.dtype) -> torch.dtype:
+        return group["compute_dtype"] or (torch.float64 if sdt == torch.float64 else torch.float32)
+
+    def _effective_guard(self, group: dict[str, Any], sdt: torch.dtype, cdt: torch.dtype) -> float:
+        """The guard threshold used: the group's (or the default), never below the compute
+        dtype's machine epsilon (a Schur complement below rounding noise is not signal, and
+        ``D = 1/s`` must stay finite)."""
+        gamma = group["guard_threshold"]
+        if gamma is None:
+            return self.default_guard_threshold(sdt, cdt)
+        return max(gamma, K.guard_threshold(cdt))
+
+    @staticmethod
+    def _damping(
+        group: dict[str, Any],
+        hc: torch.Tensor,
+        delta_abs: torch.Tensor,
+        scratch: K.Scratch | None,
+    ) -> torch.Tensor:
+        """``δ'`` in the units of the scaled statistics, a 0-d tensor (no host sync).
+
+        Relative: ``eps · ‖H_c‖∞`` (scale invariant). Absolute: ``eps · bc2 / c²`` (from
+        :meth:`_advance_scales`), at most ``2**60`` because ``c >= sqrt(eps · bc2) · 2**-30``
+        (:func:`_absolute_scale_floor`). Both are at least ``sqrt(tiny)`` of the compute
+        dtype (about ``1e-19`` for float32 and bfloat16), far below the stored statistics'
+        scale (at most 1): pivots stay positive and ``D = 1/s`` finite.
+        """
+        cdt = hc.dtype
+        if group["damping"] == "relative":
+            delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
+        else:
+            delta = delta_abs.to(cdt)
+        return delta.clamp_min_(_floor(cdt).delta)
+
+
+class _Floors(NamedTuple):
+    delta: float  # smallest damping / graft eps in scaled units: sqrt(tiny)
+    max: float  # largest finite value
+    tiny: float  # smallest normal value
+
+
+@functools.cache
+def _floor(dtype: torch.dtype) -> _Floors:
+    fi = torch.finfo(dtype)
+    return _Floors(delta=math.sqrt(fi.tiny), max=float(fi.max), tiny=float(fi.tiny))
+
+
+def _absolute_scale_floor(delta: float) -> float:
+    """Least statistics scale for absolute damping ``delta``: ``sqrt(delta) · 2**-30``, so that
+    the damping in scaled units (``delta / c²``) is at most ``2**60``; tiny gradients then
+    keep a representable ``X ≈ 1/delta`` instead of an underflowing scaled one."""
+    return math.sqrt(delta) * 2.0**-30
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` for the graft rescale, finite for any finite ``num``: the denominator is
+    kept above ``num · 2**-100`` and float32's ``tiny`` (a zero ``den`` means a zero
+    direction, whatever it is multiplied by); an overflowed (``inf``) ``den`` gives 0."""
+    den = torch.maximum(den, num * 2.0**-100).clamp_min_(_floor(torch.float32).tiny)
+    return num / den
+
+
+def _scaled_scalars(
+    decay: torch.Tensor, inv: torch.Tensor, geps: list[float], root_delta: list[float]
+) -> list[_Scalars]:
+    """Per tensor :class:`_Scalars` from vectors of ``decay`` and ``1 / c`` and the lists of
+    ``graft_eps`` and ``sqrt(eps · bc2)`` (0 for relative damping)."""
+    # float64 where the device has it: the absolute damping keeps its precision for
+    # float64 states; these are vectors of one number per tensor
+    fdt = torch.float32 if inv.device.type == "mps" else torch.float64
+    invd = inv.to(fdt)
+    # graft_eps in scaled units, at least sqrt(tiny): m / (sqrt(v) + eps) stays finite
+    geps_c = torch.tensor(geps, dtype=fdt, device=inv.device).mul_(invd)
+    geps_c.clamp_(min=_floor(torch.float32).delta)
+    # absolute damping in scaled units: (sqrt(eps · bc2) / c)² <= 2**60 (the scale floor)
+    delta_c = torch.tensor(root_delta, dtype=fdt, device=inv.device).mul_(invd).square_()
+    return [
+        _Scalars(*x)
+        for x in zip(decay.unbind(), inv.unbind(), geps_c.unbind(), delta_c.unbind())
+    ]
+
+
+class _Scalars(NamedTuple):
+    """The 0-d per-tensor quantities of one step (:meth:`SONew._advance_scales`)."""
+
+    decay: torch.Tensor  # multiplier of the stored statistics: beta2 · (c_old / c)²
+    inv_scale: torch.Tensor  # 1 / c
+    graft_eps: torch.Tensor  # graft_eps / c, at least sqrt(tiny)
+    delta: torch.Tensor  # absolute damping eps · bc2 / c² (0 for relative damping)
+
+
+class _Direction(NamedTuple):
+    """What :meth:`SONew._direction` computed, all in the units of the scaled statistics
+    (``H / c²``, ``m / c``); tensors may live in scratch buffers."""
+
+    u: torch.Tensor  # X_c (m / c), or the Adam direction for tensors without a band
+    hc: torch.Tensor  # the statistics in the compute dtype
+    mc: torch.Tensor  # m / c in the compute dtype
+    inv_c: torch.Tensor  # 1 / c (0-d)
+    delta: torch.Tensor | None  # damping added to the diagonal (0-d)
+    psi: torch.Tensor | None  # LDLᵀ off-diagonal multipliers (band >= 1)
+    D: torch.Tensor | None  # LDLᵀ diagonal (band >= 1)
+    graft_norm: torch.Tensor | None  # ||Adam direction|| (graft="adam")
+
+
+def _fresh(slot: str, n: int, like: torch.Tensor, dtype: torch.dtype | None = None):
+    return torch.empty(n, dtype=dtype or like.dtype, device=like.device)
