@@ -13,6 +13,13 @@ results).
 
 Precision: work is done in float32, or float64 when the input is float64. Half-precision
 inputs (bf16/fp16) are upcast to float32 and the results stay float32.
+
+Reproducibility: a matrix's root does not depend on the other matrices of its batch. The
+scalar powers ``x^(-1/p)`` go through :func:`inverse_pth_root_scalar`, built from correctly
+rounded operations only, because ``torch.pow`` on the CPU rounds an element differently
+depending on whether it falls in the vectorized part of the loop or its scalar tail, i.e. on
+its position in the batch (and on the thread count). This is what lets a distributed run,
+whose ranks solve subsets of the blocks, match a single process bit for bit.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ __all__ = [
     "RootResult",
     "inverse_root",
     "inverse_root_eigh",
+    "inverse_pth_root_scalar",
     "inverse_root_newton",
     "power_iteration",
 ]
@@ -54,6 +62,53 @@ class RootResult(NamedTuple):
     error: Tensor
     lambda_max: Tensor
     ok: Tensor
+
+
+def inverse_pth_root_scalar(x: Tensor, p: int) -> Tensor:
+    """Elementwise ``x^(-1/p)``, bitwise reproducible: independent of layout and threads.
+
+    ``torch.pow`` is accurate but not reproducible per element on the CPU (the vectorized
+    loop and its scalar tail use different approximations, so an element's result depends
+    on its position and on how the tensor is split across threads). Here only exactly
+    rounded operations (``+ - * /``, exponent arithmetic) are used, in float64:
+    ``x = m 2^e`` with ``m`` in ``[0.5, 1)``; ``e = p q + r`` with ``0 <= r < p``; then
+    ``x^(-1/p) = m^(-1/p) 2^(-r/p) 2^(-q)``, where ``m^(-1/p)`` in ``(1, 2^(1/p)]`` comes
+    from six Newton steps ``y <- y ((p + 1) - m y^p) / p`` (from ``y = 1 + (1/m - 1)/p``,
+    which converge to float64 accuracy), ``2^(-r/p)`` from a table of ``p`` constants and
+    ``2^(-q)`` is exact. Accuracy: a few float64 ulps, i.e. correctly rounded in float32
+    but for rare ties.
+
+    Args:
+        x: any float tensor; ``x = 0`` gives ``inf``, ``x < 0`` and NaN give NaN,
+            ``x = inf`` gives 0.
+        p: an integer ``>= 1``.
+
+    Returns:
+        ``x^(-1/p)`` in ``x``'s dtype (float32 for half-precision ``x``).
+    """
+    p = _check_p(p)
+    out_dtype = _compute_dtype(x.dtype)
+    x64 = x.to(torch.float64)
+    m, e = torch.frexp(x64)
+    e = e.to(torch.int64)
+    q = torch.div(e, p, rounding_mode="floor")
+    r = e - q * p
+    table = torch.tensor([2.0 ** (-k / p) for k in range(p)], dtype=torch.float64)
+    y = 1.0 + (1.0 / m - 1.0) / p
+    for _ in range(6):
+        yp = y
+        for _ in range(p - 1):
+            yp = yp * y
+        y = y * ((p + 1) - m * yp) / p
+    y = y * table.to(x64.device)[r]
+    # 2^(-q) in two exact factors (|q| <= 1074 for float64 subnormals: each half fits)
+    q1 = torch.div(q, 2, rounding_mode="floor")
+    for k in (q1, q - q1):
+        y = y * ((1023 - k) << 52).view(torch.float64)
+    y = torch.where(x64 == 0, torch.full_like(y, float("inf")), y)
+    y = torch.where(x64 == float("inf"), torch.zeros_like(y), y)
+    y = torch.where(x64 < 0, torch.full_like(y, float("nan")), y)
+    return y.to(out_dtype)
 
 
 def _check_p(p: object) -> int:
@@ -170,7 +225,7 @@ def inverse_root_newton(
     norm = _fro_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
     z = (1.0 + p) / (2.0 * norm)
     M = z[:, None, None] * A
-    H = z.pow(1.0 / p)[:, None, None] * eye
+    H = (1.0 / inverse_pth_root_scalar(z, p))[:, None, None] * eye
     err = (M - eye).abs().amax(dim=(-2, -1))
     active = err > tol  # NaN compares False: a non-finite start is returned as is
     idx = torch.arange(B, device=A.device)
@@ -273,7 +328,7 @@ def inverse_root_eigh(A: Tensor, p: int, *, eps: float | Tensor = 0.0) -> tuple[
         eps_t = eps.to(device=A.device, dtype=A.dtype).reshape(-1, 1)
     else:
         eps_t = torch.tensor(float(eps), device=A.device, dtype=A.dtype)
-    d = torch.maximum(L, eps_t).pow(-1.0 / p)
+    d = inverse_pth_root_scalar(torch.maximum(L, eps_t), p)
     root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
     recon = (Q * L.unsqueeze(-2)) @ Q.transpose(-2, -1)
     a_norm = _fro_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
@@ -306,7 +361,7 @@ def _eigh_root(A: Tensor, p: int, ridge_epsilon: float) -> tuple[Tensor, Tensor,
     L, Q = _eigh(A)
     lam_max = L[..., -1].clamp_min(0)  # eigh sorts ascending
     eps_eff = (ridge_epsilon * lam_max).clamp_min(_RIDGE_FLOOR)
-    d = (L.clamp_min(0) + eps_eff[:, None]).pow(-1.0 / p)
+    d = inverse_pth_root_scalar(L.clamp_min(0) + eps_eff[:, None], p)
     root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
     V = _probes(A.shape[-1], min(4, A.shape[-1]), A.dtype, A.device)
     AV = A @ V
