@@ -120,7 +120,7 @@ def _spd_batch(n: int, batch: int, seed: int) -> torch.Tensor:
     return torch.stack(mats)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     n=st.sampled_from([1, 2, 3, 4, 5, 8, 24]),
     method=st.sampled_from(["eigh", "newton"]),
@@ -140,3 +140,37 @@ def test_root_of_a_matrix_does_not_depend_on_its_batch(n, method, p, seed, data)
     part = inverse_root(A[subset].contiguous(), p, method=method)
     for name in ("root", "error", "lambda_max", "ok"):
         assert torch.equal(getattr(full, name)[subset], getattr(part, name)), name
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("n", [3, 24, 64])
+def test_single_matrix_batches_take_the_same_path(method, n):
+    """A batch of one matrix is where libraries switch kernels (e.g. matrix-vector instead of
+    batched matrix-matrix products): a rank that owns one block of a class gets that."""
+    A = _spd_batch(n, 4, seed=n)
+    full = inverse_root(A, 4, method=method)
+    for i in range(A.shape[0]):
+        one = inverse_root(A[i : i + 1].contiguous(), 4, method=method)
+        for name in ("root", "error", "lambda_max", "ok"):
+            assert torch.equal(getattr(full, name)[i : i + 1], getattr(one, name)), (i, name)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bordered_eigh_is_the_eigh_of_the_matrix(n, dtype):
+    """Sizes that are not multiples of 4 are decomposed bordered by a block above their
+    spectrum; the first ``n`` eigenpairs must be the matrix's own (float64 reference)."""
+    from secondorder.kernels.roots import _eigh
+
+    A = torch.cat([_spd_batch(n, 6, seed=n), torch.zeros(1, n, n)]).to(dtype)
+    A = (A + A.transpose(-2, -1)) / 2  # exactly symmetric: eigh reads one triangle
+    L, Q = _eigh(A)
+    assert L.shape == (7, n) and Q.shape == (7, n, n)
+    ref = torch.linalg.eigvalsh(A.double())
+    scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    eps = torch.finfo(dtype).eps
+    assert ((L.double() - ref).abs() <= 8 * n * eps * scale).all()
+    eye = torch.eye(n, dtype=torch.float64)
+    assert ((Q.double().transpose(-2, -1) @ Q.double() - eye).abs() <= 8 * n * eps).all()
+    rec = (Q.double() * L.double().unsqueeze(-2)) @ Q.double().transpose(-2, -1)
+    assert ((rec - A.double()).abs() <= 8 * n * eps * scale[..., None]).all()
