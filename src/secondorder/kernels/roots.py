@@ -14,12 +14,14 @@ results).
 Precision: work is done in float32, or float64 when the input is float64. Half-precision
 inputs (bf16/fp16) are upcast to float32 and the results stay float32.
 
-Reproducibility: a matrix's root does not depend on the other matrices of its batch. The
-scalar powers ``x^(-1/p)`` go through :func:`inverse_pth_root_scalar`, built from correctly
-rounded operations only, because ``torch.pow`` on the CPU rounds an element differently
-depending on whether it falls in the vectorized part of the loop or its scalar tail, i.e. on
-its position in the batch (and on the thread count). This is what lets a distributed run,
-whose ranks solve subsets of the blocks, match a single process bit for bit.
+Reproducibility: a matrix's root does not depend on the other matrices of its batch, which
+lets a distributed run, whose ranks solve subsets of the blocks, match a single process bit
+for bit (docs/algorithms.md#reproducibility). The scalar powers ``x^(-1/p)`` go through
+:func:`inverse_pth_root_scalar`, built from correctly rounded operations only (``torch.pow``
+on the CPU rounds an element differently in the vectorized part of the loop and in its
+scalar tail, i.e. depending on its position and the thread count); on the CPU, eigh sees
+matrices bordered to a multiple of 4 (LAPACK's result depended on a matrix's alignment in
+the batch); power iteration keeps one-matrix batches on the matrix-matrix product path.
 """
 
 from __future__ import annotations
