@@ -6,7 +6,8 @@ function here takes a batch (a single ``(n, n)`` matrix is accepted too and give
 results).
 
 * :func:`power_iteration` -- largest eigenvalue of each matrix (for the relative ridge).
-* :func:`inverse_root_newton` -- coupled Newton iteration (matmuls only; ALGORITHMS.md 1.4).
+* :func:`inverse_root_newton` -- coupled Newton iteration (matmuls only;
+  docs/algorithms.md#inverse-roots-coupled-newton-iteration).
 * :func:`inverse_root_eigh` -- eigendecomposition (exact, robust, slower on accelerators).
 * :func:`inverse_root` -- the pipeline the optimizer calls: relative ridge, solve, accept
   or reject each matrix, optionally retry the rejected ones with a larger ridge.
@@ -210,9 +211,10 @@ def inverse_root_newton(
 ) -> tuple[Tensor, Tensor]:
     """``A^(-1/p)`` for a batch of SPD matrices by the coupled Newton iteration.
 
-    The iteration (ALGORITHMS.md 1.4) keeps the pair ``(H, M)`` with ``M = H^p A``, starting
-    from ``M = z A``, ``H = z^(1/p) I`` with ``z = (1 + p) / (2 ||A||_F)``, and repeats
-    ``T = ((p + 1) I - M) / p``, ``M <- T^p M``, ``H <- H T`` until ``M`` is the identity.
+    The iteration (docs/algorithms.md#inverse-roots-coupled-newton-iteration) keeps the pair
+    ``(H, M)`` with ``M = H^p A``, starting from ``M = z A``, ``H = z^(1/p) I`` with
+    ``z = (1 + p) / (2 ||A||_F)``, and repeats ``T = ((p + 1) I - M) / p``, ``M <- T^p M``,
+    ``H <- H T`` until ``M`` is the identity.
 
     Every matrix of the batch runs its own iteration: it stops when its error
     ``e = max|M - I|`` drops to ``tol``, or when ``e`` grows above ``1.2`` times the
