@@ -1,18 +1,24 @@
-"""Shampoo(distributed=True): blocks split across ranks (ALGORITHMS.md 1.7).
+"""Shampoo(distributed=True): blocks split across ranks.
 
 The multi-process tests spawn 1, 2 and 3 real gloo processes on this machine; each rank also
 runs single-process Shampoo on the global batch and checks itself against it.
 
-Tolerances (stated here, tested below):
-* identical gradients on every rank, float32 communication: ``atol = 1e-6, rtol = 1e-5``
-  after 12 steps (measured: a few float32 ulps). The owner computes each block with the
-  same kernels as the single process and the exchange copies float32 values exactly, but
-  batched kernels (bmm, eigh) run on batches of other sizes and may round differently;
-* DDP (each rank's shard of the global batch, gradients averaged by DDP): against single
-  process Shampoo stepping on the same averaged gradient, as above; against one backward
-  pass on the global batch, ``atol = 2e-3`` after 8 steps (lr 0.05): the all-reduce rounds
-  the gradient differently, and the inverse roots of nearly singular 4x4 statistics amplify
-  that (a single process averaging shard gradients differs by as much: ~5e-4);
+What is compared, and why exactly:
+* identical gradients on every rank, float32 communication: parameters, optimizer state
+  and checkpoints are **bit-identical** to single-process Shampoo's. By construction: each
+  block's statistics, root and direction are computed by the same kernels, and every kernel
+  on that path treats each block of a batch independently of the other blocks (the root
+  kernels are checked for that in ``tests/kernels/test_roots_reproducible.py``), so solving
+  a rank's subset of a bucket gives the same bits as solving the whole bucket; the float32
+  exchange copies values. The single-process reference steps under a different thread count
+  than the ranks, so this also checks that the thread count does not matter. The ranks'
+  thread count comes from ``SECONDORDER_TEST_THREADS`` (default 1; CI runs 1 and 2);
+* DDP (each rank's shard of the global batch, gradients averaged by DDP): bit-identical to
+  single-process Shampoo stepping on the gradient DDP produced. Against one backward pass on
+  the global batch the gradients differ by float32 rounding (the all-reduce sums in another
+  order), and Shampoo's first roots of nearly singular statistics amplify that: only the
+  trivial bound holds (each parameter moved at most ``lr * max|update|`` per step in both
+  runs), documented in ``docs/algorithms.md#sensitivity-of-the-first-roots``;
 * bfloat16 communication: directions are rounded to bf16 (relative 2^-8), so each step's
   parameter change is within ``2^-8`` of the float32 one (``lr * |d|``), and all ranks
   still hold bit-identical parameters.
@@ -20,6 +26,7 @@ Tolerances (stated here, tested below):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -34,6 +41,7 @@ from secondorder import Shampoo
 from secondorder.distributed import BlockLayout, Communicator, assign_blocks, block_cost
 
 KW = dict(lr=0.05, block_size=4, precondition_frequency=2, start_preconditioning_step=2)
+THREADS = int(os.environ.get("SECONDORDER_TEST_THREADS", "1"))
 
 # ------------------------------------------------------------------------ unit tests
 
@@ -122,23 +130,33 @@ def _same_across_ranks(model):
     return all(torch.equal(e, flat) for e in every)
 
 
-EXACT = dict(rtol=1e-5, atol=1e-6)  # float32 communication, identical gradients
-
-
 def _assert_params(m1, m2, **tol):
+    """Bit-identical parameters, or within ``tol`` (``assert_close`` keywords) if given."""
     for a, b in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(a, b, **tol)
+        if tol:
+            torch.testing.assert_close(a, b, **tol)
+        else:
+            assert torch.equal(a, b), f"max abs diff {(a - b).abs().max().item():.3g}"
 
 
-def _assert_state_close(a, b):
-    # Batched power iteration stops when the whole batch has converged, so lambda_max (and
-    # the ridge) of a block depends slightly on which blocks share its batch.
+def _assert_state_equal(a, b):
     assert a.shape == b.shape and a.dtype == b.dtype
-    if a.is_floating_point():
-        err = (a - b).abs().max().item() if a.numel() else 0.0
-        assert err <= 1e-4 * max(b.abs().max().item() if b.numel() else 0.0, 1e-30)
-    else:
-        assert torch.equal(a, b)
+    assert torch.equal(a, b), f"max abs diff {(a.double() - b.double()).abs().max().item():.3g}"
+
+
+@contextlib.contextmanager
+def _other_threads():
+    """Run the single-process reference under another thread count than the ranks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if before == 1 else 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 def _max_diff(m1, m2):
@@ -153,8 +171,9 @@ def _check_identical_grads(world, rank, report):
     ropt = Shampoo(ref.parameters(), **KW)
     for step in range(8):
         _step(model, opt, *_batch(step))
-        _step(ref, ropt, *_batch(step))
-    _assert_params(model, ref, **EXACT)
+        with _other_threads():
+            _step(ref, ropt, *_batch(step))
+    _assert_params(model, ref)
     report["block_bytes"] = _block_bytes(opt)
     report["block_bytes_single"] = _block_bytes(ropt)
     report["state_bytes"] = opt.state_bytes()
@@ -167,15 +186,13 @@ def _check_identical_grads(world, rank, report):
     sd, rsd = opt.state_dict(), ropt.state_dict()
     for k, st in rsd["state"].items():
         for name, v in st.items():
-            if name == "root_error":  # the solver's residual, ~1e-7: rounding noise
-                continue
             got = sd["state"][k][name]
             if isinstance(v, torch.Tensor):
-                _assert_state_close(got, v)
+                _assert_state_equal(got, v)
             elif isinstance(v, list):
                 for gc, vc in zip(got, v):
                     for a, b in zip(gc, vc):
-                        _assert_state_close(a, b)
+                        _assert_state_equal(a, b)
     m_single = _model()
     m_single.load_state_dict(model.state_dict())
     single = Shampoo(m_single.parameters(), **KW)
@@ -190,7 +207,7 @@ def _check_identical_grads(world, rank, report):
         for m, o in ((model, opt), (ref, ropt), (m_single, single), (m_dist, dist_opt)):
             _step(m, o, *_batch(step))
     for m in (model, m_single, m_dist):
-        _assert_params(m, ref, **EXACT)
+        _assert_params(m, ref)
     report["identical_grads_max_abs_diff"] = _max_diff(model, ref)
 
 
@@ -202,7 +219,9 @@ def _check_ddp(world, rank, report):
     opt = Shampoo(ddp.parameters(), distributed=True, **KW)
     ropt, gopt = Shampoo(ref.parameters(), **KW), Shampoo(ref_global.parameters(), **KW)
     shard = 12 // world
+    moved = 0.0  # sum over steps of the largest parameter change of either run
     for step in range(8):
+        before = [_flat(model), _flat(ref_global)]
         x, y = _batch(step)
         opt.zero_grad()
         xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
@@ -211,12 +230,17 @@ def _check_ddp(world, rank, report):
         for p, q in zip(ref.parameters(), model.parameters()):
             p.grad = q.grad.clone()
         opt.step()
-        ropt.step()
+        with _other_threads():
+            ropt.step()
         _step(ref_global, gopt, x, y)  # single process, one backward on the global batch
-    _assert_params(model, ref, **EXACT)
-    # DDP's averaged gradient differs from the global batch's by rounding, which Shampoo's
-    # roots amplify (the same happens in one process averaging shard gradients).
-    _assert_params(model, ref_global, rtol=0, atol=2e-3)
+        after = [_flat(model), _flat(ref_global)]
+        moved += sum((a - b).abs().max().item() for a, b in zip(after, before))
+    _assert_params(model, ref)
+    # DDP's averaged gradient differs from the global batch's by float32 rounding, which
+    # Shampoo's first roots of nearly singular statistics amplify (one process averaging
+    # shard gradients differs as much): the two runs are only as close as the triangle
+    # inequality makes them. Measured here: a few 1e-4 (see the printed report).
+    assert _max_diff(model, ref_global) <= moved
     report["ddp_max_abs_diff_same_grads"] = _max_diff(model, ref)
     report["ddp_max_abs_diff_global_batch"] = _max_diff(model, ref_global)
     assert _same_across_ranks(model)
@@ -262,14 +286,14 @@ def _check_async(world, rank, report):
     for step in range(9, 13):
         for m, o in ((model, opt), (ref, ropt), (m2, opt2)):
             _step(m, o, *_batch(step))
-    _assert_params(model, ref, **EXACT)
-    _assert_params(m2, ref, **EXACT)
+    _assert_params(model, ref)
+    _assert_params(m2, ref)
     for o in (opt, ropt, opt2):
         o.close()
 
 
 def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         report = {}

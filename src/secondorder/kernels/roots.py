@@ -6,13 +6,23 @@ function here takes a batch (a single ``(n, n)`` matrix is accepted too and give
 results).
 
 * :func:`power_iteration` -- largest eigenvalue of each matrix (for the relative ridge).
-* :func:`inverse_root_newton` -- coupled Newton iteration (matmuls only; ALGORITHMS.md 1.4).
+* :func:`inverse_root_newton` -- coupled Newton iteration (matmuls only;
+  docs/algorithms.md#inverse-roots-coupled-newton-iteration).
 * :func:`inverse_root_eigh` -- eigendecomposition (exact, robust, slower on accelerators).
 * :func:`inverse_root` -- the pipeline the optimizer calls: relative ridge, solve, accept
   or reject each matrix, optionally retry the rejected ones with a larger ridge.
 
 Precision: work is done in float32, or float64 when the input is float64. Half-precision
 inputs (bf16/fp16) are upcast to float32 and the results stay float32.
+
+Reproducibility: a matrix's root does not depend on the other matrices of its batch, which
+lets a distributed run, whose ranks solve subsets of the blocks, match a single process bit
+for bit (docs/algorithms.md#reproducibility). The scalar powers ``x^(-1/p)`` go through
+:func:`inverse_pth_root_scalar`, built from correctly rounded operations only (``torch.pow``
+on the CPU rounds an element differently in the vectorized part of the loop and in its
+scalar tail, i.e. depending on its position and the thread count); on the CPU, eigh sees
+matrices bordered to a multiple of 4 (LAPACK's result depended on a matrix's alignment in
+the batch); power iteration keeps one-matrix batches on the matrix-matrix product path.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ __all__ = [
     "RootResult",
     "inverse_root",
     "inverse_root_eigh",
+    "inverse_pth_root_scalar",
     "inverse_root_newton",
     "power_iteration",
 ]
@@ -54,6 +65,53 @@ class RootResult(NamedTuple):
     error: Tensor
     lambda_max: Tensor
     ok: Tensor
+
+
+def inverse_pth_root_scalar(x: Tensor, p: int) -> Tensor:
+    """Elementwise ``x^(-1/p)``, bitwise reproducible: independent of layout and threads.
+
+    ``torch.pow`` is accurate but not reproducible per element on the CPU (the vectorized
+    loop and its scalar tail use different approximations, so an element's result depends
+    on its position and on how the tensor is split across threads). Here only exactly
+    rounded operations (``+ - * /``, exponent arithmetic) are used, in float64:
+    ``x = m 2^e`` with ``m`` in ``[0.5, 1)``; ``e = p q + r`` with ``0 <= r < p``; then
+    ``x^(-1/p) = m^(-1/p) 2^(-r/p) 2^(-q)``, where ``m^(-1/p)`` in ``(1, 2^(1/p)]`` comes
+    from six Newton steps ``y <- y ((p + 1) - m y^p) / p`` (from ``y = 1 + (1/m - 1)/p``,
+    which converge to float64 accuracy), ``2^(-r/p)`` from a table of ``p`` constants and
+    ``2^(-q)`` is exact. Accuracy: a few float64 ulps, i.e. correctly rounded in float32
+    but for rare ties.
+
+    Args:
+        x: any float tensor; ``x = 0`` gives ``inf``, ``x < 0`` and NaN give NaN,
+            ``x = inf`` gives 0.
+        p: an integer ``>= 1``.
+
+    Returns:
+        ``x^(-1/p)`` in ``x``'s dtype (float32 for half-precision ``x``).
+    """
+    p = _check_p(p)
+    out_dtype = _compute_dtype(x.dtype)
+    x64 = x.to(torch.float64)
+    m, e = torch.frexp(x64)
+    e = e.to(torch.int64)
+    q = torch.div(e, p, rounding_mode="floor")
+    r = e - q * p
+    table = torch.tensor([2.0 ** (-k / p) for k in range(p)], dtype=torch.float64)
+    y = 1.0 + (1.0 / m - 1.0) / p
+    for _ in range(6):
+        yp = y
+        for _ in range(p - 1):
+            yp = yp * y
+        y = y * ((p + 1) - m * yp) / p
+    y = y * table.to(x64.device)[r]
+    # 2^(-q) in two exact factors (|q| <= 1074 for float64 subnormals: each half fits)
+    q1 = torch.div(q, 2, rounding_mode="floor")
+    for k in (q1, q - q1):
+        y = y * ((1023 - k) << 52).view(torch.float64)
+    y = torch.where(x64 == 0, torch.full_like(y, float("inf")), y)
+    y = torch.where(x64 == float("inf"), torch.zeros_like(y), y)
+    y = torch.where(x64 < 0, torch.full_like(y, float("nan")), y)
+    return y.to(out_dtype)
 
 
 def _check_p(p: object) -> int:
@@ -100,6 +158,17 @@ def _start_vector(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return v / torch.linalg.vector_norm(v)
 
 
+def _matvec(A: Tensor, v: Tensor) -> Tensor:
+    """``A @ v`` for ``(B, n, n)`` and ``(B, n, 1)``: the same bits for a matrix whatever ``B``.
+
+    torch hands a batched matrix-vector product of a single matrix to another BLAS routine
+    (a matrix-vector one) than a batch of several, and the two round differently. Two equal
+    columns keep every batch on the matrix-matrix path at about the same cost (``A`` is read
+    once either way).
+    """
+    return torch.bmm(A, torch.cat([v, v], dim=-1))[..., :1]
+
+
 def power_iteration(A: Tensor, max_iters: int = 100, tol: float = 1e-6) -> Tensor:
     """Largest eigenvalue of each symmetric PSD matrix in ``A`` by power iteration.
 
@@ -121,7 +190,7 @@ def power_iteration(A: Tensor, max_iters: int = 100, tol: float = 1e-6) -> Tenso
     lam = torch.zeros(B, dtype=A.dtype, device=A.device)
     done = torch.zeros(B, dtype=torch.bool, device=A.device)
     for it in range(max_iters):
-        w = torch.bmm(A, v)
+        w = _matvec(A, v)
         lam_new = (v * w).sum(dim=(-2, -1))  # Rayleigh quotient, v has unit norm
         norm = torch.linalg.vector_norm(w, dim=(-2, -1), keepdim=True)
         v_new = torch.where(norm > 0, w / norm.clamp_min(torch.finfo(A.dtype).tiny), v)
@@ -133,7 +202,7 @@ def power_iteration(A: Tensor, max_iters: int = 100, tol: float = 1e-6) -> Tenso
             if bool(done.all()):
                 break
     # The final Rayleigh quotient of the current vector (w was computed from the old one).
-    lam = torch.where(done, lam, (v * torch.bmm(A, v)).sum(dim=(-2, -1)))
+    lam = torch.where(done, lam, (v * _matvec(A, v)).sum(dim=(-2, -1)))
     return lam[0] if unbatched else lam
 
 
@@ -142,9 +211,10 @@ def inverse_root_newton(
 ) -> tuple[Tensor, Tensor]:
     """``A^(-1/p)`` for a batch of SPD matrices by the coupled Newton iteration.
 
-    The iteration (ALGORITHMS.md 1.4) keeps the pair ``(H, M)`` with ``M = H^p A``, starting
-    from ``M = z A``, ``H = z^(1/p) I`` with ``z = (1 + p) / (2 ||A||_F)``, and repeats
-    ``T = ((p + 1) I - M) / p``, ``M <- T^p M``, ``H <- H T`` until ``M`` is the identity.
+    The iteration (docs/algorithms.md#inverse-roots-coupled-newton-iteration) keeps the pair
+    ``(H, M)`` with ``M = H^p A``, starting from ``M = z A``, ``H = z^(1/p) I`` with
+    ``z = (1 + p) / (2 ||A||_F)``, and repeats ``T = ((p + 1) I - M) / p``, ``M <- T^p M``,
+    ``H <- H T`` until ``M`` is the identity.
 
     Every matrix of the batch runs its own iteration: it stops when its error
     ``e = max|M - I|`` drops to ``tol``, or when ``e`` grows above ``1.2`` times the
@@ -170,7 +240,7 @@ def inverse_root_newton(
     norm = _fro_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
     z = (1.0 + p) / (2.0 * norm)
     M = z[:, None, None] * A
-    H = z.pow(1.0 / p)[:, None, None] * eye
+    H = (1.0 / inverse_pth_root_scalar(z, p))[:, None, None] * eye
     err = (M - eye).abs().amax(dim=(-2, -1))
     active = err > tol  # NaN compares False: a non-finite start is returned as is
     idx = torch.arange(B, device=A.device)
@@ -223,6 +293,23 @@ def _eigh_fp64(A: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(Ls), torch.stack(Qs)
 
 
+def _pad_to_aligned(A: Tensor, pad: int) -> Tensor:
+    """``A`` bordered to size ``n + pad`` with a diagonal block above its spectrum.
+
+    The border ``diag(2 c, 3 c, ...)``, ``c = max(||A||_inf, tiny)`` (``||A||_inf >=
+    lambda_max``), has eigenvalues above all of ``A``'s and no coupling to it: the
+    eigendecomposition of the bordered matrix is ``A``'s (first ``n`` eigenpairs, in
+    ascending order) plus the border's.
+    """
+    B, n, _ = A.shape
+    c = A.abs().sum(dim=-1).amax(dim=-1).clamp_min(torch.finfo(A.dtype).tiny)
+    out = A.new_zeros(B, n + pad, n + pad)
+    out[:, :n, :n] = A
+    scale = torch.arange(2, pad + 2, dtype=A.dtype, device=A.device)
+    out[:, n:, n:] = torch.diag_embed(c[:, None] * scale)
+    return out
+
+
 def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     """Batched eigh in ``A``'s dtype; matrices where it fails are redone in fp64.
 
@@ -230,7 +317,23 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     non-finite values for a matrix (then only that matrix is redone; one host sync).
     Matrices whose decomposition fails even in fp64 get NaN eigenvalues and vectors.
     Results are returned in ``A``'s dtype.
+
+    On the CPU, LAPACK's result for a matrix can depend on the memory alignment of the matrix
+    within the batch (seen with MKL for 5x5 float32 matrices, whose position in the batch
+    sets their alignment), i.e. on which other matrices share the batch. Matrices whose size
+    is not a multiple of 4 are therefore bordered to the next multiple (see
+    :func:`_pad_to_aligned`): every matrix then starts on a 64-byte boundary wherever it sits
+    in the batch, and its decomposition is the same bits in any batch.
     """
+    n = A.shape[-1]
+    pad = (-n) % 4 if A.device.type == "cpu" else 0
+    if pad:
+        L, Q = _eigh_unpadded(_pad_to_aligned(A, pad))
+        return L[..., :n], Q[..., :n, :n]
+    return _eigh_unpadded(A)
+
+
+def _eigh_unpadded(A: Tensor) -> tuple[Tensor, Tensor]:
     try:
         L, Q = torch.linalg.eigh(A)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
@@ -273,7 +376,7 @@ def inverse_root_eigh(A: Tensor, p: int, *, eps: float | Tensor = 0.0) -> tuple[
         eps_t = eps.to(device=A.device, dtype=A.dtype).reshape(-1, 1)
     else:
         eps_t = torch.tensor(float(eps), device=A.device, dtype=A.dtype)
-    d = torch.maximum(L, eps_t).pow(-1.0 / p)
+    d = inverse_pth_root_scalar(torch.maximum(L, eps_t), p)
     root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
     recon = (Q * L.unsqueeze(-2)) @ Q.transpose(-2, -1)
     a_norm = _fro_norm(A).clamp_min(torch.finfo(A.dtype).tiny)
@@ -306,7 +409,7 @@ def _eigh_root(A: Tensor, p: int, ridge_epsilon: float) -> tuple[Tensor, Tensor,
     L, Q = _eigh(A)
     lam_max = L[..., -1].clamp_min(0)  # eigh sorts ascending
     eps_eff = (ridge_epsilon * lam_max).clamp_min(_RIDGE_FLOOR)
-    d = (L.clamp_min(0) + eps_eff[:, None]).pow(-1.0 / p)
+    d = inverse_pth_root_scalar(L.clamp_min(0) + eps_eff[:, None], p)
     root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
     V = _probes(A.shape[-1], min(4, A.shape[-1]), A.dtype, A.device)
     AV = A @ V
