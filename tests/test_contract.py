@@ -1,4 +1,4 @@
-"""The optimizer contract (issue #6): one suite every optimizer in ``secondorder`` passes.
+"""The optimizer contract: one suite every optimizer in ``secondorder`` passes.
 
 Every ``torch.optim.Optimizer`` subclass exported in ``secondorder.__all__`` is discovered
 automatically and runs every test below. A new optimizer joins by **one line in CONFIGS**

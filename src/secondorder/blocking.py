@@ -1,4 +1,4 @@
-"""Reshape a parameter into Shampoo blocks and back (ALGORITHMS.md 1.1).
+"""Reshape a parameter into Shampoo blocks and back (docs/algorithms.md#shapes-merge-block-skip).
 
 Two steps turn a tensor of any shape into a few stacks of small, equally shaped blocks:
 
