@@ -6,6 +6,7 @@ module orchestrates state, the refresh schedule and the training-loop protocol.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -83,6 +84,7 @@ class AdaHessian(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg", "exp_hessian_diag_sq")
+    _transient_attrs = ("_used_grads",)  # weak references: not picklable, not state
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class AdaHessian(SecondOrderOptimizer):
         super().__init__(params, defaults, nonfinite=nonfinite)
         self._nonfinite_warned = False
         self._late_warned = False
+        self._reuse_warned = False
 
     # ------------------------------------------------------------------ groups
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -236,6 +239,21 @@ class AdaHessian(SecondOrderOptimizer):
         due = [(g, fresh) for g, _, fresh in plan if fresh]
         if not due:
             return {}
+        grads = [p.grad for _, ps in due for p in ps]
+        used = self.__dict__.get("_used_grads") or []
+        if len(used) == len(grads) and all(r() is g for r, g in zip(used, grads)):
+            # The very gradients of the last refresh (step() called again without a new
+            # backward): their graph is spent and they carry no new curvature.
+            if not self._reuse_warned:
+                warnings.warn(
+                    "AdaHessian: step() was called again on the gradients of the previous "
+                    "Hessian refresh; the estimate is not refreshed (run a new "
+                    "loss.backward(create_graph=True) before each refresh step)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self._reuse_warned = True
+            return {}
         if not any(p.grad.requires_grad for _, ps in due for p in ps):
             raise RuntimeError(
                 "AdaHessian needs the graph of the gradients on this step (a Hessian "
@@ -268,10 +286,11 @@ class AdaHessian(SecondOrderOptimizer):
                     zs.append(H.rademacher(p, gen))
                 probes.append(zs)
             ests = H.hutchinson_diag(
-                ps, [p.grad for p in ps], probes=probes, retain_graph=bi < len(keys) - 1
+                ps, [p.grad for p in ps], probes=probes, retain_graph=True
             )
             for (g, p), d in zip(members, ests):
                 out[p] = H.spatial_average(d, g["spatial_average"], g["abs_before_average"])
+        self._used_grads = [weakref.ref(g) for g in grads]
         if not self._all_finite(list(out.values())):
             return None
         return out
