@@ -190,7 +190,8 @@ def spatial_average(d: torch.Tensor, mode: str | int, abs_first: bool = True) ->
         full = (n // b) * b
         parts = []
         if full:
-            parts.append(flat[:full].view(-1, b).mean(dim=1, keepdim=True).expand(-1, b).reshape(-1))
+            means = flat[:full].view(-1, b).mean(dim=1, keepdim=True)
+            parts.append(means.expand(-1, b).reshape(-1))
         if full < n:
             parts.append(flat[full:].mean().expand(n - full))
         x = torch.cat(parts).view(d.shape)

@@ -271,7 +271,7 @@ class AdaHessian(SecondOrderOptimizer):
             batches.setdefault(key, []).extend((g, p) for p in ps)
         out: dict[torch.Tensor, torch.Tensor] = {}
         keys = list(batches)
-        for bi, (seed, step, n_probes) in enumerate(keys):
+        for seed, step, n_probes in keys:
             members = batches[(seed, step, n_probes)]
             ps = [p for _, p in members]
             gens: dict[torch.device, torch.Generator] = {}
@@ -316,7 +316,8 @@ class AdaHessian(SecondOrderOptimizer):
             return
         for group, params, _ in plan:
             beta1, beta2 = group["betas"]
-            lr, wd, k, eps = group["lr"], group["weight_decay"], group["hessian_power"], group["eps"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            k = group["hessian_power"]
             step = self._group_step(group) + 1
             bc1 = bias_correction(beta1, step)
             ms, vs, gs, ds = [], [], [], []

@@ -207,7 +207,7 @@ class MFAC(SecondOrderOptimizer):
         e = torch.zeros(group["num_grads"], dtype=torch.float64, device=gram.device)
         e[slot] = 1.0
         a = K.coefficients(gram, e, group["damp"], s)
-        return [K.combine(self.state[p]["grads"], a.to(self.state[p]["grads"].device)) for p in params]
+        return [K.combine(self.state[p]["grads"], a) for p in params]
 
     def _block_direction(
         self, group: dict[str, Any], p: torch.Tensor, slot: int, s: float
