@@ -50,6 +50,8 @@ def ring_write(grads: torch.Tensor, slot: int, g: torch.Tensor) -> None:
 def gram_row(grads: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``G g`` in float64, shape ``(..., m)``: the dot products of ``g`` with every row."""
     g = g.to(grads.dtype)
+    if grads.dim() == 2 and g.dim() == 1:  # one window: a GEMV streams the buffer once
+        return torch.mv(grads, g).to(torch.float64)
     return torch.matmul(grads, g.unsqueeze(-1)).squeeze(-1).to(torch.float64)
 
 
@@ -94,7 +96,10 @@ def coefficients(gram: torch.Tensor, rhs: torch.Tensor, damp: float, scale: floa
 
 def combine(grads: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``Gᵀ a`` in the window's dtype: ``(..., n)`` from ``(..., m, n)`` and ``(..., m)``."""
-    return torch.matmul(a.to(grads.dtype).unsqueeze(-2), grads).squeeze(-2)
+    a = a.to(grads.dtype)
+    if grads.dim() == 2 and a.dim() == 1:
+        return torch.mv(grads.t(), a)
+    return torch.matmul(a.unsqueeze(-2), grads).squeeze(-2)
 
 
 def ihvp(
