@@ -50,8 +50,10 @@ class AdaHessian(SecondOrderOptimizer):
     A refresh step whose gradients carry no graph raises ``RuntimeError`` naming the fix
     (nothing is modified); it never silently takes a wrong step. Every operation of the
     model must support double backward (e.g. use the math backend of
-    ``scaled_dot_product_attention``). A gradient that carries no graph while others do
-    means the loss is linear in that parameter: its Hessian rows are zero.
+    ``scaled_dot_product_attention``); ``torch.compile``'d models cannot be differentiated
+    twice. A gradient that carries no graph while others do means the loss is linear in
+    that parameter: its Hessian rows are zero. Calling ``step()`` again on the gradients of
+    the previous refresh (no new backward) does not refresh again (a warning).
 
     Args:
         params: iterable of parameters or param-group dicts.
@@ -72,8 +74,9 @@ class AdaHessian(SecondOrderOptimizer):
         n_probes: Rademacher probes per refresh (``>= 1``), each one backward pass.
         seed: probes are drawn from generators seeded with ``(seed, step, parameter
             index, probe)``, so every process of a data-parallel job draws the same ``z``
-            without communicating (the estimates themselves are then reduced with the
-            gradients' own reduction; this class does no communication).
+            without communicating. Each process's estimate comes from its own part of the
+            batch: this class does no communication (DDP averages the gradients, not
+            the Hessian-vector products taken afterwards).
         nonfinite: ``"skip"`` (default) or ``"raise"``, see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`. A refresh step whose
             Hessian estimate is non-finite is skipped the same way (with a warning).
