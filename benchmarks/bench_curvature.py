@@ -43,6 +43,16 @@ def configs(args) -> dict:
             lambda ps, lr: secondorder.AdaHessian(ps, lr=lr, update_every=10),
             [0.01, 0.03, 0.1],
         ),
+        "adahessian-10-row": (
+            lambda ps, lr: secondorder.AdaHessian(
+                ps, lr=lr, update_every=10, spatial_average="row"
+            ),
+            [0.01, 0.03, 0.1],
+        ),
+        "adahessian-10-eps": (  # a larger eps bounds the step of near-zero estimates
+            lambda ps, lr: secondorder.AdaHessian(ps, lr=lr, update_every=10, eps=1e-2),
+            [0.01, 0.03, 0.1],
+        ),
         f"mfac-{m}": (
             lambda ps, lr: secondorder.MFAC(ps, lr=lr, num_grads=m, damp=args.damp),
             [1e-4, 3e-4, 1e-3],
