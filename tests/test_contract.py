@@ -53,6 +53,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ContractSGD": dict(lr=0.02, momentum=0.9, weight_decay=0.01),  # base.py on its own
     "Shampoo": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
     "SONew": dict(lr=0.02, weight_decay=0.01, band=1, eps=3e-2),  # eps: see contract-findings
+    "AdaHessian": dict(lr=0.1, weight_decay=0.01, eps=1e-2, hessian_power=0.5, update_every=2),
+    "MFAC": dict(lr=0.02, weight_decay=0.01, num_grads=4, damp=1e-2, momentum=0.9),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -95,6 +97,19 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
     ],
+    "AdaHessian": [
+        ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.0)), ("eps", 0.0),
+        ("weight_decay", -0.1), ("hessian_power", 0.0), ("hessian_power", 1.5),
+        ("spatial_average", "window"), ("spatial_average", 0), ("spatial_average", True),
+        ("abs_before_average", 1), ("update_every", 0), ("n_probes", 0), ("n_probes", 1.5),
+        ("seed", -1), ("seed", "a"), ("nonfinite", "ignore"),
+    ],
+    "MFAC": [
+        ("lr", -1.0), ("lr", INF), ("num_grads", 0), ("num_grads", 2.5), ("damp", 0.0),
+        ("damp", -1e-3), ("damp", NAN), ("momentum", 1.0), ("momentum", -0.1),
+        ("weight_decay", -1e-2), ("block_size", 0), ("block_size", 1.5), ("scale", "t"),
+        ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -118,6 +133,15 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(band=3, state_dtype=torch.float32, graft=None, damping="absolute", eps=1e-2,
              lr=0.05),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
+    ],
+    "AdaHessian": [
+        dict(hessian_power=1.0, eps=1e-4, spatial_average="row", update_every=1, n_probes=2,
+             betas=(0.8, 0.99)),
+        dict(spatial_average=3, abs_before_average=False, update_every=3, seed=7),
+    ],
+    "MFAC": [
+        dict(block_size=4, scale="count", momentum=0.0, lr=20.0, damp=1e3),
+        dict(block_size=7, num_grads=1, weight_decay=0.0, lr=10.0, damp=1e3),
     ],
 }
 # fmt: on
@@ -205,7 +229,35 @@ def config(row: str) -> dict[str, Any]:
 
 def make(row: str, params, **overrides) -> torch.optim.Optimizer:
     """Construct the optimizer of ``row`` with its CONFIGS (+ variant) settings + overrides."""
-    return OPTIMIZERS[base_name(row)](params, **{**config(row), **overrides})
+    return with_graph_grads(OPTIMIZERS[base_name(row)](params, **{**config(row), **overrides}))
+
+
+# Optimizers that differentiate through the gradients (AdaHessian) say so with an attribute
+# ``create_graph`` (the bench protocol): the suite's losses then call
+# ``loss.backward(create_graph=opt.create_graph)``, and the gradients the tests assign by
+# hand (``p.grad = ...``), which have no graph, get the graph of an identity Hessian.
+def backward(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    loss.backward(create_graph=bool(getattr(opt, "create_graph", False)))
+
+
+def _identity_hessian_graphs(opt, args, kwargs) -> None:
+    """Step pre-hook: ``g += p - p.detach()`` adds exact zeros to each hand-made gradient
+    and makes its derivative with respect to ``p`` the identity."""
+    with torch.enable_grad():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None or g.requires_grad or g.layout != torch.strided:
+                    continue
+                if g.is_complex() or g.shape != p.shape or g.dtype != p.dtype:
+                    continue
+                g.add_(p - p.detach())
+
+
+def with_graph_grads(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    if hasattr(opt, "create_graph"):
+        opt.register_step_pre_hook(_identity_hessian_graphs)
+    return opt
 
 
 def library_only(row: str, why: str) -> None:
@@ -350,7 +402,7 @@ def toy_step(model: torch.nn.Module, opt: torch.optim.Optimizer, k: int) -> torc
     x, y = toy_batch(k)
     opt.zero_grad()
     loss = torch.nn.functional.mse_loss(model(x), y)
-    loss.backward()
+    backward(opt, loss)
     opt.step()
     return loss.detach()
 
@@ -423,7 +475,16 @@ PROBLEMS: dict[str, tuple[Callable, int, float, float]] = {
 #: optional per-optimizer learning rates for PROBLEMS (methods not on Adam's lr scale)
 CONVERGE_LR: dict[str, dict[str, float]] = {
     "ContractSGD": {"quadratic": 1e-3, "rosenbrock": 1e-3, "least_squares": 1e-3},
+    "MFAC": {"quadratic": 20.0, "rosenbrock": 20.0, "least_squares": 20.0},  # CONVERGE_KW
+    "AdaHessian": {"quadratic": 0.1, "rosenbrock": 0.1, "least_squares": 0.1},
 }
+
+
+#: optional per-optimizer settings for PROBLEMS. M-FAC's curvature (outer products of the
+#: last few full-batch gradients) normalises steps while gradients are large; near the
+#: optimum, once they are small against ``damp``, its step is gradient descent with step
+#: ``lr / damp``: these deterministic problems need that regime.
+CONVERGE_KW: dict[str, dict[str, Any]] = {"MFAC": dict(damp=1e3)}
 
 
 def _run_problem(name, problem, dtype=torch.float32, steps=None):
@@ -435,12 +496,12 @@ def _run_problem(name, problem, dtype=torch.float32, steps=None):
     with torch.no_grad():
         for p in params:
             p.data = p.data.to(dtype)
-    opt = make(name, params, lr=lr, weight_decay=0.0)
+    opt = make(name, params, lr=lr, weight_decay=0.0, **CONVERGE_KW.get(base_name(name), {}))
     first = loss_fn().item()
     for _ in range(steps or n):
         opt.zero_grad()
         loss = loss_fn()
-        loss.backward()
+        backward(opt, loss)
         opt.step()
     return first, loss_fn().item(), params, opt
 
@@ -634,7 +695,7 @@ def test_step_with_closure_returns_the_loss(name):
         opt.zero_grad()
         x, y = toy_batch(0)
         loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        backward(opt, loss)
         calls.append(loss)
         return loss
 
@@ -1657,14 +1718,14 @@ def test_random_combinations_of_settings(name, data):
     shape = data.draw(st.sampled_from(SPECIAL_SHAPES), label="shape")
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(shape))
-    opt = OPTIMIZERS[name]([p], **kw)
+    opt = with_graph_grads(OPTIMIZERS[name]([p], **kw))
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         p.grad = torch.randn(shape, generator=g)
         opt.step()
     assert torch.isfinite(p).all(), f"{name}({kw}): non-finite parameter of shape {shape}"
     q = torch.nn.Parameter(p.detach().clone())
-    fresh = OPTIMIZERS[name]([q], **kw)
+    fresh = with_graph_grads(OPTIMIZERS[name]([q], **kw))
     fresh.load_state_dict(opt.state_dict())
     assert_bit_identical(opt_state(opt, [p]), opt_state(fresh, [q]), "state after load")
 
@@ -1754,7 +1815,7 @@ def test_long_run_has_no_memory_growth(name):
     rss, states, objects = [], [], []
     for k in range(1, 2001):
         opt.zero_grad()
-        loss_fn(model(x), y).backward()
+        backward(opt, loss_fn(model(x), y))
         opt.step()
         if k >= 500 and k % 250 == 0:  # 500, 750, ..., 2000
             gc.collect()
@@ -1790,6 +1851,8 @@ def compiled_toy():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_works_with_a_compiled_model(name, compiled_toy):
+    if hasattr(OPTIMIZERS[name], "create_graph"):
+        pytest.skip("torch.compile'd graphs do not support double backward (create_graph)")
     model, fn = compiled_toy
     model.load_state_dict(toy_model().state_dict())
     eager = toy_model()
@@ -1799,7 +1862,7 @@ def test_works_with_a_compiled_model(name, compiled_toy):
         x, y = toy_batch(k)
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(fn(x), y)
-        loss.backward()
+        backward(opt, loss)
         opt.step()
         losses.append(loss.item())
         toy_step(eager, opt_eager, k)

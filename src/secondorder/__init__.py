@@ -1,7 +1,9 @@
 """secondorder: practical second-order optimizers for PyTorch."""
 
+from .optim.adahessian import AdaHessian
+from .optim.mfac import MFAC
 from .optim.shampoo import Shampoo
 from .optim.sonew import SONew
 
-__all__ = ["Shampoo", "SONew"]
+__all__ = ["Shampoo", "SONew", "AdaHessian", "MFAC"]
 __version__ = "0.1.0"

@@ -70,6 +70,8 @@ OPTIMIZERS: dict[str, _Entry] = {
     "rmsprop": _Entry(_torch("RMSprop"), doc="torch.optim.RMSprop"),
     "shampoo": _Entry(_secondorder("Shampoo"), doc="secondorder.Shampoo"),
     "sonew": _Entry(_secondorder("SONew"), doc="secondorder.SONew"),
+    "adahessian": _Entry(_secondorder("AdaHessian"), doc="secondorder.AdaHessian (create_graph)"),
+    "mfac": _Entry(_secondorder("MFAC"), doc="secondorder.MFAC"),
 }
 
 

@@ -1,0 +1,113 @@
+"""Matrix-free inverse-Fisher products over a window of gradients (M-FAC), batched over blocks.
+
+A *window* is a stack ``G`` of shape ``(..., m, n)``: for each of the leading (block)
+indices, ``m`` gradients of dimension ``n`` as rows (rows not yet filled are zero). With its
+Gram matrix ``K = G Gᵀ`` (``(..., m, m)``, float64) it defines the damped empirical Fisher
+
+    F = λ I + s Gᵀ G = λ I + s Σ_i g_i g_iᵀ
+
+(``s = 1/m`` as in the authors' code, or ``1/min(t, m)``) and its inverse products are
+computed in O(m n + m³), never forming an ``n × n`` matrix:
+
+* for a vector in the row space of the window, ``x = Gᵀ e``, the product is
+  ``F⁻¹ x = Gᵀ (λ I + s K)⁻¹ e`` (``F Gᵀ = Gᵀ (λ I + s K)``); the optimizer's query, the
+  newest gradient, is row ``slot``: ``e = e_slot``. No large term cancels here.
+* for any ``x`` (Woodbury): ``F⁻¹ x = (x − Gᵀ (λ/s I + K)⁻¹ G x) / λ``.
+
+``λ I + s K`` is symmetric positive definite (eigenvalues ``>= λ``), so the ``m × m``
+systems are solved by Cholesky in float64; if rounding in ``K`` (computed from the window's
+own dtype) makes a factorization fail, that block is solved from an eigendecomposition with
+the eigenvalues of ``s K`` clamped at 0, with a warning.
+
+A window can be spread over several tensors (the optimizer keeps one slice ``G_p`` of
+``(m, n_p)`` per parameter): ``K = Σ_p G_p G_pᵀ`` and ``F⁻¹ x`` is ``G_pᵀ a`` slice by slice,
+which is why the steps are separate functions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = [
+    "coefficients",
+    "combine",
+    "gram_row",
+    "ihvp",
+    "ring_write",
+    "set_gram_row",
+    "solve_spd",
+]
+
+
+def ring_write(grads: torch.Tensor, slot: int, g: torch.Tensor) -> None:
+    """In place: row ``slot`` of the window ``grads`` (``(..., m, n)``) becomes ``g``
+    (``(..., n)``, cast to the window's dtype)."""
+    grads[..., slot, :] = g
+
+
+def gram_row(grads: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``G g`` in float64, shape ``(..., m)``: the dot products of ``g`` with every row."""
+    g = g.to(grads.dtype)
+    if grads.dim() == 2 and g.dim() == 1:  # one window: a GEMV streams the buffer once
+        return torch.mv(grads, g).to(torch.float64)
+    return torch.matmul(grads, g.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+
+
+def set_gram_row(gram: torch.Tensor, slot: int, row: torch.Tensor) -> None:
+    """In place: row and column ``slot`` of the symmetric Gram stack become ``row``."""
+    gram[..., slot, :] = row
+    gram[..., :, slot] = row
+
+
+def solve_spd(a: torch.Tensor, rhs: torch.Tensor, shift: float) -> torch.Tensor:
+    """Solve ``(a + shift I) x = rhs`` for a stack of symmetric positive semidefinite
+    ``a`` (``(..., m, m)``) and ``rhs`` (``(..., m)``), with ``shift > 0``.
+
+    Cholesky; a block whose factorization fails (rounding made ``a`` slightly indefinite)
+    is solved through ``eigh`` with ``a``'s eigenvalues clamped at 0, with a warning.
+    """
+    m = a.shape[-1]
+    mat = a + shift * torch.eye(m, dtype=a.dtype, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(mat)
+    x = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+    bad = info != 0
+    if bool(bad.any()):  # one host read of a small int tensor
+        warnings.warn(
+            "M-FAC: a Cholesky factorization of the damped window Gram matrix failed "
+            "(rounding made it indefinite; consider a larger damp); solved it through an "
+            "eigendecomposition instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        w, q = torch.linalg.eigh(a)
+        w = w.clamp_min(0).add(shift)
+        proj = (q.transpose(-1, -2) @ rhs.unsqueeze(-1)).squeeze(-1) / w
+        alt = (q @ proj.unsqueeze(-1)).squeeze(-1)
+        x = torch.where(bad.unsqueeze(-1), alt, x)
+    return x
+
+
+def coefficients(gram: torch.Tensor, rhs: torch.Tensor, damp: float, scale: float):
+    """``(λ I + s K)⁻¹ rhs`` (float64): the row weights ``a`` with ``F⁻¹ Gᵀ rhs = Gᵀ a``."""
+    return solve_spd(gram.mul(scale), rhs.to(torch.float64), damp)
+
+
+def combine(grads: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``Gᵀ a`` in the window's dtype: ``(..., n)`` from ``(..., m, n)`` and ``(..., m)``."""
+    a = a.to(grads.dtype)
+    if grads.dim() == 2 and a.dim() == 1:
+        return torch.mv(grads.t(), a)
+    return torch.matmul(a.unsqueeze(-2), grads).squeeze(-2)
+
+
+def ihvp(
+    grads: torch.Tensor, gram: torch.Tensor, x: torch.Tensor, damp: float, scale: float
+) -> torch.Tensor:
+    """``F⁻¹ x`` for any ``x`` (``(..., n)``) by the Woodbury identity, in ``x``'s dtype
+    promoted with the window's."""
+    gx = gram_row(grads, x)
+    c = solve_spd(gram, gx, damp / scale)
+    dt = torch.promote_types(grads.dtype, x.dtype)
+    return (x.to(dt) - combine(grads, c).to(dt)) / damp

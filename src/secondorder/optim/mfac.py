@@ -1,0 +1,285 @@
+"""M-FAC: preconditioning by the inverse of a damped empirical Fisher built from the last
+``m`` gradients. The math is in :mod:`secondorder.kernels.mfac`; this module keeps the ring
+buffer and orchestrates the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .._validation import check_choice, check_float, check_int
+from ..kernels import mfac as K
+from .base import SecondOrderOptimizer
+
+__all__ = ["MFAC"]
+
+SCALES = ("m", "count")
+
+
+class MFAC(SecondOrderOptimizer):
+    r"""M-FAC (Frantar, Kurtic, Alistarh, 2021), the dynamic algorithm: ``θ ← θ − lr · u``.
+
+    With ``g_1 … g_m`` the last ``m`` gradients (a ring buffer; the newest one included),
+
+        F = λ I + s Σ_i g_i g_iᵀ,        u = F⁻¹ g_t
+
+    (with momentum ``μ > 0``, ``u`` is replaced by its EMA ``v ← μ v + (1 − μ) u``).
+    ``F⁻¹ g`` is computed without forming ``F``: the newest gradient is a row of the window
+    ``G``, so ``F⁻¹ g = Gᵀ (λ I + s G Gᵀ)⁻¹ e``; the ``m × m`` Gram matrix ``G Gᵀ`` is
+    updated by one row per step and the small SPD system is solved by Cholesky in float64.
+    Per step: two passes over the window (``G g`` and ``Gᵀ a``, ``4 m d`` flops) plus
+    ``O(m³)``.
+
+    **The window.** ``"dense"`` (``block_size=None``): one window over all parameters of a
+    param group, as if their gradients were one flat vector (the parameters that have a
+    gradient on that step; each keeps its slice of the ring buffer). ``block_size=b``: the
+    flattened gradient of each parameter is cut into contiguous blocks of ``b`` elements
+    (the last one zero-padded), each with its own ``m``-gradient window: a block-diagonal
+    ``F``, all blocks of a parameter solved in one batched call.
+
+    **Memory.** The ring buffer holds ``m · d`` numbers (``d`` = number of parameter
+    elements; float32 for bf16/fp16 parameters, else the parameter's dtype), plus ``m²``
+    float64 per parameter (dense) or per block, plus ``d`` for the momentum buffer when
+    ``momentum > 0``. With ``m = 1024`` (the authors' default) and a 25M-parameter model
+    the buffer alone is 100 GB: pick ``m`` for your memory.
+
+    **Scaling.** While the buffer fills (``t < m``) its empty rows are zero. ``scale="m"``
+    (default, the authors' code) uses ``s = 1/m`` throughout, so early steps are
+    ``λ I + (1/m) Σ_{i ≤ t} g_i g_iᵀ``; ``scale="count"`` uses ``s = 1/min(t, m)``, the
+    average over the gradients actually seen. On the first step ``u = g / (λ + s ‖g‖²)``:
+    with a small ``λ`` that is a normalized step of length about ``lr / (s ‖g‖)``, so
+    ``lr`` has a different scale than SGD's.
+
+    Args:
+        params: iterable of parameters or param-group dicts (each group: its own window).
+        lr: learning rate (``>= 0``).
+        num_grads: ``m >= 1``, gradients in the window.
+        damp: ``λ > 0``, the damping (the authors' default ``1e-5``).
+        momentum: ``μ ∈ [0, 1)``, EMA of the preconditioned direction (0: none).
+        weight_decay: ``>= 0``; added to the gradient (L2, ``g + wd · θ``) before it enters
+            the window, so it is preconditioned, as in the authors' code.
+        block_size: ``None`` (dense window over the whole group) or an int ``b >= 1``.
+        scale: ``"m"`` or ``"count"``, see above.
+        nonfinite: ``"skip"`` (default) or ``"raise"``, see
+            :class:`~secondorder.optim.base.SecondOrderOptimizer`.
+
+    **State** per parameter: ``step`` (0-d CPU tensor; the step's ring slot is
+    ``(step − 1) mod m``), ``grads`` (its slice of the ring buffer: ``(m, n)`` dense, or
+    ``(blocks, m, b)``), ``gram`` (float64: its contribution ``G_p G_pᵀ`` to the dense
+    Gram matrix, ``(m, m)``, or the blocks' Gram matrices ``(blocks, m, m)``) and, once
+    momentum is used, ``momentum_buffer``. ``state_dict`` round-trips the ring buffer
+    exactly. ``num_grads`` and ``block_size`` cannot change once a parameter has state.
+    """
+
+    _param_shaped_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        num_grads: int = 32,
+        damp: float = 1e-5,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        block_size: int | None = None,
+        scale: str = "m",
+        *,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            num_grads=num_grads,
+            damp=damp,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            block_size=block_size,
+            scale=scale,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # ------------------------------------------------------------------ groups
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_float("lr", group["lr"], low=0.0)
+        check_int("num_grads", group["num_grads"], low=1)
+        check_float("damp", group["damp"], low=0.0, low_open=True)
+        check_float("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_float("weight_decay", group["weight_decay"], low=0.0)
+        if group["block_size"] is not None:
+            check_int("block_size", group["block_size"], low=1)
+        check_choice("scale", group["scale"], SCALES)
+
+    @staticmethod
+    def _layout(group: dict[str, Any], p: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the ring-buffer slice and of the Gram state of ``p`` in ``group``."""
+        m, n, b = group["num_grads"], p.numel(), group["block_size"]
+        if b is None:
+            return (m, n), (m, m)
+        bl = min(b, n)
+        nb = -(-n // bl)
+        return (nb, m, bl), (nb, m, m)
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        super()._check_loaded_state(p, st)
+        if not st:
+            return
+        missing = {"step", "grads", "gram"} - st.keys()
+        if missing:
+            raise ValueError(
+                f"MFAC state for a parameter of shape {tuple(p.shape)} lacks "
+                f"{sorted(missing)}: not an MFAC state dict"
+            )
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        self._check_layout(group, p, st)
+
+    def _check_layout(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        want_g, want_k = self._layout(group, p)
+        for key, want in (("grads", want_g), ("gram", want_k)):
+            t = st[key]
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            if got != want:
+                raise ValueError(
+                    f"MFAC state {key!r} has shape {got}, expected {want} for a parameter of "
+                    f"shape {tuple(p.shape)} with num_grads={group['num_grads']} and "
+                    f"block_size={group['block_size']}: the state dict does not match these "
+                    "parameters, or num_grads/block_size changed after training started"
+                )
+
+    # -------------------------------------------------------------------- step
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
+        sdt = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        shape_g, shape_k = self._layout(group, p)
+        st["step"] = torch.tensor(0.0)
+        st["grads"] = torch.zeros(shape_g, dtype=sdt, device=p.device)
+        st["gram"] = torch.zeros(shape_k, dtype=torch.float64, device=p.device)
+
+    @staticmethod
+    def _flat_grad(group: dict[str, Any], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        g = p.grad.detach().reshape(-1).to(dtype)
+        if group["weight_decay"] != 0.0:
+            g = g.add(p.detach().reshape(-1).to(dtype), alpha=group["weight_decay"])
+        return g
+
+    def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        for group, params in work:
+            if not params:
+                continue
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    self._init_state(group, p, st)
+                else:
+                    self._check_layout(group, p, st)
+            m = group["num_grads"]
+            t = max(int(self.state[p]["step"]) for p in params) + 1
+            slot = (t - 1) % m
+            s = 1.0 / (m if group["scale"] == "m" else min(t, m))
+            if group["block_size"] is None:
+                dirs = self._dense_directions(group, params, slot, s)
+            else:
+                dirs = [self._block_direction(group, p, slot, s) for p in params]
+            mu, lr = group["momentum"], group["lr"]
+            for p, u in zip(params, dirs):
+                st = self.state[p]
+                st["step"].fill_(t)
+                if mu != 0.0 or "momentum_buffer" in st:
+                    buf = st.get("momentum_buffer")
+                    if buf is None:
+                        buf = st["momentum_buffer"] = torch.zeros_like(
+                            p, dtype=u.dtype, memory_format=torch.contiguous_format
+                        )
+                    buf.view(-1).lerp_(u, 1.0 - mu)
+                    u = buf.view(-1)
+                p.add_(u.view(p.shape).to(p.dtype), alpha=-lr)
+
+    def _dense_directions(
+        self, group: dict[str, Any], params: list[torch.Tensor], slot: int, s: float
+    ) -> list[torch.Tensor]:
+        gram = None
+        for p in params:
+            st = self.state[p]
+            g = self._flat_grad(group, p, st["grads"].dtype)
+            K.ring_write(st["grads"], slot, g)
+            K.set_gram_row(st["gram"], slot, K.gram_row(st["grads"], g))
+            gram = st["gram"].clone() if gram is None else gram.add_(st["gram"])
+        e = torch.zeros(group["num_grads"], dtype=torch.float64, device=gram.device)
+        e[slot] = 1.0
+        a = K.coefficients(gram, e, group["damp"], s)
+        return [K.combine(self.state[p]["grads"], a) for p in params]
+
+    def _block_direction(
+        self, group: dict[str, Any], p: torch.Tensor, slot: int, s: float
+    ) -> torch.Tensor:
+        st = self.state[p]
+        grads, gram = st["grads"], st["gram"]
+        nb, m, bl = grads.shape
+        n = p.numel()
+        g = self._flat_grad(group, p, grads.dtype)
+        if nb * bl != n:
+            g = torch.cat([g, g.new_zeros(nb * bl - n)])
+        g = g.view(nb, bl)
+        K.ring_write(grads, slot, g)
+        K.set_gram_row(gram, slot, K.gram_row(grads, g))
+        e = torch.zeros(nb, m, dtype=torch.float64, device=gram.device)
+        e[:, slot] = 1.0
+        a = K.coefficients(gram, e, group["damp"], s)
+        return K.combine(grads, a).reshape(-1)[:n]
+
+    # -------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """One record per window: per param group in dense mode (``params``: indices over
+        all groups of the parameters with state), per parameter in block mode.
+
+        Each has ``group``, ``params``, ``step``, ``filled`` (gradients in the window,
+        ``min(step, m)``), ``num_blocks``, and for the damped Fisher restricted to the
+        window's span, over its blocks: ``fisher_max`` (largest eigenvalue of
+        ``λ I + s G Gᵀ``), ``cond`` (its ratio to the smallest, at most
+        ``1 + s ‖G‖² / λ``: how strongly the step is reshaped) and ``rank`` (eigenvalues of
+        ``s G Gᵀ`` above ``λ``: directions where curvature dominates the damping). Reads
+        device values: call it off the hot path.
+        """
+        out = []
+        idx = 0
+        for gi, group in enumerate(self.param_groups):
+            m, lam = group["num_grads"], group["damp"]
+            members = []
+            for p in group["params"]:
+                if self.state.get(p):
+                    members.append((idx, p))
+                idx += 1
+            if not members:
+                continue
+            windows = (
+                [members] if group["block_size"] is None else [[mp] for mp in members]
+            )
+            for win in windows:
+                grams = [self.state[p]["gram"] for _, p in win]
+                gram = torch.stack(grams).sum(0) if group["block_size"] is None else grams[0]
+                t = max(int(self.state[p]["step"]) for _, p in win)
+                s = 1.0 / (m if group["scale"] == "m" else max(min(t, m), 1))
+                w = torch.linalg.eigvalsh(gram.reshape(-1, m, m)).clamp_min(0) * s
+                out.append(
+                    dict(
+                        group=gi,
+                        params=[i for i, _ in win],
+                        step=t,
+                        filled=min(t, m),
+                        num_blocks=gram.reshape(-1, m, m).shape[0],
+                        fisher_max=float(w.max() + lam),
+                        cond=float(((w.max(dim=-1).values + lam) / lam).max()),
+                        rank=int((w > lam).sum(dim=-1).max()),
+                    )
+                )
+        return out
+
+    def state_bytes(self) -> int:
+        """Total bytes of tensors held in the optimizer state."""
+        return sum(
+            t.numel() * t.element_size()
+            for st in self.state.values()
+            for t in st.values()
+            if isinstance(t, torch.Tensor)
+        )
