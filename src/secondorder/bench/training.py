@@ -202,7 +202,9 @@ def train_run(
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         loss = workload.loss(model, batch)
-        _backward(loss, built.create_graph)
+        # read before every backward: an optimizer may need the graph only on some steps
+        # (AdaHessian with update_every > 1)
+        _backward(loss, built.create_graph and getattr(optimizer, "create_graph", False) is True)
         try:
             optimizer.step()
         except FloatingPointError as exc:  # an optimizer told to raise on non-finite input
