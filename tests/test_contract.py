@@ -53,6 +53,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ContractSGD": dict(lr=0.02, momentum=0.9, weight_decay=0.01),  # base.py on its own
     "Shampoo": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
     "SONew": dict(lr=0.02, weight_decay=0.01, band=1, eps=3e-2),  # eps: see contract-findings
+    "SCALE": dict(lr=0.02, weight_decay=0.01),
+    "Muon": dict(lr=0.02, weight_decay=0.01),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -95,6 +97,16 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
     ],
+    "SCALE": [
+        ("lr", -1.0), ("lr", NAN), ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1.0),
+        ("norm", "l1"), ("eps", 0.0), ("adamw_betas", (1.0, 0.9)), ("adamw_betas", 0.9),
+        ("adamw_eps", 0.0), ("role", None), ("role", "head"), ("nonfinite", "ignore"),
+    ],
+    "Muon": [
+        ("lr", -1.0), ("lr", INF), ("momentum", 1.0), ("nesterov", 1), ("ns_steps", 0),
+        ("ns_steps", 2.5), ("scaling", "l2"), ("weight_decay", -1.0), ("adamw_betas", (0.9, 1.0)),
+        ("adamw_eps", -1.0), ("ns_dtype", torch.float16), ("role", None), ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -119,6 +131,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
              lr=0.05),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
     ],
+    "SCALE": [dict(norm="l2", momentum=0.5, adamw_betas=(0.8, 0.99), eps=1e-6)],
+    "Muon": [dict(nesterov=False, scaling="spectral", ns_steps=3, ns_dtype=torch.bfloat16)],
 }
 # fmt: on
 
@@ -389,6 +403,7 @@ PROBLEMS: dict[str, tuple[Callable, int, float, float]] = {
 #: optional per-optimizer learning rates for PROBLEMS (methods not on Adam's lr scale)
 CONVERGE_LR: dict[str, dict[str, float]] = {
     "ContractSGD": {"quadratic": 1e-3, "rosenbrock": 1e-3, "least_squares": 1e-3},
+    "Muon": {"quadratic": 0.15},  # its default "rms" scaling makes updates 0.2 x lr in RMS
 }
 
 

@@ -1,7 +1,9 @@
 """secondorder: practical second-order optimizers for PyTorch."""
 
+from .optim.muon import Muon
+from .optim.scale import SCALE
 from .optim.shampoo import Shampoo
 from .optim.sonew import SONew
 
-__all__ = ["Shampoo", "SONew"]
+__all__ = ["Shampoo", "SONew", "SCALE", "Muon"]
 __version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""What SCALE and Muon share: parameter roles per param group, an AdamW part for the
+tensors they do not treat as matrices, ``from_model``, state checks and ``state_bytes``.
+
+State dtype: float32 for bfloat16/float16 parameters (their updates are computed in
+float32 and rounded once into the parameter), the parameter's dtype otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._validation import check_float
+from ..kernels.adamw import adamw_foreach
+from ..roles import check_group_roles, resolve_role
+from .base import SecondOrderOptimizer
+
+ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 for low-precision parameters, else the parameter's own dtype."""
+    return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def lr_value(group: dict[str, Any]) -> float:
+    """The group's learning rate as a Python float (a 0-d tensor lr is read once per step)."""
+    lr = group["lr"]
+    return float(lr) if isinstance(lr, torch.Tensor) else lr
+
+
+def check_adamw_hparams(group: dict[str, Any]) -> None:
+    betas = group["adamw_betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {betas!r}")
+    b1 = check_float("adamw_betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    b2 = check_float("adamw_betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    group["adamw_betas"] = (b1, b2)
+    check_float("adamw_eps", group["adamw_eps"], low=0.0, low_open=True)
+
+
+class RoleOptimizer(SecondOrderOptimizer):
+    """Base of SCALE and Muon (see the module docstring)."""
+
+    _param_shaped_keys = ("exp_avg", "exp_avg_sq", "momentum_buffer")
+    #: per concrete role, the state keys a parameter may hold (an empty state is always ok)
+    _role_state_keys: ClassVar[dict[str, frozenset[str]]] = {}
+    @staticmethod
+    def _model_groups(
+        model: nn.Module, output: Any, embeddings: Any, adamw_lr: Any
+    ) -> list[dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        output: Any = None,
+        embeddings: Any = (),
+        adamw_lr: Any = None,
+        **hparams: Any,
+    ) -> RoleOptimizer:
+        """Build the optimizer for ``model`` with its parameters split by role (see
+        :mod:`secondorder.roles`). ``adamw_lr`` sets the lr of the groups updated by AdamW;
+        the other keyword arguments go to the constructor."""
+        return cls(cls._model_groups(model, output, embeddings, adamw_lr), **hparams)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_group_roles(group["role"], group["params"], type(self).__name__)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------- AdamW
+    def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """AdamW on ``params`` (all of ``group``), exactly as ``torch.optim.AdamW``."""
+        if not params:
+            return
+        ps, gs, ms, vs, ts, back = [], [], [], [], [], []
+        for p in params:
+            st = self.state[p]
+            sd = state_dtype(p)
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros(p.shape, dtype=sd, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape, dtype=sd, device=p.device)
+            st["step"] += 1
+            target = p if p.dtype == sd else p.detach().to(sd)
+            if target is not p:
+                back.append((p, target))
+            ps.append(target)
+            gs.append(p.grad if p.grad.dtype == sd else p.grad.to(sd))
+            ms.append(st["exp_avg"])
+            vs.append(st["exp_avg_sq"])
+            ts.append(st["step"])
+        b1, b2 = group["adamw_betas"]
+        adamw_foreach(
+            ps, gs, ms, vs, ts, lr=lr_value(group), beta1=b1, beta2=b2,
+            eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+        )  # fmt: skip
+        for p, t in back:
+            p.copy_(t)
+
+    # -------------------------------------------------------------- state dict
+    def _role_of(self, p: torch.Tensor) -> str:
+        for group in self.param_groups:
+            if any(p is q for q in group["params"]):
+                return resolve_role(group["role"], p)
+        raise ValueError("state for a parameter that is in no param group")  # pragma: no cover
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        super()._check_loaded_state(p, st)
+        if not st:
+            return
+        role = self._role_of(p)
+        allowed = self._role_state_keys[role]
+        if set(st) != allowed:
+            raise ValueError(
+                f"state {sorted(st)} of a parameter with role {role!r} is not a "
+                f"{type(self).__name__} state (expected {sorted(allowed) or 'no state'})"
+            )
+        if "step" in st and (isinstance(st["step"], bool) or not isinstance(st["step"], int)):
+            raise ValueError(f"state 'step' must be an int, got {type(st['step']).__name__}")
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if key in st and not (
+                isinstance(st[key], torch.Tensor) and st[key].is_floating_point()
+            ):
+                raise ValueError(f"state {key!r} must be a floating-point tensor")
+
+    # ------------------------------------------------------------- accounting
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in the optimizer state (step counters are Python ints)."""
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    def state_numel(self) -> int:
+        """Number of values held in state tensors."""
+        return sum(
+            v.numel() for st in self.state.values() for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )  # fmt: skip
+
+    def _adamw_record(self, idx: int, role: str, p: torch.Tensor) -> dict[str, Any]:
+        st = self.state.get(p, {})
+        v = st.get("exp_avg_sq")
+        return dict(
+            param=idx,
+            role=role,
+            shape=tuple(p.shape),
+            update="adamw",
+            step=st.get("step", 0),
+            exp_avg_sq_max=float(v.max()) if v is not None and v.numel() else None,
+        )
