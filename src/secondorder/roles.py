@@ -69,8 +69,8 @@ def _resolve_target(model: nn.Module, target: Any, arg: str) -> torch.Tensor:
     modules, params = _named_modules_and_params(model)
     if isinstance(target, str):
         if target in params:
-            return params[target]
-        if target in modules:
+            target = params[target]
+        elif target in modules:
             target = modules[target]
         else:
             raise ValueError(
