@@ -130,13 +130,14 @@ def param_roles(
         embeddings = [embeddings]
     out_w = find_output_layer(model, output)
     emb_ids = {
-        id(m.weight)
-        for m in model.modules()
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
     }
     emb_ids |= {id(_resolve_target(model, e, "embeddings")) for e in embeddings}
     roles: dict[str, dict[str, torch.nn.Parameter]] = {
-        "hidden": {}, "embedding": {}, "output": {}, "vector": {}
+        "hidden": {},
+        "embedding": {},
+        "output": {},
+        "vector": {},
     }
     for name, p in model.named_parameters():
         if not p.requires_grad:

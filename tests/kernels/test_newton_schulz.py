@@ -69,9 +69,7 @@ def _one_thread():
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    m=st.integers(1, 24), n=st.integers(1, 24), steps=st.integers(1, 6), seed=st.integers(0, 99)
-)
+@given(m=st.integers(1, 24), n=st.integers(1, 24), steps=st.integers(1, 6), seed=st.integers(0, 99))
 def test_equals_the_scalar_map_of_the_singular_values(m, n, steps, seed):
     """Exact reference: U phi^K(S / ||G||_F) V^T, in float64 (tall and wide matrices)."""
     g = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -34,7 +34,8 @@ def lm_batch(k: int, vocab: int = 11, n: int = 4, t: int = 7) -> torch.Tensor:
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     logits = model(tokens[:, :-1])
-    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    targets = tokens[:, 1:].reshape(-1)
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
     return loss * scale
 
 

@@ -90,7 +90,7 @@ def orthogonalize_many(
             raise ValueError(f"orthogonalize_many needs 2-d matrices, got shape {tuple(m.shape)}")
         rows, cols = m.shape
         classes.setdefault((min(rows, cols), max(rows, cols), m.device), []).append(i)
-    for (rows, cols, _), idx in classes.items():
+    for (rows, _cols, _device), idx in classes.items():
         stack = torch.stack([mats[i].mT if mats[i].shape[0] != rows else mats[i] for i in idx])
         res = newton_schulz(stack, steps, dtype)
         for j, i in enumerate(idx):

@@ -47,6 +47,7 @@ class RoleOptimizer(SecondOrderOptimizer):
     _param_shaped_keys = ("exp_avg", "exp_avg_sq", "momentum_buffer")
     #: per concrete role, the state keys a parameter may hold (an empty state is always ok)
     _role_state_keys: ClassVar[dict[str, frozenset[str]]] = {}
+
     @staticmethod
     def _model_groups(
         model: nn.Module, output: Any, embeddings: Any, adamw_lr: Any
