@@ -59,6 +59,8 @@ OPTIMIZERS: dict[str, _Entry] = {
     "rmsprop": _Entry(_torch("RMSprop"), doc="torch.optim.RMSprop"),
     "shampoo": _Entry(_secondorder("Shampoo"), doc="secondorder.Shampoo"),
     "sonew": _Entry(_secondorder("SONew"), doc="secondorder.SONew"),
+    "scale": _Entry(_secondorder("SCALE"), doc="secondorder.SCALE"),
+    "muon": _Entry(_secondorder("Muon"), doc="secondorder.Muon"),
 }
 
 

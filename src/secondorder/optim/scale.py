@@ -110,8 +110,8 @@ class SCALE(RoleOptimizer):
                     continue
                 sd = state_dtype(p)
                 u = p.grad if p.grad.dtype == sd else p.grad.to(sd)
-                st = self.state[p]
-                if role == "output" and (beta > 0 or "momentum_buffer" in st):
+                st = self.state[p] if role == "output" else None  # no entry for the others
+                if st is not None and (beta > 0 or "momentum_buffer" in st):
                     if "momentum_buffer" not in st:
                         st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
                     u = st["momentum_buffer"].lerp_(u, 1.0 - beta)
