@@ -131,3 +131,12 @@ def test_groups_without_a_valid_role_are_rejected(cls):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [b], "role": "vector"})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("name, cls", [("scale", secondorder.SCALE), ("muon", secondorder.Muon)])
+def test_selectable_in_the_bench(name, cls):
+    from secondorder.bench.optimizers import build_optimizer, parse_spec
+
+    opt, kwargs = build_optimizer(parse_spec(f"{name}:lr=0.01"), LM().parameters())
+    assert type(opt) is cls and kwargs == {"lr": 0.01}
+    assert callable(getattr(cls, "from_model", None))
