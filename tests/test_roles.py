@@ -131,6 +131,11 @@ def test_groups_without_a_valid_role_are_rejected(cls):
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [b], "role": "vector"})
     assert len(opt.param_groups) == 2
+    sd = opt.state_dict()
+    sd["param_groups"][1]["role"] = "hidden"  # a checkpoint whose roles do not fit
+    with pytest.raises(ValueError, match="role='hidden' needs"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[1]["role"] == "vector"
 
 
 @pytest.mark.parametrize("name, cls", [("scale", secondorder.SCALE), ("muon", secondorder.Muon)])

@@ -14,7 +14,7 @@ from torch import nn
 
 from .._validation import check_float
 from ..kernels.adamw import adamw_foreach
-from ..roles import check_group_roles, resolve_role
+from ..roles import ROLES, check_group_roles, resolve_role
 from .base import SecondOrderOptimizer
 
 ADAMW_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
@@ -109,6 +109,16 @@ class RoleOptimizer(SecondOrderOptimizer):
             p.copy_(t)
 
     # -------------------------------------------------------------- state dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the base class; also rejects (``ValueError``, nothing changed) a checkpoint
+        whose group roles do not fit this optimizer's parameters (e.g. ``"output"`` for a
+        group of vectors)."""
+        for saved, ours in zip(state_dict.get("param_groups", []), self.param_groups):
+            role = saved.get("role", ours["role"])
+            if role in ROLES and len(saved.get("params", [])) == len(ours["params"]):
+                check_group_roles(role, ours["params"], type(self).__name__)
+        super().load_state_dict(state_dict)
+
     def _role_of(self, p: torch.Tensor) -> str:
         for group in self.param_groups:
             if any(p is q for q in group["params"]):
