@@ -156,8 +156,7 @@ def main(argv=None) -> dict:
         for name, make in makers.items():
             r = train_one(workload, make, order, args)
             result["training"][name] = r
-        base = result["training"].get("adamw")
-        for name, r in result["training"].items():
+            base = result["training"].get("adamw")  # adamw runs first: ratios as we go
             if base:
                 r["state_ratio"] = r["state_bytes"] / base["state_bytes"]
             print(
