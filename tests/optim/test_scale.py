@@ -124,8 +124,27 @@ def test_vectors_equal_torch_adamw(wd):
         tol = 4 * steps * (0.01 + b.abs().max().item()) * EPS32
         torch.testing.assert_close(a, b, rtol=0, atol=tol)
         st_ours, st_ref = opt.state[a], torch_opt.state[b]
-        assert st_ours["step"] == int(st_ref["step"]) == steps
+        assert torch.equal(st_ours["step"], st_ref["step"]) and int(st_ours["step"]) == steps
         torch.testing.assert_close(st_ours["exp_avg_sq"], st_ref["exp_avg_sq"], rtol=1e-6, atol=0)
+
+
+def test_vectors_with_huge_gradients_saturate_instead_of_overflowing():
+    """torch's AdamW squares a float32 gradient of 1e25 to inf; ours saturates the gradient
+    at 2**63 first: equal to torch.optim.AdamW fed the saturated gradients."""
+    g = torch.Generator().manual_seed(7)
+    init = torch.randn(5, generator=g)
+    ours, ref = nn.Parameter(init.clone()), nn.Parameter(init.clone())
+    opt, torch_opt = SCALE([ours], lr=0.01), torch.optim.AdamW([ref], lr=0.01, weight_decay=0)
+    bound = 2.0**63
+    for k in range(6):
+        grad = torch.randn(5, generator=g) * 10.0 ** (25 if k % 2 else -25)
+        ours.grad = grad.clone()
+        ref.grad = grad.clamp(-bound, bound)
+        opt.step()
+        torch_opt.step()
+        assert torch.equal(ours.grad, grad)  # the gradient itself is left alone
+    assert torch.isfinite(opt.state[ours]["exp_avg_sq"]).all()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=4 * 6 * (0.01 + 3.0) * EPS32)
 
 
 def test_updates_are_invariant_to_loss_scaling():
@@ -159,7 +178,9 @@ def test_state_is_output_layer_plus_two_per_vector_value():
     lm_train(model, opt, range(2))
     roles = param_roles(model)
     numel = {r: sum(p.numel() for p in d.values()) for r, d in roles.items()}
-    assert opt.state_numel() == numel["output"] + 2 * numel["vector"]
+    assert opt.state_numel(per_element_only=True) == numel["output"] + 2 * numel["vector"]
+    # plus one scalar step counter per AdamW tensor, as torch.optim.AdamW keeps
+    assert opt.state_numel() == opt.state_numel(per_element_only=True) + len(roles["vector"])
     assert opt.state_bytes() == 4 * opt.state_numel()
     # nothing at all for the hidden matrices and the embedding
     for r in ("hidden", "embedding"):

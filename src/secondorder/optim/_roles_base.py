@@ -7,6 +7,7 @@ float32 and rounded once into the parameter), the parameter's dtype otherwise.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -25,19 +26,18 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
     return p.dtype if p.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def lr_value(group: dict[str, Any]) -> float:
-    """The group's learning rate as a Python float (a 0-d tensor lr is read once per step)."""
-    lr = group["lr"]
-    return float(lr) if isinstance(lr, torch.Tensor) else lr
+def scalar(x: Any) -> float:
+    """A hyperparameter as a Python number: 1-element tensors (allowed for every real-valued
+    hyperparameter, as torch.optim allows them for ``lr``) are read once per step."""
+    return float(x) if isinstance(x, torch.Tensor) else x
 
 
 def check_adamw_hparams(group: dict[str, Any]) -> None:
     betas = group["adamw_betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {betas!r}")
-    b1 = check_float("adamw_betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    b2 = check_float("adamw_betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    group["adamw_betas"] = (b1, b2)
+    check_float("adamw_betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_float("adamw_betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
     check_float("adamw_eps", group["adamw_eps"], low=0.0, low_open=True)
 
 
@@ -69,6 +69,25 @@ class RoleOptimizer(SecondOrderOptimizer):
         the other keyword arguments go to the constructor."""
         return cls(cls._model_groups(model, output, embeddings, adamw_lr), **hparams)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give each optimizer a ``from_model`` whose signature lists the constructor's
+        hyperparameters (for ``help()`` and for tools, such as the bench, that check
+        keyword arguments against it)."""
+        super().__init_subclass__(**kwargs)
+        base = RoleOptimizer.__dict__["from_model"].__func__
+
+        def from_model(klass: type, model: nn.Module, *args: Any, **kw: Any) -> RoleOptimizer:
+            return base(klass, model, *args, **kw)
+
+        own = list(inspect.signature(base).parameters.values())[:-1]  # without **hparams
+        init = list(inspect.signature(cls.__init__).parameters.values())[2:]  # self, params
+        from_model.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            own + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in init]
+        )
+        from_model.__doc__ = base.__doc__
+        from_model.__qualname__ = f"{cls.__qualname__}.from_model"
+        cls.from_model = classmethod(from_model)  # type: ignore[method-assign,assignment]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -88,7 +107,7 @@ class RoleOptimizer(SecondOrderOptimizer):
             st = self.state[p]
             sd = state_dtype(p)
             if not st:
-                st["step"] = 0
+                st["step"] = torch.tensor(0.0)  # a CPU tensor, as torch.optim.AdamW keeps it
                 st["exp_avg"] = torch.zeros(p.shape, dtype=sd, device=p.device)
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=sd, device=p.device)
             st["step"] += 1
@@ -99,11 +118,11 @@ class RoleOptimizer(SecondOrderOptimizer):
             gs.append(p.grad if p.grad.dtype == sd else p.grad.to(sd))
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
-            ts.append(st["step"])
-        b1, b2 = group["adamw_betas"]
+            ts.append(float(st["step"]))  # a CPU scalar: no device sync
+        b1, b2 = (scalar(b) for b in group["adamw_betas"])
         adamw_foreach(
-            ps, gs, ms, vs, ts, lr=lr_value(group), beta1=b1, beta2=b2,
-            eps=group["adamw_eps"], weight_decay=group["weight_decay"],
+            ps, gs, ms, vs, ts, lr=scalar(group["lr"]), beta1=b1, beta2=b2,
+            eps=scalar(group["adamw_eps"]), weight_decay=scalar(group["weight_decay"]),
         )  # fmt: skip
         for p, t in back:
             p.copy_(t)
@@ -136,8 +155,6 @@ class RoleOptimizer(SecondOrderOptimizer):
                 f"state {sorted(st)} of a parameter with role {role!r} is not a "
                 f"{type(self).__name__} state (expected {sorted(allowed) or 'no state'})"
             )
-        if "step" in st and (isinstance(st["step"], bool) or not isinstance(st["step"], int)):
-            raise ValueError(f"state 'step' must be an int, got {type(st['step']).__name__}")
         for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
             if key in st and not (
                 isinstance(st[key], torch.Tensor) and st[key].is_floating_point()
@@ -146,7 +163,7 @@ class RoleOptimizer(SecondOrderOptimizer):
 
     # ------------------------------------------------------------- accounting
     def state_bytes(self) -> int:
-        """Bytes of the tensors in the optimizer state (step counters are Python ints)."""
+        """Bytes of the tensors in the optimizer state."""
         return sum(
             v.numel() * v.element_size()
             for st in self.state.values()
@@ -154,11 +171,12 @@ class RoleOptimizer(SecondOrderOptimizer):
             if isinstance(v, torch.Tensor)
         )
 
-    def state_numel(self) -> int:
-        """Number of values held in state tensors."""
+    def state_numel(self, per_element_only: bool = False) -> int:
+        """Number of values held in state tensors; ``per_element_only=True`` counts only
+        the buffers shaped like their parameter (not the AdamW step counters)."""
         return sum(
-            v.numel() for st in self.state.values() for v in st.values()
-            if isinstance(v, torch.Tensor)
+            v.numel() for st in self.state.values() for k, v in st.items()
+            if isinstance(v, torch.Tensor) and (not per_element_only or k != "step")
         )  # fmt: skip
 
     def _adamw_record(self, idx: int, role: str, p: torch.Tensor) -> dict[str, Any]:
@@ -169,6 +187,6 @@ class RoleOptimizer(SecondOrderOptimizer):
             role=role,
             shape=tuple(p.shape),
             update="adamw",
-            step=st.get("step", 0),
+            step=int(st["step"]) if "step" in st else 0,
             exp_avg_sq_max=float(v.max()) if v is not None and v.numel() else None,
         )

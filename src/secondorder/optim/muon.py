@@ -21,8 +21,8 @@ For every hidden weight matrix (conv kernels flattened to ``(out, in * kh * kw)`
 
 Embeddings, the output layer and tensors with fewer than two dims are updated with AdamW
 (``adamw_betas``, ``adamw_eps``, the group's ``lr`` and weight decay), equal to
-``torch.optim.AdamW``. A plain parameter list (``role="auto"``) orthogonalises every tensor
-with >= 2 dims; :meth:`Muon.from_model` (or :func:`secondorder.roles.muon_param_groups`)
+``torch.optim.AdamW`` for gradients below 2**63 (see ``kernels.adamw``). A plain parameter
+list (``role="auto"``) orthogonalises every tensor with >= 2 dims; :meth:`Muon.from_model` (or :func:`secondorder.roles.muon_param_groups`)
 sends embeddings and the output layer to AdamW, as Muon is meant to be used.
 
 State: a float32 momentum buffer per hidden matrix, AdamW's two buffers elsewhere.
@@ -38,7 +38,7 @@ import torch
 from .._validation import check_bool, check_choice, check_float, check_int
 from ..kernels.newton_schulz import NS_DTYPES, newton_schulz, orthogonalize_many
 from ..roles import ROLES, muon_param_groups, resolve_role
-from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, lr_value, state_dtype
+from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, scalar, state_dtype
 
 SCALINGS = ("rms", "spectral", "none")
 
@@ -118,7 +118,7 @@ class Muon(RoleOptimizer):
         """Step 1: the (Nesterov) momentum ``U`` of ``p`` as an ``(out, -1)`` matrix."""
         sd = state_dtype(p)
         g = p.grad if p.grad.dtype == sd else p.grad.to(sd)
-        beta = group["momentum"]
+        beta = scalar(group["momentum"])
         st = self.state[p]
         if beta > 0 or "momentum_buffer" in st:
             if "momentum_buffer" not in st:
@@ -143,7 +143,7 @@ class Muon(RoleOptimizer):
             self._adamw(group, vectors)
         for key, entries in batches.items():
             for (group, p), o in zip(entries, orthogonalize_many(directions[key], *key)):
-                lr, wd = lr_value(group), group["weight_decay"]
+                lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
                 c = shape_factor(group["scaling"], o.shape[0], o.shape[1])
                 sd = state_dtype(p)
                 target = p if p.dtype == sd else p.detach().to(sd)

@@ -4,7 +4,8 @@ A memory-lean optimizer for language models: most weight matrices take a plain s
 gradient step whose every output unit (row of the torch ``(out, in)`` weight) is rescaled to
 a fixed size, so no per-element statistics are kept for them. Only the output layer keeps a
 momentum buffer, and only tensors with fewer than two dims (biases, norm gains) use AdamW.
-State: ``|output weight| + 2 * |vector params|`` numbers (AdamW's is ``2 * |all params|``).
+State: ``|output weight| + 2 * |vector params|`` numbers in per-element buffers (AdamW's is
+``2 * |all params|``), plus AdamW's scalar step counter per vector tensor.
 
 Per parameter, by role (see :mod:`secondorder.roles`), with ``lr`` and ``wd`` of its group:
 
@@ -18,7 +19,7 @@ Per parameter, by role (see :mod:`secondorder.roles`), with ``lr`` and ``wd`` of
   (``norm="rms"``: every normalised row has RMS one, so each row of the update has RMS
   exactly ``lr``) or its Euclidean norm (``norm="l2"``), clamped below at ``eps``;
 * ``"vector"``: AdamW with ``adamw_betas``, ``adamw_eps``, the group's ``lr`` and ``wd``
-  (equal to ``torch.optim.AdamW``).
+  (equal to ``torch.optim.AdamW`` for gradients below 2**63, see ``kernels.adamw``).
 
 A plain parameter list (``role="auto"``, the default) treats every tensor with >= 2 dims as
 ``"hidden"`` and the rest as ``"vector"``: no output-layer momentum and no embedding axis.
@@ -39,7 +40,7 @@ import torch
 from .._validation import check_choice, check_float
 from ..kernels.normalize import NORMS, normalization_scale
 from ..roles import ROLES, resolve_role, scale_param_groups
-from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, lr_value, state_dtype
+from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, scalar, state_dtype
 
 _AXIS = {"hidden": 1, "output": 1, "embedding": 0}
 
@@ -100,8 +101,8 @@ class SCALE(RoleOptimizer):
     # -------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         for group, params in work:
-            lr, wd = lr_value(group), group["weight_decay"]
-            beta = group["momentum"]
+            lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
+            beta, eps = scalar(group["momentum"]), scalar(group["eps"])
             vectors = []
             for p in params:
                 role = resolve_role(group["role"], p)
@@ -115,7 +116,7 @@ class SCALE(RoleOptimizer):
                     if "momentum_buffer" not in st:
                         st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
                     u = st["momentum_buffer"].lerp_(u, 1.0 - beta)
-                s = normalization_scale(u, _AXIS[role], group["norm"], group["eps"])
+                s = normalization_scale(u, _AXIS[role], group["norm"], eps)
                 target = p if p.dtype == sd else p.detach().to(sd)
                 if wd != 0:
                     target.mul_(1.0 - lr * wd)
@@ -154,7 +155,7 @@ class SCALE(RoleOptimizer):
                         s = normalization_scale(u.float(), _AXIS[role], group["norm"], 1e-30)
                         rec.update(
                             scale_min=float(s.min()), scale_max=float(s.max()),
-                            clamped=int((s <= group["eps"]).sum()),
+                            clamped=int((s <= scalar(group["eps"])).sum()),
                         )  # fmt: skip
                 rec["state_numel"] = numel
                 out.append(rec)
