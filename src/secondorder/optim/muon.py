@@ -22,8 +22,9 @@ For every hidden weight matrix (conv kernels flattened to ``(out, in * kh * kw)`
 Embeddings, the output layer and tensors with fewer than two dims are updated with AdamW
 (``adamw_betas``, ``adamw_eps``, the group's ``lr`` and weight decay), equal to
 ``torch.optim.AdamW`` for gradients below 2**63 (see ``kernels.adamw``). A plain parameter
-list (``role="auto"``) orthogonalises every tensor with >= 2 dims; :meth:`Muon.from_model` (or :func:`secondorder.roles.muon_param_groups`)
-sends embeddings and the output layer to AdamW, as Muon is meant to be used.
+list (``role="auto"``) orthogonalises every tensor with >= 2 dims; :meth:`Muon.from_model`
+(or :func:`secondorder.roles.muon_param_groups`) sends embeddings and the output layer to
+AdamW, as Muon is meant to be used.
 
 State: a float32 momentum buffer per hidden matrix, AdamW's two buffers elsewhere.
 """
