@@ -55,6 +55,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "SONew": dict(lr=0.02, weight_decay=0.01, band=1, eps=3e-2),  # eps: see contract-findings
     "AdaHessian": dict(lr=0.1, weight_decay=0.01, eps=1e-2, hessian_power=0.5, update_every=2),
     "MFAC": dict(lr=0.02, weight_decay=0.01, num_grads=4, damp=1e-2, momentum=0.9),
+    "SCALE": dict(lr=0.02, weight_decay=0.01),
+    "Muon": dict(lr=0.02, weight_decay=0.01),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -110,6 +112,16 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("weight_decay", -1e-2), ("block_size", 0), ("block_size", 1.5), ("scale", "t"),
         ("nonfinite", "ignore"),
     ],
+    "SCALE": [
+        ("lr", -1.0), ("lr", NAN), ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1.0),
+        ("norm", "l1"), ("eps", 0.0), ("adamw_betas", (1.0, 0.9)), ("adamw_betas", 0.9),
+        ("adamw_eps", 0.0), ("role", None), ("role", "head"), ("nonfinite", "ignore"),
+    ],
+    "Muon": [
+        ("lr", -1.0), ("lr", INF), ("momentum", 1.0), ("nesterov", 1), ("ns_steps", 0),
+        ("ns_steps", 2.5), ("scaling", "l2"), ("weight_decay", -1.0), ("adamw_betas", (0.9, 1.0)),
+        ("adamw_eps", -1.0), ("ns_dtype", torch.float16), ("role", None), ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -143,6 +155,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(block_size=4, scale="count", momentum=0.0, lr=20.0, damp=1e3),
         dict(block_size=7, num_grads=1, weight_decay=0.0, lr=10.0, damp=1e3),
     ],
+    "SCALE": [dict(norm="l2", momentum=0.5, adamw_betas=(0.8, 0.99), eps=1e-6)],
+    "Muon": [dict(nesterov=False, scaling="spectral", ns_steps=3, ns_dtype=torch.bfloat16)],
 }
 # fmt: on
 
@@ -477,6 +491,7 @@ CONVERGE_LR: dict[str, dict[str, float]] = {
     "ContractSGD": {"quadratic": 1e-3, "rosenbrock": 1e-3, "least_squares": 1e-3},
     "MFAC": {"quadratic": 20.0, "rosenbrock": 20.0, "least_squares": 20.0},  # CONVERGE_KW
     "AdaHessian": {"quadratic": 0.1, "rosenbrock": 0.1, "least_squares": 0.1},
+    "Muon": {"quadratic": 0.15},  # its default "rms" scaling makes updates 0.2 x lr in RMS
 }
 
 

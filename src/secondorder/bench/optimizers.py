@@ -72,6 +72,8 @@ OPTIMIZERS: dict[str, _Entry] = {
     "sonew": _Entry(_secondorder("SONew"), doc="secondorder.SONew"),
     "adahessian": _Entry(_secondorder("AdaHessian"), doc="secondorder.AdaHessian (create_graph)"),
     "mfac": _Entry(_secondorder("MFAC"), doc="secondorder.MFAC"),
+    "scale": _Entry(_secondorder("SCALE"), doc="secondorder.SCALE"),
+    "muon": _Entry(_secondorder("Muon"), doc="secondorder.Muon"),
 }
 
 
