@@ -1173,7 +1173,7 @@ def test_step_hooks(name):
         opt.zero_grad()
         x, y = toy_batch(0)
         loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
+        backward(opt, loss)
         seen.append("closure")
         return loss
 
@@ -1266,7 +1266,7 @@ def test_grad_scaler(name):
     for k in range(4):
         x, y = toy_batch(k)
         opt.zero_grad()
-        scaler.scale(torch.nn.functional.mse_loss(m2(x), y)).backward()
+        backward(opt, scaler.scale(torch.nn.functional.mse_loss(m2(x), y)))
         scaler.step(opt)
         scaler.update()
     assert scaler.get_scale() > 2.0**10  # the scale grew: no step was skipped
