@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ContractSGD": dict(lr=0.02, momentum=0.9, weight_decay=0.01),  # base.py on its own
     "Shampoo": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
     "SONew": dict(lr=0.02, weight_decay=0.01, band=1, eps=3e-2),  # eps: see contract-findings
+    "MKOR": dict(lr=0.02, weight_decay=0.01, base="adam"),  # no model: all go to the base
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -95,6 +96,16 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
     ],
+    "MKOR": [
+        ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("eps", -1.0), ("weight_decay", -0.1),
+        ("amsgrad", "yes"), ("decoupled_weight_decay", 1), ("momentum", 0.9), ("model", 3),
+        ("base", "lamb"), ("base", secondorder.Shampoo), ("nesterov", True), ("base_kwargs", {}),
+        ("variant", "both"), ("inv_freq", 0), ("factor_decay", 1.0), ("factor_decay", 0.0),
+        ("stabilizer_threshold", 0.0), ("stabilizer_blend", 0.0), ("stabilizer_blend", 1.5),
+        ("clip", 0.0), ("warmup_steps", -1), ("factor_dtype", torch.int32), ("precondition", 1),
+        ("exclude", "fc1"), ("exclude", ["fc1"]), ("max_factor_dim", 0), ("hybrid_window", -1),
+        ("hybrid_tol", NAN), ("base_optimizer", "SGD"), ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -118,6 +129,11 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(band=3, state_dtype=torch.float32, graft=None, damping="absolute", eps=1e-2,
              lr=0.05),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
+    ],
+    "MKOR": [  # v1: per-group settings only (it is also a param-group override)
+        dict(variant="paper", inv_freq=3, factor_decay=0.9, stabilizer_blend=0.5, clip=10.0,
+             warmup_steps=2, factor_dtype=torch.bfloat16, precondition=False),
+        dict(base="sgd", lr=0.005), dict(base="adamw", hybrid_window=2, hybrid_tol=0.5),
     ],
 }
 # fmt: on

@@ -43,6 +43,7 @@ resets; per parameter: ``step`` and ``base`` (the base optimizer's own state).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from collections.abc import Iterable, Iterator, MutableMapping
@@ -138,7 +139,7 @@ def _resolve_base(base: Any) -> type[torch.optim.Optimizer]:
         return base
     raise TypeError(
         "base must be 'sgd', 'adam', 'adamw' or a torch.optim.Optimizer subclass (the class, "
-        f"with its settings in base_kwargs), got {type(base).__name__}"
+        f"with its settings as keyword arguments of MKOR), got {type(base).__name__}"
     )
 
 
@@ -156,8 +157,6 @@ class MKOR(SecondOrderOptimizer):
             the base's own default otherwise; a base without momentum rejects a value).
         model: the model whose layers to precondition, when ``params`` are parameters.
         base: ``"sgd"`` | ``"adam"`` | ``"adamw"`` | a ``torch.optim.Optimizer`` subclass.
-        base_kwargs: more settings of the base (e.g. ``{"nesterov": True}``); each becomes a
-            per-group hyperparameter of MKOR.
         variant: ``"official"`` | ``"paper"`` (factor update and stabiliser rule).
         inv_freq: factor-update period (steps); statistics are only recorded then.
         factor_decay: ``d`` of the update rules, in (0, 1).
@@ -172,6 +171,9 @@ class MKOR(SecondOrderOptimizer):
         max_factor_dim: layers with a factor larger than this fall back (memory d^2).
         hybrid_window, hybrid_tol: the switch to the base optimizer (0: off).
         nonfinite: ``"skip"`` | ``"raise"`` (see :class:`SecondOrderOptimizer`).
+        **base_kwargs: any other hyperparameter of the base optimizer (``betas=``,
+            ``nesterov=``, ...); each becomes a per-group hyperparameter of MKOR. torch.optim
+            flags (``foreach``, ``fused``) go to the base's constructor.
     """
 
     _transient_attrs = ("_base_opt", "_stats")
@@ -185,7 +187,6 @@ class MKOR(SecondOrderOptimizer):
         *,
         model: nn.Module | None = None,
         base: str | type[torch.optim.Optimizer] = "sgd",
-        base_kwargs: dict[str, Any] | None = None,
         variant: str = "official",
         inv_freq: int = 10,
         factor_decay: float = 0.95,
@@ -200,6 +201,7 @@ class MKOR(SecondOrderOptimizer):
         hybrid_window: int = 0,
         hybrid_tol: float = 1e-3,
         nonfinite: str = "skip",
+        **base_kwargs: Any,
     ) -> None:
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
@@ -211,18 +213,13 @@ class MKOR(SecondOrderOptimizer):
         self.hybrid_window = check_int("hybrid_window", hybrid_window, low=0)
         self.hybrid_tol = check_float("hybrid_tol", hybrid_tol)
         self._base_cls = _resolve_base(base)
-        if base_kwargs is None:
-            base_kwargs = {}
-        if not isinstance(base_kwargs, dict):
-            raise TypeError(f"base_kwargs must be a dict or None, got {type(base_kwargs).__name__}")
-        base_kwargs = dict(base_kwargs)
-        for key in ("params", "lr", "momentum", "weight_decay"):
-            if key in base_kwargs:
-                raise ValueError(f"base_kwargs: pass {key!r} to MKOR itself, not in base_kwargs")
         self._base_flags = {k: base_kwargs.pop(k) for k in _TORCH_FLAGS if k in base_kwargs}
-        check_unsupported_flags(self._base_flags, (), "MKOR (base_kwargs)")
+        check_unsupported_flags(self._base_flags, (), "MKOR")
+        sig = inspect.signature(self._base_cls.__init__).parameters
+        self._base_bool_keys = {k for k, p in sig.items() if isinstance(p.default, bool)}
+        for key, value in base_kwargs.items():
+            self._check_base_value(key, value)
         base_defaults = self._base_defaults(base_kwargs)
-        self._base_bool_keys = {k for k, v in base_defaults.items() if isinstance(v, bool)}
         defaults: dict[str, Any] = {**base_defaults, "lr": lr}
         if "weight_decay" in base_defaults:
             defaults["weight_decay"] = weight_decay
@@ -269,13 +266,21 @@ class MKOR(SecondOrderOptimizer):
             probe = self._base_cls([_probe_param()], **base_kwargs, **self._base_flags)
         except TypeError as e:
             if "lr" not in str(e):
-                raise TypeError(f"base_kwargs: {self._base_cls.__name__} rejected them: {e}")
+                raise TypeError(f"{self._base_cls.__name__} (the base optimizer): {e}") from e
             probe = self._base_cls([_probe_param()], lr=1e-3, **base_kwargs, **self._base_flags)
         except ValueError as e:
-            raise ValueError(f"base_kwargs: {self._base_cls.__name__} rejected them: {e}") from e
+            raise ValueError(f"{self._base_cls.__name__} (the base optimizer): {e}") from e
         if "lr" not in probe.defaults:
             raise ValueError(f"base: {self._base_cls.__name__} has no lr hyperparameter")
-        return {k: v for k, v in probe.defaults.items() if k not in _TORCH_FLAGS}
+        # Only what the constructor accepts (AdamW's defaults hold a fixed
+        # ``decoupled_weight_decay`` that its constructor does not take).
+        sig = inspect.signature(self._base_cls.__init__).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.values())
+        return {
+            k: v
+            for k, v in probe.defaults.items()
+            if k not in _TORCH_FLAGS and (takes_any or k in sig)
+        }
 
     @staticmethod
     def _check_exclude(exclude: Any, model: nn.Module | None) -> list[Any]:
@@ -285,6 +290,8 @@ class MKOR(SecondOrderOptimizer):
                 f"{type(exclude).__name__}"
             )
         exclude = list(exclude)
+        if exclude and model is None:
+            raise ValueError("exclude: names layers of a model, but no model was given")
         names = dict(model.named_modules()) if model is not None else {}
         for e in exclude:
             if isinstance(e, str):
@@ -395,20 +402,7 @@ class MKOR(SecondOrderOptimizer):
     def _validate_base_hparams(self, group: dict[str, Any]) -> None:
         values = {k: group[k] for k in self._base_keys}
         for key, value in values.items():
-            if key == "weight_decay":
-                check_float(key, value, low=0.0)
-            elif key in ("momentum",):
-                check_float(key, value, low=0.0, high=1.0, high_open=True)
-            elif key == "dampening":
-                check_float(key, value, low=0.0, high=1.0)
-            elif key == "eps":
-                check_float(key, value, low=0.0)
-            elif key == "betas":
-                check_betas(value, allow_beta2_one=False)
-            elif key in self._base_bool_keys:
-                check_bool(key, value)
-            elif isinstance(value, (float, torch.Tensor)):
-                check_float(key, value)
+            self._check_base_value(key, value)
         try:
             self._base_cls([_probe_param()], **values, **self._base_flags)
         except (TypeError, ValueError) as e:
@@ -416,6 +410,24 @@ class MKOR(SecondOrderOptimizer):
                 f"{self._base_cls.__name__} (the base optimizer) rejected the group's "
                 f"hyperparameters: {e}"
             ) from e
+
+    def _check_base_value(self, key: str, value: Any) -> None:
+        """Our own message for the common base hyperparameters (torch's checks are partial
+        and do not always name the argument)."""
+        if key in ("lr", "weight_decay"):
+            check_float(key, value, low=0.0)
+        elif key == "momentum":
+            check_float(key, value, low=0.0, high=1.0, high_open=True)
+        elif key == "dampening":
+            check_float(key, value, low=0.0, high=1.0)
+        elif key == "eps":
+            check_float(key, value, low=0.0)
+        elif key == "betas":
+            check_betas(value, allow_beta2_one=False)
+        elif key in self._base_bool_keys:
+            check_bool(key, value)
+        elif isinstance(value, (float, torch.Tensor)):
+            check_float(key, value)
 
     # -------------------------------------------------------------------------- hooks
     def _due(self, layer: _Layer) -> bool:
