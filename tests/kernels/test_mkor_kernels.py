@@ -128,8 +128,12 @@ def test_linear_statistics_match_manual_rows(shape, clip):
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     gout = torch.randn(*shape[:-1], 4, generator=g, dtype=torch.float64) * 0.2
     rows = x.reshape(-1, 5)
-    torch.testing.assert_close(K.linear_input_stat(x, True, clip), _manual_rows_mean(rows, clip, True))
-    torch.testing.assert_close(K.linear_input_stat(x, False, clip), _manual_rows_mean(rows, clip, False))
+    torch.testing.assert_close(
+        K.linear_input_stat(x, True, clip), _manual_rows_mean(rows, clip, True)
+    )
+    torch.testing.assert_close(
+        K.linear_input_stat(x, False, clip), _manual_rows_mean(rows, clip, False)
+    )
     grows = gout.reshape(-1, 4)
     want = _manual_rows_mean(grows * grows.shape[0], clip, False)
     torch.testing.assert_close(K.linear_output_stat(gout, clip), want)

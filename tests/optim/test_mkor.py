@@ -157,8 +157,12 @@ def test_grads_are_left_untouched_and_excluded_layers_get_the_base_update():
     opt = MKOR(model, lr=0.05, inv_freq=1, exclude=["head"])
     sgd = torch.optim.SGD(ref.head.parameters(), lr=0.05, momentum=0.9)
     for k in range(4):
-        ref.load_state_dict({**ref.state_dict(), **{
-            k2: v for k2, v in model.state_dict().items() if not k2.startswith("head")}})
+        ref.load_state_dict(
+            {
+                **ref.state_dict(),
+                **{k2: v for k2, v in model.state_dict().items() if not k2.startswith("head")},
+            }
+        )
         opt.zero_grad()
         loss_of(model, k).backward()
         grads = [p.grad.clone() for p in model.parameters()]

@@ -84,9 +84,7 @@ def conv_geometry(conv: torch.nn.Conv2d) -> ConvGeometry:
     return ConvGeometry((kh, kw), tuple(conv.stride), (dh, dw), pad)
 
 
-def conv2d_input_stat(
-    x: torch.Tensor, geom: ConvGeometry, bias: bool, clip: float
-) -> torch.Tensor:
+def conv2d_input_stat(x: torch.Tensor, geom: ConvGeometry, bias: bool, clip: float) -> torch.Tensor:
     """``a`` of an ``nn.Conv2d`` from its input ``x`` of shape ``(N, C, H, W)``.
 
     Per example, the mean over the ``L`` output positions of the unfolded input patches
@@ -105,8 +103,12 @@ def conv2d_input_stat(
     ow = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     sums = torch.stack(
         [
-            x[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
-            .sum((2, 3))
+            x[
+                :,
+                :,
+                i * dh : i * dh + sh * (oh - 1) + 1 : sh,
+                j * dw : j * dw + sw * (ow - 1) + 1 : sw,
+            ].sum((2, 3))
             for i in range(kh)
             for j in range(kw)
         ],
@@ -183,9 +185,7 @@ def kron_precondition(left: torch.Tensor, grad: torch.Tensor, right: torch.Tenso
     return left.to(grad.dtype) @ grad @ right.to(grad.dtype)
 
 
-def norm_preserving_scale(
-    grad_norm: torch.Tensor, update_norm: torch.Tensor
-) -> torch.Tensor:
+def norm_preserving_scale(grad_norm: torch.Tensor, update_norm: torch.Tensor) -> torch.Tensor:
     """``grad_norm / update_norm``, and 0 where the update is 0 (then the gradient was 0 and
     the scale does not matter). No host read."""
     safe = torch.where(update_norm > 0, update_norm, torch.ones_like(update_norm))

@@ -286,8 +286,7 @@ class MKOR(SecondOrderOptimizer):
     def _check_exclude(exclude: Any, model: nn.Module | None) -> list[Any]:
         if isinstance(exclude, (str, nn.Module)) or not isinstance(exclude, Iterable):
             raise TypeError(
-                "exclude must be a list of layer names or modules, got "
-                f"{type(exclude).__name__}"
+                f"exclude must be a list of layer names or modules, got {type(exclude).__name__}"
             )
         exclude = list(exclude)
         if exclude and model is None:
@@ -374,7 +373,9 @@ class MKOR(SecondOrderOptimizer):
         base = self.__dict__.get("_base_opt")
         if base is not None:
             g = self.param_groups[-1]
-            base.add_param_group({"params": list(g["params"]), **{k: g[k] for k in self._base_keys}})
+            base.add_param_group(
+                {"params": list(g["params"]), **{k: g[k] for k in self._base_keys}}
+            )
 
     # -------------------------------------------------------------------- validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -509,7 +510,9 @@ class MKOR(SecondOrderOptimizer):
         h["losses"].append(torch.as_tensor(value, dtype=torch.float32))
         if len(h["losses"]) < 2 * w:
             return
-        means = torch.stack([torch.stack(h["losses"][:w]).mean(), torch.stack(h["losses"][w:]).mean()])
+        means = torch.stack(
+            [torch.stack(h["losses"][:w]).mean(), torch.stack(h["losses"][w:]).mean()]
+        )
         before, after = means.tolist()
         h["losses"] = h["losses"][w:]
         if math.isfinite(before) and math.isfinite(after) and before != 0:
@@ -575,7 +578,9 @@ class MKOR(SecondOrderOptimizer):
             mat = torch.cat([mat, b.grad.reshape(-1, 1).to(compute)], 1)
         new = K.kron_precondition(st["left"], mat, st["right"])
         bias = b is not None
-        scale = K.norm_preserving_scale(K.weight_bias_norms(mat, bias), K.weight_bias_norms(new, bias))
+        scale = K.norm_preserving_scale(
+            K.weight_bias_norms(mat, bias), K.weight_bias_norms(new, bias)
+        )
         new = new * scale
         if bias:
             replace[w] = new[:, :-1].reshape(w.shape).to(w.dtype)
@@ -584,7 +589,11 @@ class MKOR(SecondOrderOptimizer):
             replace[w] = new.reshape(w.shape).to(w.dtype)
 
     def _update_factors(
-        self, st: dict[str, Any], group: dict[str, Any], a: torch.Tensor, g: torch.Tensor,
+        self,
+        st: dict[str, Any],
+        group: dict[str, Any],
+        a: torch.Tensor,
+        g: torch.Tensor,
         layer: _Layer,
     ) -> None:
         dev = layer.weight.device
@@ -609,10 +618,14 @@ class MKOR(SecondOrderOptimizer):
             # Input side first, then output side; a factor with a large entry flags both
             # factors of the layer, which are reset (instead of updated) at their next update.
             r0, l0 = st["reset_right"], st["reset_left"]
-            new_r = torch.where(r0, K.blend_identity(right, blend), K.official_update(right, a, decay))
+            new_r = torch.where(
+                r0, K.blend_identity(right, blend), K.official_update(right, a, decay)
+            )
             big_r = ~r0 & K.too_large(new_r, threshold)
             l1 = l0 | big_r
-            new_l = torch.where(l1, K.blend_identity(left, blend), K.official_update(left, g, decay))
+            new_l = torch.where(
+                l1, K.blend_identity(left, blend), K.official_update(left, g, decay)
+            )
             big_l = ~l1 & K.too_large(new_l, threshold)
             st["reset_right"], st["reset_left"] = big_r | big_l, big_l
             events = torch.stack([~l1, ~r0, l1, r0])
@@ -626,7 +639,8 @@ class MKOR(SecondOrderOptimizer):
         st["counts"] = st["counts"] + events.long()
 
     def _base_step(
-        self, work: list[tuple[dict[str, Any], list[torch.Tensor]]],
+        self,
+        work: list[tuple[dict[str, Any], list[torch.Tensor]]],
         replace: dict[torch.Tensor, torch.Tensor],
     ) -> None:
         base = self._base_opt
@@ -742,9 +756,7 @@ class MKOR(SecondOrderOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p not in covered:
-                    reason = (
-                        "no model given" if self.model is None else "not in a handled layer"
-                    )
+                    reason = "no model given" if self.model is None else "not in a handled layer"
                     out.append(dict(layer=None, param=idx, preconditioned=False, reason=reason))
                 idx += 1
         return out
