@@ -57,6 +57,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "MFAC": dict(lr=0.02, weight_decay=0.01, num_grads=4, damp=1e-2, momentum=0.9),
     "SCALE": dict(lr=0.02, weight_decay=0.01),
     "Muon": dict(lr=0.02, weight_decay=0.01),
+    "MKOR": dict(lr=0.02, weight_decay=0.01, base="adam"),  # no model: all go to the base
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -122,6 +123,16 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("ns_steps", 2.5), ("scaling", "l2"), ("weight_decay", -1.0), ("adamw_betas", (0.9, 1.0)),
         ("adamw_eps", -1.0), ("ns_dtype", torch.float16), ("role", None), ("nonfinite", "ignore"),
     ],
+    "MKOR": [
+        ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("eps", -1.0), ("weight_decay", -0.1),
+        ("amsgrad", "yes"), ("decoupled_weight_decay", 1), ("momentum", 0.9), ("model", 3),
+        ("base", "lamb"), ("base", secondorder.Shampoo), ("nesterov", True), ("base_kwargs", {}),
+        ("variant", "both"), ("inv_freq", 0), ("factor_decay", 1.0), ("factor_decay", 0.0),
+        ("stabilizer_threshold", 0.0), ("stabilizer_blend", 0.0), ("stabilizer_blend", 1.5),
+        ("clip", 0.0), ("warmup_steps", -1), ("factor_dtype", torch.int32), ("precondition", 1),
+        ("exclude", "fc1"), ("exclude", ["fc1"]), ("max_factor_dim", 0), ("hybrid_window", -1),
+        ("hybrid_tol", NAN), ("base_optimizer", "SGD"), ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -157,6 +168,11 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
     ],
     "SCALE": [dict(norm="l2", momentum=0.5, adamw_betas=(0.8, 0.99), eps=1e-6)],
     "Muon": [dict(nesterov=False, scaling="spectral", ns_steps=3, ns_dtype=torch.bfloat16)],
+    "MKOR": [  # v1: per-group settings only (it is also a param-group override)
+        dict(variant="paper", inv_freq=3, factor_decay=0.9, stabilizer_blend=0.5, clip=10.0,
+             warmup_steps=2, factor_dtype=torch.bfloat16, precondition=False),
+        dict(base="sgd", lr=0.005), dict(base="adamw", hybrid_window=2, hybrid_tol=0.5),
+    ],
 }
 # fmt: on
 

@@ -2,10 +2,11 @@
 
 from .optim.adahessian import AdaHessian
 from .optim.mfac import MFAC
+from .optim.mkor import MKOR
 from .optim.muon import Muon
 from .optim.scale import SCALE
 from .optim.shampoo import Shampoo
 from .optim.sonew import SONew
 
-__all__ = ["Shampoo", "SONew", "AdaHessian", "MFAC", "SCALE", "Muon"]
+__all__ = ["Shampoo", "SONew", "AdaHessian", "MFAC", "MKOR", "SCALE", "Muon"]
 __version__ = "0.1.0"

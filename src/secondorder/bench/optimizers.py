@@ -74,6 +74,7 @@ OPTIMIZERS: dict[str, _Entry] = {
     "mfac": _Entry(_secondorder("MFAC"), doc="secondorder.MFAC"),
     "scale": _Entry(_secondorder("SCALE"), doc="secondorder.SCALE"),
     "muon": _Entry(_secondorder("Muon"), doc="secondorder.Muon"),
+    "mkor": _Entry(_secondorder("MKOR"), doc="secondorder.MKOR (SGD momentum 0.9 base)"),
 }
 
 
