@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ContractSGD": dict(lr=0.02, momentum=0.9, weight_decay=0.01),  # base.py on its own
     "Shampoo": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
     "SONew": dict(lr=0.02, weight_decay=0.01, band=1, eps=3e-2),  # eps: see contract-findings
+    "AdaGradNorm": dict(lr=0.5, weight_decay=0.01),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -95,6 +96,8 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
     ],
+    "AdaGradNorm": [("lr", -1.0), ("lr", NAN), ("initial_accumulator", 0.0), ("eps", -1.0),
+                    ("weight_decay", -1.0), ("mode", "column"), ("nonfinite", "ignore")],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -119,6 +122,7 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
              lr=0.05),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
     ],
+    "AdaGradNorm": [dict(mode="row", lr=0.1, initial_accumulator=1.0)],
 }
 # fmt: on
 
