@@ -122,7 +122,7 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
              lr=0.05),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
     ],
-    "AdaGradNorm": [dict(mode="row", lr=0.1, initial_accumulator=1.0)],
+    "AdaGradNorm": [dict(mode="row", lr=1.0, initial_accumulator=1.0)],
 }
 # fmt: on
 
@@ -427,6 +427,7 @@ PROBLEMS: dict[str, tuple[Callable, int, float, float]] = {
 #: optional per-optimizer learning rates for PROBLEMS (methods not on Adam's lr scale)
 CONVERGE_LR: dict[str, dict[str, float]] = {
     "ContractSGD": {"quadratic": 1e-3, "rosenbrock": 1e-3, "least_squares": 1e-3},
+    "AdaGradNorm": {"quadratic": 5.0, "rosenbrock": 2.0, "least_squares": 2.0},  # lr: a length
 }
 
 

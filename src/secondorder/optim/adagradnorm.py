@@ -35,6 +35,11 @@ __all__ = ["AdaGradNorm"]
 MODES = ("scalar", "row")
 
 
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 statistics and arithmetic, float64 for float64 parameters."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, cols]``: rows along dim 0; a 1-d tensor's elements are rows."""
     return t.reshape(t.shape[0], -1) if t.dim() >= 1 else t.reshape(1, 1)
@@ -55,7 +60,8 @@ class AdaGradNorm(SecondOrderOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``; see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`.
 
-    **State** per parameter: ``step`` (0-d CPU tensor) and ``sum_sq`` (float32): a 0-d tensor
+    **State** per parameter: ``step`` (0-d CPU tensor) and ``sum_sq`` (float32; float64 for
+    float64 parameters): a 0-d tensor
     in scalar mode (this parameter's share of the group's sum), ``[rows]`` in row mode.
     """
 
@@ -121,10 +127,10 @@ class AdaGradNorm(SecondOrderOptimizer):
                 if not st:
                     st["step"] = torch.tensor(0.0)
                     st["sum_sq"] = torch.zeros(
-                        self._acc_shape(mode, p), dtype=torch.float32, device=p.device
+                        self._acc_shape(mode, p), dtype=_compute_dtype(p), device=p.device
                     )
                 st["step"] += 1
-                g = p.grad.float()
+                g = p.grad.to(st["sum_sq"].dtype)
                 if wd != 0.0:
                     g = g.add(p.float(), alpha=wd)
                 grads.append(g)
@@ -144,14 +150,14 @@ class AdaGradNorm(SecondOrderOptimizer):
     def _scalar_step(self, group, params, grads, lr) -> None:
         # b² over every parameter of the group that has state (also those without a
         # gradient this step: their past gradients count in the paper's sum).
-        total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
         for q in group["params"]:
             st = self.state.get(q)
             if st:
                 total = total + st["sum_sq"].to(total.device)
         scale = (total + group["initial_accumulator"]).sqrt_().add_(group["eps"]).reciprocal_()
         for p, g in zip(params, grads):
-            p.add_((g * scale.to(g.device)).to(p.dtype), alpha=-lr)
+            p.add_((g * scale.to(g.device, g.dtype)).to(p.dtype), alpha=-lr)
 
     # ------------------------------------------------------------- reporting
     @torch.no_grad()
