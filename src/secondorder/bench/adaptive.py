@@ -250,6 +250,8 @@ def summary(results: dict[str, Any]) -> list[str]:
         sizes = r.get("batch_sizes") or [s["batch_size"]]
         ex = r.get("examples_processed", r["steps_run"] * s["batch_size"])
         tgt = r.get("examples_to_target")
+        if tgt is None and r.get("steps_to_target") and not r.get("examples"):
+            tgt = r["steps_to_target"] * s["batch_size"]
         lines.append(
             f"  {r['label']}: {ex} examples in {r['steps_run']} steps, batch "
             f"{sizes[0]} -> {sizes[-1]}, steps->tgt {r.get('steps_to_target') or '-'}, "

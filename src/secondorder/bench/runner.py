@@ -392,7 +392,7 @@ def _run(
             "sweep": None if sweep is None else {"key": sweep.key, "values": list(sweep.values)},
             "target_loss": None,
             "target_source": None,
-            "batch_schedule": config.batch_schedule,
+            "batch_schedule": None if batch_schedule is None else batch_schedule.text,
         },
         "optimizers": [],
     }
