@@ -174,7 +174,7 @@ def test_degenerate_statistics():
     assert K.inner_product_test(centred, 0.1) == 0.0  # ⟨g_i, 0⟩ = 0: no variance
     assert K.orthogonality_test(centred, 0.1) == math.inf
     with pytest.raises(ValueError, match="at least 2"):
-        stats_from_samples(centred[:1]).variance
+        _ = stats_from_samples(centred[:1]).variance
 
 
 # ------------------------------------------------------------ Gaussian: known answers

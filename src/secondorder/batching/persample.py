@@ -89,9 +89,8 @@ def gradient_stats(
     n = _batch_len(batch)
     parts = []
     for start in range(0, n, chunk_size):
-        chunk = tree_map(
-            lambda t: t[start : start + chunk_size] if isinstance(t, torch.Tensor) else t, batch
-        )
+        rows = slice(start, start + chunk_size)
+        chunk = tree_map(lambda t, r=rows: t[r] if isinstance(t, torch.Tensor) else t, batch)
         samples, _ = flatten_samples(per_sample_grads(model, loss_fn, chunk))
         parts.append(stats_from_samples(samples))
     return merge_stats(parts)

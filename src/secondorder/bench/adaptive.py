@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..batching import AdaptiveBatchSize, IndexStream, SampleCountedLR, TESTS
+from ..batching import TESTS, AdaptiveBatchSize, IndexStream, SampleCountedLR
 from ..batching.persample import flatten_samples, gradient_stats, per_sample_grads
 from . import health
 from .errors import BenchUsageError

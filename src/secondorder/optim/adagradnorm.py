@@ -183,7 +183,8 @@ class AdaGradNorm(SecondOrderOptimizer):
                 lo = min((float(r.min()) for r in rows), default=b0)
                 hi = max((float(r.max()) for r in rows), default=b0)
                 rec.update(accumulator_min=lo, accumulator_max=hi)
-                rec.update(effective_lr_min=lr / (hi**0.5 + eps), effective_lr_max=lr / (lo**0.5 + eps))
+                rec["effective_lr_min"] = lr / (hi**0.5 + eps)
+                rec["effective_lr_max"] = lr / (lo**0.5 + eps)
             out.append(rec)
         return out
 
