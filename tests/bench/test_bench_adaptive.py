@@ -58,3 +58,15 @@ def test_adaptive_run_end_to_end(tmp_path: Path, capsys):
     assert examples[-1] >= 48 and examples[-2] < 48 and r["steps_run"] <= 12
     assert (out / "batch_size.png").exists()
     assert "examples in" in capsys.readouterr().out
+
+
+def test_adaptive_run_with_the_inner_product_family_and_accumulation(tmp_path: Path):
+    from secondorder.bench.runner import BenchConfig, run_benchmark
+
+    config = BenchConfig(
+        optimizers=["adagrad"], steps=4, batch_size=4, threads=1,
+        batch_schedule="adaptive:test=augmented,theta=0.5,nu=1,per_layer=True,max_micro_batch=3",
+    )  # fmt: skip
+    (r,) = run_benchmark(config, stream=None)["optimizers"]
+    assert r["status"] == "ok" and r["batch_sizes"][0] == 4
+    assert sum(r["batch_sizes"]) == r["examples_processed"] >= 16
