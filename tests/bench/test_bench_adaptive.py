@@ -70,3 +70,19 @@ def test_adaptive_run_with_the_inner_product_family_and_accumulation(tmp_path: P
     (r,) = run_benchmark(config, stream=None)["optimizers"]
     assert r["status"] == "ok" and r["batch_sizes"][0] == 4
     assert sum(r["batch_sizes"]) == r["examples_processed"] >= 16
+
+
+def test_an_adaptive_run_that_never_grows_is_the_constant_run():
+    from secondorder.bench.runner import BenchConfig, run_benchmark
+
+    # warm-up over 2 steps, then linear decay: the sample-counted schedule matches it
+    common = dict(optimizers=["adagradnorm"], steps=5, batch_size=6, threads=1, warmup=2.0)
+    (const,) = run_benchmark(BenchConfig(**common), stream=None)["optimizers"]
+    # a tolerance so loose the test can never ask for a larger batch
+    never = "adaptive:test=norm,eta=1e30"
+    (adapt,) = run_benchmark(BenchConfig(**common, batch_schedule=never), stream=None)[
+        "optimizers"
+    ]
+    assert adapt["batch_sizes"] == [6] * 5
+    assert adapt["train_loss"] == const["train_loss"]  # same examples, same order: bit-identical
+    assert adapt["final_val_loss"] == const["final_val_loss"]

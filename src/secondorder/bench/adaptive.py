@@ -1,9 +1,10 @@
 """Adaptive batch sizes in ``secondorder bench``: ``--batch-schedule adaptive:test=norm,eta=0.1``.
 
 An adaptive run starts at the workload's (or ``--batch-size``'s) batch and grows it with
-:class:`secondorder.AdaptiveBatchSize`; it processes **the same number of examples** as the
-constant-batch run of the same request (steps × batch size), so it takes fewer, larger
-steps. Its learning-rate schedule counts examples (the constant run's schedule, with
+:class:`secondorder.AdaptiveBatchSize`; it processes **the same examples in the same order**
+as the constant-batch run of the same request (steps × batch size; the last step may run
+past the end), so it takes fewer, larger steps, and a run whose batch never grows *is* the
+constant run. Its learning-rate schedule counts examples (the constant run's schedule, with
 "step ``s``" read as "``s · batch`` examples"). The statistics of the test are computed
 from per-sample gradients (``torch.func``, in chunks of ``chunk`` examples) at the current
 weights, before the step, and that work is inside the timed step: it is part of what the
@@ -93,6 +94,21 @@ def parse_batch_schedule(text: str | None) -> BatchSchedule | None:
     return schedule
 
 
+class _Replay:
+    """The constant run's example order (``plan.order`` row after row), then a seeded
+    stream: an adaptive run sees the same examples in the same order, so one whose batch
+    never grows is the constant run, step for step."""
+
+    def __init__(self, order: torch.Tensor, num_train: int, seed: int) -> None:
+        self.order, self.pos = order, 0
+        self.rest = IndexStream(num_train, seed + 1)
+
+    def take(self, n: int) -> torch.Tensor:
+        head = self.order[self.pos : self.pos + n]
+        self.pos += head.numel()
+        return head if head.numel() == n else torch.cat([head, self.rest.take(n - head.numel())])
+
+
 def train_run_adaptive(
     plan: Plan,
     build: Callable[[torch.nn.Module], Built],
@@ -110,10 +126,10 @@ def train_run_adaptive(
     model = make_model(plan)
     built = build(model)
     optimizer = built.optimizer
-    lr = SampleCountedLR(
-        optimizer, lr_factor(plan.schedule, total, plan.warmup_steps * batch_size)
-    )
-    stream = IndexStream(num_train, plan.seed)
+    # the constant run's schedule with "step s" read as "s x batch examples processed"
+    per_step = lr_factor(plan.schedule, plan.order.shape[0], plan.warmup_steps)
+    lr = SampleCountedLR(optimizer, lambda seen: per_step(seen / batch_size))
+    stream = _Replay(plan.order.reshape(-1), num_train, plan.seed)
 
     def loss_of(m: Any, batch: Any) -> torch.Tensor:
         return workload.loss(m, batch)
