@@ -134,3 +134,19 @@ def test_loading_state_that_does_not_fit_the_mode_raises():
     assert not target.state and torch.equal(p.detach(), before)
     target.load_state_dict(row.state_dict())  # as saved: loads, mode from the checkpoint
     assert target.param_groups[0]["mode"] == "row"
+
+
+def test_changing_mode_mid_training_raises_before_any_change():
+    ps = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(2))]
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt = AdaGradNorm(ps, mode="row")
+    opt.step()
+    opt.param_groups[0]["mode"] = "scalar"
+    before = [p.detach().clone() for p in ps]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    with pytest.raises(ValueError, match="mode cannot change"):
+        opt.step()
+    for p, b, saved in zip(ps, before, state):
+        assert torch.equal(p.detach(), b)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())

@@ -117,6 +117,16 @@ class AdaGradNorm(SecondOrderOptimizer):
             )
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        for group, _ in work:  # checked before anything changes
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and tuple(st["sum_sq"].shape) != self._acc_shape(group["mode"], p):
+                    raise ValueError(
+                        f"AdaGradNorm: a parameter has statistics of shape "
+                        f"{tuple(st['sum_sq'].shape)} but mode={group['mode']!r} needs "
+                        f"{self._acc_shape(group['mode'], p)}; mode cannot change during "
+                        "training"
+                    )
         for group, params in work:
             if not params:
                 continue
