@@ -58,6 +58,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "SCALE": dict(lr=0.02, weight_decay=0.01),
     "Muon": dict(lr=0.02, weight_decay=0.01),
     "MKOR": dict(lr=0.02, weight_decay=0.01, base="adam"),  # no model: all go to the base
+    "AdaGradNorm": dict(lr=0.5, weight_decay=0.01),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -133,6 +134,8 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("exclude", "fc1"), ("exclude", ["fc1"]), ("max_factor_dim", 0), ("hybrid_window", -1),
         ("hybrid_tol", NAN), ("base_optimizer", "SGD"), ("nonfinite", "ignore"),
     ],
+    "AdaGradNorm": [("lr", -1.0), ("lr", NAN), ("initial_accumulator", 0.0), ("eps", -1.0),
+                    ("weight_decay", -1.0), ("mode", "column"), ("nonfinite", "ignore")],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -173,6 +176,7 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
              warmup_steps=2, factor_dtype=torch.bfloat16, precondition=False),
         dict(base="sgd", lr=0.005), dict(base="adamw", hybrid_window=2, hybrid_tol=0.5),
     ],
+    "AdaGradNorm": [dict(mode="row", lr=1.0, initial_accumulator=1.0)],
 }
 # fmt: on
 
@@ -508,6 +512,7 @@ CONVERGE_LR: dict[str, dict[str, float]] = {
     "MFAC": {"quadratic": 20.0, "rosenbrock": 20.0, "least_squares": 20.0},  # CONVERGE_KW
     "AdaHessian": {"quadratic": 0.1, "rosenbrock": 0.1, "least_squares": 0.1},
     "Muon": {"quadratic": 0.15},  # its default "rms" scaling makes updates 0.2 x lr in RMS
+    "AdaGradNorm": {"quadratic": 5.0, "rosenbrock": 2.0, "least_squares": 2.0},  # lr: a length
 }
 
 

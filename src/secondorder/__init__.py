@@ -1,5 +1,7 @@
 """secondorder: practical second-order optimizers for PyTorch."""
 
+from .batching import AdaptiveBatchSize
+from .optim.adagradnorm import AdaGradNorm
 from .optim.adahessian import AdaHessian
 from .optim.mfac import MFAC
 from .optim.mkor import MKOR
@@ -8,5 +10,15 @@ from .optim.scale import SCALE
 from .optim.shampoo import Shampoo
 from .optim.sonew import SONew
 
-__all__ = ["Shampoo", "SONew", "AdaHessian", "MFAC", "MKOR", "SCALE", "Muon"]
+__all__ = [
+    "Shampoo",
+    "SONew",
+    "AdaHessian",
+    "MFAC",
+    "MKOR",
+    "SCALE",
+    "Muon",
+    "AdaGradNorm",
+    "AdaptiveBatchSize",
+]
 __version__ = "0.1.0"

@@ -87,6 +87,10 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=int, metavar="N", help="train for N epochs")
     length.add_argument("--steps", type=int, metavar="N", help="train for N optimizer steps")
     p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--batch-schedule", metavar="SPEC",
+                   help="constant (default) or adaptive[:test=norm,eta=0.1,max_batch=N,...]: "
+                   "grow the batch from --batch-size when the gradient noise says so, over the "
+                   "same number of examples (see docs/adaptive-batch.md)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed (default 0)")
     p.add_argument(
         "--dtype",
@@ -203,6 +207,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         eval_every=args.eval_every,
         threads=args.threads,
         sweep=args.sweep,
+        batch_schedule=args.batch_schedule,
     )
     # everything that can be checked is checked before data is loaded or a step is taken
     workload_cls, _ = check_request(config)
@@ -221,7 +226,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         return 130
     results = build_results(run, argv)
     paths = write_outputs(results, out)
-    print(format_table(results))
+    from .bench.adaptive import summary, write_batch_plot
+
+    paths += [p for p in [write_batch_plot(results, out)] if p is not None]
+    print("\n".join([format_table(results), *summary(results)]))
     print("wrote " + ", ".join(str(p) for p in paths))
     ran = [r for r in results["optimizers"] if r["status"] in ("ok", "diverged")]
     return 0 if ran else 1

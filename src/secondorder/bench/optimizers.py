@@ -75,6 +75,7 @@ OPTIMIZERS: dict[str, _Entry] = {
     "scale": _Entry(_secondorder("SCALE"), doc="secondorder.SCALE"),
     "muon": _Entry(_secondorder("Muon"), doc="secondorder.Muon"),
     "mkor": _Entry(_secondorder("MKOR"), doc="secondorder.MKOR (SGD momentum 0.9 base)"),
+    "adagradnorm": _Entry(_secondorder("AdaGradNorm"), doc="secondorder.AdaGradNorm (scalar)"),
 }
 
 

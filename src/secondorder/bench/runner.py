@@ -9,6 +9,7 @@ benchmark keeps what it finished. The training loop itself is in :mod:`.training
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 
 import torch
 
+from .adaptive import add_examples_to_target, parse_batch_schedule, train_run_adaptive
 from .errors import BenchUsageError
 from .optimizers import (
     OptimizerSpec,
@@ -62,6 +64,7 @@ class BenchConfig:
     eval_every: int | None = None
     threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
     sweep: str | None = None  # "key=v1,v2,...": each optimizer at its best value
+    batch_schedule: str | None = None  # "adaptive:test=norm,eta=0.1" (see .adaptive)
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ def check_request(config: BenchConfig) -> tuple[type[Workload], list[OptimizerSp
     _check_specs(specs)
     if config.sweep is not None:
         parse_sweep(config.sweep)
+    parse_batch_schedule(config.batch_schedule)
     resolve_device(config.device)
     return workload_cls, specs
 
@@ -324,6 +328,12 @@ def _run(
             f"--batch-size {batch_size} exceeds the {setup.num_train} training examples"
         )
     per_epoch = setup.num_train // batch_size
+    batch_schedule = parse_batch_schedule(config.batch_schedule)
+    trainer = train_run
+    if batch_schedule is not None:  # same examples as the constant run, growing batches
+        batch_schedule.controller(batch_size, setup.num_train)  # e.g. a cap below the batch
+        trainer = functools.partial(train_run_adaptive, schedule=batch_schedule,
+                                    batch_size=batch_size, num_train=setup.num_train)
     steps, schedule, warmup_steps = _settings(config, workload_cls, per_epoch, setup.num_train)
     eval_every = config.eval_every or max(1, steps // 20)
     window = max(1, min(per_epoch, steps // 20))
@@ -382,6 +392,7 @@ def _run(
             "sweep": None if sweep is None else {"key": sweep.key, "values": list(sweep.values)},
             "target_loss": None,
             "target_source": None,
+            "batch_schedule": None if batch_schedule is None else batch_schedule.text,
         },
         "optimizers": [],
     }
@@ -398,11 +409,12 @@ def _run(
             if g in unavailable:
                 records.append(_record(runs[0], None, "unavailable", unavailable[g]))
             else:
-                trials = [_train(plan, run, builder(run), progress) for run in runs]
+                trials = [_train(plan, run, builder(run), progress, trainer) for run in runs]
                 use_val = setup.num_val > 0
                 records.append(trials[0] if len(runs) == 1 else
                                _pick_best(trials, runs, sweep, use_val))  # type: ignore[arg-type]
             target, source = _add_comparisons(records, config.target_loss)
+            add_examples_to_target(records)
             result["settings"]["target_loss"] = target
             result["settings"]["target_source"] = source
             if on_update is not None:
@@ -412,13 +424,13 @@ def _run(
     return result
 
 
-def _train(plan: Plan, run: _Run, build, progress: Progress) -> dict[str, Any]:
+def _train(plan: Plan, run: _Run, build, progress: Progress, trainer=train_run) -> dict[str, Any]:
     """One training run; a run that raises is recorded as ``failed`` and the bench goes on."""
     label = run.base.label
     if run.value is not None:
         label = f"{label} @ {_sweep_key(run)}={run.value}"
     try:
-        measured = train_run(plan, build, label, progress)
+        measured = trainer(plan, build, label, progress)
     except (KeyboardInterrupt, BenchUsageError):
         raise
     except Exception as exc:  # noqa: BLE001 - a third-party optimizer may fail in any way

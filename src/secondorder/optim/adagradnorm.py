@@ -1,0 +1,208 @@
+r"""AdaGradNorm: AdaGrad with one step size per gradient *norm* instead of per coordinate.
+
+**Scalar mode** (the method analysed by Lau, Liu & Kolar for adaptive batch sizes): the
+whole gradient of a param group is one vector ``g_k``, and a single scalar accumulates its
+squared norm::
+
+    b_k² = b_0² + Σ_{t≤k} ‖g_t‖²,       w_{k+1} = w_k − lr · g_k / (b_k + eps)
+
+With one param group (the default) this is one step size for the whole model. The state is
+stored per parameter as that parameter's share ``Σ_t ‖g_{t,p}‖²`` of the sum (a 0-d tensor),
+so ``b_k² = b_0² + Σ_p share_p`` exactly, checkpoints are ordinary per-parameter state and a
+parameter whose gradient is ``None`` simply adds nothing that step.
+
+**Row mode** (Ward, Wu & Bottou's per-output-row variant): every row ``r`` along dim 0 of a
+tensor (for a ``Linear`` weight ``[out, in]``: one output unit) has its own accumulator
+``b_{k,r}² = b_0² + Σ_t ‖g_{t}[r]‖²``. A 1-d tensor's rows are its elements (elementwise
+AdaGrad for biases), a 0-d tensor is one row.
+
+``weight_decay`` is classical L2: ``g ← g + wd·w`` before the statistics (as in
+``torch.optim.Adagrad``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .._validation import check_choice, check_float
+from .base import SecondOrderOptimizer
+
+__all__ = ["AdaGradNorm"]
+
+MODES = ("scalar", "row")
+
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 statistics and arithmetic, float64 for float64 parameters."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, cols]``: rows along dim 0; a 1-d tensor's elements are rows."""
+    return t.reshape(t.shape[0], -1) if t.dim() >= 1 else t.reshape(1, 1)
+
+
+class AdaGradNorm(SecondOrderOptimizer):
+    r"""AdaGrad-Norm: ``w ← w − lr · g / (√(b_0² + Σ_t ‖g_t‖²) + eps)``.
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: learning rate ``>= 0`` (the paper's ``α``). The step norm is at most ``lr`` in
+            scalar mode, so ``lr`` is a length in parameter space (default 1.0).
+        initial_accumulator: ``b_0² > 0``, the starting value of every accumulator.
+        eps: added to ``b_k`` after the square root (``>= 0``).
+        weight_decay: L2 coefficient ``>= 0`` added to the gradient.
+        mode: ``"scalar"`` (one accumulator per param group) or ``"row"`` (one per row along
+            dim 0 of each tensor).
+        nonfinite: ``"skip"`` (default) or ``"raise"``; see
+            :class:`~secondorder.optim.base.SecondOrderOptimizer`.
+
+    **State** per parameter: ``step`` (0-d CPU tensor) and ``sum_sq`` (float32; float64 for
+    float64 parameters): a 0-d tensor
+    in scalar mode (this parameter's share of the group's sum), ``[rows]`` in row mode.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        initial_accumulator: float = 1e-2,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        mode: str = "scalar",
+        *,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            initial_accumulator=initial_accumulator,
+            eps=eps,
+            weight_decay=weight_decay,
+            mode=mode,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_float("lr", group["lr"], low=0.0)
+        check_float("initial_accumulator", group["initial_accumulator"], low=0.0, low_open=True)
+        check_float("eps", group["eps"], low=0.0)
+        check_float("weight_decay", group["weight_decay"], low=0.0)
+        check_choice("mode", group["mode"], MODES)
+
+    @staticmethod
+    def _acc_shape(mode: str, p: torch.Tensor) -> tuple[int, ...]:
+        return () if mode == "scalar" else (_rows(p).shape[0],)
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        super()._check_loaded_state(p, st)
+        if not st:
+            return
+        if "sum_sq" not in st or "step" not in st:
+            raise ValueError(
+                f"AdaGradNorm state for a parameter of shape {tuple(p.shape)} lacks "
+                f"{sorted({'sum_sq', 'step'} - st.keys())}: not an AdaGradNorm state dict"
+            )
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        want = self._acc_shape(group["mode"], p)
+        got = st["sum_sq"]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(
+                f"AdaGradNorm state 'sum_sq' has shape {shape}, expected {want} for a parameter "
+                f"of shape {tuple(p.shape)} with mode={group['mode']!r}: the state dict does "
+                "not match these parameters or this mode"
+            )
+
+    def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        for group, _ in work:  # checked before anything changes
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and tuple(st["sum_sq"].shape) != self._acc_shape(group["mode"], p):
+                    raise ValueError(
+                        f"AdaGradNorm: a parameter has statistics of shape "
+                        f"{tuple(st['sum_sq'].shape)} but mode={group['mode']!r} needs "
+                        f"{self._acc_shape(group['mode'], p)}; mode cannot change during "
+                        "training"
+                    )
+        for group, params in work:
+            if not params:
+                continue
+            mode, lr, wd = group["mode"], group["lr"], group["weight_decay"]
+            grads = []
+            for p in params:
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["sum_sq"] = torch.zeros(
+                        self._acc_shape(mode, p), dtype=_compute_dtype(p), device=p.device
+                    )
+                st["step"] += 1
+                g = p.grad.to(st["sum_sq"].dtype)
+                if wd != 0.0:
+                    g = g.add(p.float(), alpha=wd)
+                grads.append(g)
+                if mode == "scalar":
+                    st["sum_sq"].add_(g.square().sum())
+                else:
+                    st["sum_sq"].add_(_rows(g).square().sum(1))
+            if mode == "scalar":
+                self._scalar_step(group, params, grads, lr)
+            else:
+                for p, g in zip(params, grads):
+                    denom = self.state[p]["sum_sq"].add(group["initial_accumulator"]).sqrt_()
+                    denom.add_(group["eps"])
+                    step = _rows(g).div_(denom.unsqueeze(1)).view(p.shape)
+                    p.add_(step.to(p.dtype), alpha=-lr)
+
+    def _scalar_step(self, group, params, grads, lr) -> None:
+        # b² over every parameter of the group that has state (also those without a
+        # gradient this step: their past gradients count in the paper's sum).
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        for q in group["params"]:
+            st = self.state.get(q)
+            if st:
+                total = total + st["sum_sq"].to(total.device)
+        scale = (total + group["initial_accumulator"]).sqrt_().add_(group["eps"]).reciprocal_()
+        for p, g in zip(params, grads):
+            p.add_((g * scale.to(g.device, g.dtype)).to(p.dtype), alpha=-lr)
+
+    # ------------------------------------------------------------- reporting
+    @torch.no_grad()
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """One record per param group: ``group``, ``mode``, ``step`` (largest step count),
+        ``accumulator`` (``b_k²``; in row mode the smallest and largest over all rows as
+        ``accumulator_min`` / ``accumulator_max``) and ``effective_lr`` (``lr / (b_k + eps)``;
+        in row mode ``effective_lr_min`` / ``effective_lr_max``). A healthy run has an
+        accumulator that grows ever more slowly; an effective lr collapsing towards 0 early
+        means a few huge gradients dominate the sum. Reads device values: off the hot path."""
+        out = []
+        for i, group in enumerate(self.param_groups):
+            states = [self.state[p] for p in group["params"] if self.state.get(p)]
+            b0, eps, lr = group["initial_accumulator"], group["eps"], float(group["lr"])
+            rec: dict[str, Any] = {"group": i, "mode": group["mode"]}
+            rec["step"] = max((int(s["step"].item()) for s in states), default=0)
+            if group["mode"] == "scalar":
+                acc = b0 + sum(float(s["sum_sq"]) for s in states)
+                rec["accumulator"] = acc
+                rec["effective_lr"] = lr / (acc**0.5 + eps)
+            else:
+                rows = [s["sum_sq"].double() + b0 for s in states]
+                lo = min((float(r.min()) for r in rows), default=b0)
+                hi = max((float(r.max()) for r in rows), default=b0)
+                rec.update(accumulator_min=lo, accumulator_max=hi)
+                rec["effective_lr_min"] = lr / (hi**0.5 + eps)
+                rec["effective_lr_max"] = lr / (lo**0.5 + eps)
+            out.append(rec)
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in the optimizer state (one float per group share or row)."""
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )
