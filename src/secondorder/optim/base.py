@@ -22,6 +22,14 @@ the behaviour users rely on being identical across optimizers:
   :meth:`SecondOrderOptimizer._check_loaded_state` sees them in ``self.param_groups``;
 * torch.optim's state-dict hooks run once each, pre-hooks before everything and
   post-hooks on the final result;
+* **DTensor parameters** (FSDP2 ``fully_shard``, HSDP) are checked at construction
+  (``ValueError`` naming the parameter for placements other than ``Replicate()`` /
+  ``Shard(0)``) and, during ``step``, ``state_dict``, ``load_state_dict`` and
+  ``diagnostics``, presented to the subclass as plain tensors holding this rank's shard
+  (:class:`secondorder.placement.LocalView`): state is kept per shard, the non-finite
+  check agrees across shards (one extra collective per step), and ``state_dict`` expresses
+  sharded state as DTensors (keys in ``_param_shaped_keys`` / ``_flat_state_keys``) or
+  per-shard entries, so that ``torch.distributed.checkpoint`` saves and reshards it;
 * ``copy.deepcopy`` / pickling keep every attribute except torch's hook registries and
   the subclass's ``_transient_attrs`` (thread pools, scratch buffers, process groups).
 
@@ -30,14 +38,17 @@ The contract suite ``tests/test_contract.py`` checks all of this for every optim
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
 from .._validation import check_choice, check_grad, check_params_dtype
+from ..placement import LocalView, ParamPlacement, build_view, param_name, placement_of
+from ..placement import state_to_global, state_to_local
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -68,9 +79,38 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             param_group["params"] = params
         check_params_dtype(params, type(self).__name__)
+        gi = len(self.param_groups)
+        for pi, p in enumerate(params if not isinstance(params, set) else []):
+            placement_of(p, param_name(param_group, gi, pi))  # ValueError if unsupported
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate_group(merged)
         super().add_param_group(param_group)
+
+    # --------------------------------------------------------------- placement
+    def _local_view(self) -> LocalView | None:
+        """The view of DTensor parameters as local shards (``None`` when there are none)."""
+        view = build_view(self, self.__dict__.get("_placement_view"))
+        self.__dict__["_placement_view"] = view
+        return view
+
+    def _on_local_shards(self) -> Any:
+        """Context in which ``param_groups`` and ``state`` hold local shards (re-entrant)."""
+        view = self._local_view()
+        if view is None or view.active:
+            return nullcontext(view)
+        return _entered(self, view)
+
+    def _placement(self, p: torch.Tensor) -> ParamPlacement | None:
+        """Inside a step: the placement of a (proxy) parameter, ``None`` for a plain one.
+
+        Subclasses whose math couples entries across a whole tensor use it to reduce over
+        the shards (:meth:`ParamPlacement.all_reduce_`)."""
+        view = self.__dict__.get("_placement_view")
+        return None if view is None else view.placement(p)
+
+    #: whether ranks holding an empty shard of a non-empty parameter still step it (needed
+    #: when the subclass's step takes part in collectives over the shards)
+    _steps_empty_shards = False
 
     # -------------------------------------------------------------------- step
     def _params_with_grad(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
@@ -79,8 +119,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             ps = []
             for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
+                if p.grad is None:
                     continue
+                if p.numel() == 0:
+                    pl = self._placement(p)
+                    if not (self._steps_empty_shards and pl and pl.global_shape.numel()):
+                        continue
                 check_grad(p, name)
                 ps.append(p)
             out.append((group, ps))
@@ -114,18 +158,25 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._on_local_shards() as view:
+            self._step_local(view)
+        return loss
+
+    def _step_local(self, view: LocalView | None) -> None:
         work = self._params_with_grad()
         grads = [p.grad for _, ps in work for p in ps]
-        if not self._all_finite(grads):
+        finite = self._all_finite(grads)
+        if view is not None:
+            finite = view.all_agree(finite)  # every shard skips, or none
+        if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient (NaN or Inf); parameters and "
                     "optimizer state were left unchanged (nonfinite='raise')"
                 )
             self.skipped_steps += 1
-            return loss
+            return
         self._update(work)
-        return loss
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -272,6 +323,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             for k, v in self.__dict__.items()
             if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
             and k not in self._transient_attrs
+            and k != "_placement_view"
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -284,14 +336,66 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     #: instance attributes that are not pickled / deep-copied (e.g. a background worker)
     _transient_attrs: tuple[str, ...] = ()
 
-    #: state keys whose tensors have the parameter's shape (checked on load)
+    #: state keys whose tensors have the parameter's shape (checked on load; DTensors
+    #: laid out like a sharded parameter in its checkpoints)
     _param_shaped_keys: tuple[str, ...] = ()
+
+    #: state keys whose tensors are ``(k, numel)``, laid out along the flattened parameter
+    #: (DTensors sharded like the parameter in checkpoints)
+    _flat_state_keys: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ON_SHARDS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_on_shards", False):
+                setattr(cls, name, _on_shards(fn, name))
 
     def _after_load_state_dict(self) -> None:
         """Hook for subclasses to rebuild derived (non-checkpointed) caches.
 
         Called after ``load_state_dict`` and after unpickling / ``copy.deepcopy``.
         """
+
+
+@contextmanager
+def _entered(opt: SecondOrderOptimizer, view: LocalView) -> Iterator[LocalView]:
+    view.enter(opt)
+    try:
+        yield view
+    finally:
+        view.exit(opt)
+
+
+#: public methods that run on local shards (wrapped in every subclass that defines them)
+_ON_SHARDS = ("state_dict", "load_state_dict", "diagnostics")
+
+
+def _on_shards(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Run ``fn`` on local shards; convert state dicts between local and global form."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SecondOrderOptimizer, *args: Any, **kwargs: Any) -> Any:
+        view = self._local_view()
+        if view is None or view.active:
+            return fn(self, *args, **kwargs)
+        keys = (self._param_shaped_keys, self._flat_state_keys)
+        if name == "load_state_dict":
+            sd = kwargs.pop("state_dict") if "state_dict" in kwargs else args[0]
+            args = (state_to_local(sd, self.param_groups, view, *keys),)
+        with _entered(self, view):
+            out = fn(self, *args, **kwargs)
+        if name == "state_dict":
+            out = state_to_global(out, self.param_groups, view, *keys)
+        return out
+
+    wrapper._on_shards = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+for _name in _ON_SHARDS:
+    if _name in SecondOrderOptimizer.__dict__:
+        setattr(SecondOrderOptimizer, _name, _on_shards(SecondOrderOptimizer.__dict__[_name], _name))
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:

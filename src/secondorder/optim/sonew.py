@@ -90,6 +90,17 @@ class SONew(SecondOrderOptimizer):
     on across row boundaries (the last weight of unit ``i`` neighbours the first weight of
     unit ``i + 1``); the statistics decide how much that edge matters.
 
+    **Sharded parameters** (FSDP2 ``fully_shard``, HSDP: DTensors with ``Shard(0)``). Each
+    rank keeps the statistics of its own rows: the chain (and the band) is cut where one
+    shard ends and the next begins, and nothing else changes. The damping's ``‖Ĥ‖_∞`` and
+    the two norms of the graft are reduced over the shards (one max and one sum of two
+    scalars per tensor and step), so a step equals single-process SONew whose statistics
+    of the links (and band entries) crossing shard boundaries are held at zero, up to the
+    rounding of the norms' sums. Checkpoints (``torch.distributed.checkpoint``) hold
+    ``exp_avg`` and ``band_stats`` as DTensors and load into any number of shards; the
+    entries of links cut by the old layout then start again from zero, and those cut by the
+    new one are dropped.
+
     **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped),
     ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of ``g_j · g_{j+k}``, i.e.
     the ``n × (b + 1)`` band array stored diagonal-major so every diagonal is contiguous).
@@ -99,7 +110,10 @@ class SONew(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg",)
+    _flat_state_keys = ("band_stats",)  # (b + 1, numel): laid out along the flat parameter
     _transient_attrs = ("_scratch",)  # reusable work buffers, rebuilt lazily
+    # sharded parameters reduce two scalars over their shards: every rank must take part
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -187,6 +201,17 @@ class SONew(SecondOrderOptimizer):
                 "dict does not match these parameters or this band"
             )
 
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        # Band entries past a tensor's end are padding and must be zero: a state resharded
+        # from another layout may carry the statistics of links that are now cut there.
+        for st in self.state.values():
+            h = st.get("band_stats") if isinstance(st, dict) else None
+            if isinstance(h, torch.Tensor) and h.dim() == 2:
+                n = h.shape[1]
+                for k in range(1, h.shape[0]):
+                    h[k, max(n - k, 0) :].zero_()
+
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
         # float16's range (max 65504) cannot hold squared gradients: keep its state in fp32.
@@ -234,6 +259,8 @@ class SONew(SecondOrderOptimizer):
         bc2 = bias_correction(beta2, t)
 
         scratch = self._scratch_buffers()
+        pl = self._placement(p)
+        shards = pl if pl is not None and pl.sharded else None
         n = p.numel()
         g = p.grad.reshape(-1)
         if g.dtype != sdt:
@@ -254,11 +281,18 @@ class SONew(SecondOrderOptimizer):
             # Ĥ = H / bc2 and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard
             # decisions, which are scale invariant); the scalar is folded into the step.
             if group["damping"] == "relative":
-                delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
-                delta.clamp_min_(_tiny(cdt))
+                if n:
+                    delta = K.band_inf_norm(hc, scratch, nonneg_diag=True)
+                else:  # an empty shard: takes part in the reduction only
+                    delta = hc.new_zeros(())
+                if shards is not None:
+                    shards.all_reduce_(delta, "max")
+                delta.mul_(group["eps"]).clamp_min_(_tiny(cdt))
             else:
                 delta = group["eps"] * bc2
-            if band == 0:
+            if n == 0:
+                u = mc
+            elif band == 0:
                 u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
             else:
                 gamma = group["guard_threshold"]
@@ -272,7 +306,11 @@ class SONew(SecondOrderOptimizer):
             if group["graft"] == "adam":
                 # Only the graft's norm is needed; the rescale is fused into the update.
                 ratio = graft_norm("adam", mc, hc[0], t, beta2, group["graft_eps"])
-                ratio.div_(torch.linalg.vector_norm(u).add_(1e-16))
+                unorm = torch.linalg.vector_norm(u)
+                if shards is not None:  # norms of the whole tensor
+                    sq = shards.all_reduce_(torch.stack([ratio, unorm]).square_(), "sum")
+                    ratio, unorm = sq.sqrt_().unbind()
+                ratio.div_(unorm.add_(1e-16))
                 if wd != 0.0:
                     p.mul_(1.0 - lr * wd)
                 p.addcmul_(u.view(p.shape), ratio, value=-lr / bc1)
