@@ -81,7 +81,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         check_params_dtype(params, type(self).__name__)
         gi = len(self.param_groups)
         for pi, p in enumerate(params if not isinstance(params, set) else []):
-            placement_of(p, param_name(param_group, gi, pi))  # ValueError if unsupported
+            name = param_name(param_group, gi, pi)
+            if placement_of(p, name) is not None and getattr(self, "distributed", False):
+                # splitting whole tensors' work across ranks presumes every rank holds them
+                raise ValueError(
+                    f"distributed=True splits the work on whole tensors across data-parallel "
+                    f"ranks, but {name} is a DTensor (FSDP2 / HSDP): each rank already holds "
+                    "and preconditions its own shard; use distributed=False"
+                )
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate_group(merged)
         super().add_param_group(param_group)
@@ -89,8 +96,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     # --------------------------------------------------------------- placement
     def _local_view(self) -> LocalView | None:
         """The view of DTensor parameters as local shards (``None`` when there are none)."""
-        view = build_view(self, self.__dict__.get("_placement_view"))
-        self.__dict__["_placement_view"] = view
+        cached = self.__dict__.get("_placement_view")
+        if cached is not None and cached.active:  # param_groups hold the proxies now
+            return cached
+        view = self.__dict__["_placement_view"] = build_view(self, cached)
         return view
 
     def _on_local_shards(self) -> Any:
@@ -359,8 +368,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
 
 @contextmanager
-def _entered(opt: SecondOrderOptimizer, view: LocalView) -> Iterator[LocalView]:
-    view.enter(opt)
+def _entered(
+    opt: SecondOrderOptimizer, view: LocalView, grads: bool = True
+) -> Iterator[LocalView]:
+    view.enter(opt, grads)
     try:
         yield view
     finally:
@@ -383,7 +394,7 @@ def _on_shards(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
         if name == "load_state_dict":
             sd = kwargs.pop("state_dict") if "state_dict" in kwargs else args[0]
             args = (state_to_local(sd, self.param_groups, view, *keys),)
-        with _entered(self, view):
+        with _entered(self, view, grads=False):
             out = fn(self, *args, **kwargs)
         if name == "state_dict":
             out = state_to_global(out, self.param_groups, view, *keys)

@@ -180,7 +180,7 @@ def _local_entry(
             )
         return v[mine]
     lead: tuple[int, ...] = ()
-    if key in flat and isinstance(v, torch.Tensor) and v.dim() == 2:
+    if key in flat and isinstance(v, torch.Tensor) and v.dim() >= 1:
         lead = (v.shape[0],)
     elif key not in param_shaped:
         if is_dtensor(v):

@@ -80,13 +80,15 @@ class LocalView:
         return bool(t.item())
 
     # ------------------------------------------------------------- swapping
-    def enter(self, opt: torch.optim.Optimizer) -> None:
+    def enter(self, opt: torch.optim.Optimizer, grads: bool = True) -> None:
+        """Swap the proxies in; with ``grads`` their ``grad`` is the local gradient (a
+        gradient laid out unlike its parameter raises ``ValueError``)."""
         assert not self.active
         proxies = {}
         with torch.no_grad():
             for p, proxy, pl in self._pairs:
                 proxy.set_(p.to_local().detach())
-                g = p.grad
+                g = p.grad if grads else None
                 if g is None:
                     proxy.grad = None
                 else:
