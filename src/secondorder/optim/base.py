@@ -97,10 +97,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _local_view(self) -> LocalView | None:
         """The view of DTensor parameters as local shards (``None`` when there are none)."""
         cached = self.__dict__.get("_placement_view")
-        if cached is not None and cached.active:  # param_groups hold the proxies now
-            return cached
-        view = self.__dict__["_placement_view"] = build_view(self, cached)
-        return view
+        if cached is not None and cached[1] is not None and cached[1].active:
+            return cached[1]  # param_groups hold the proxies now
+        self.__dict__["_placement_view"] = cached = build_view(self, cached)
+        return cached[1]
 
     def _on_local_shards(self) -> Any:
         """Context in which ``param_groups`` and ``state`` hold local shards (re-entrant)."""
@@ -114,8 +114,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
         Subclasses whose math couples entries across a whole tensor use it to reduce over
         the shards (:meth:`ParamPlacement.all_reduce_`)."""
-        view = self.__dict__.get("_placement_view")
-        return None if view is None else view.placement(p)
+        cached = self.__dict__.get("_placement_view")
+        return None if cached is None or cached[1] is None else cached[1].placement(p)
 
     #: whether ranks holding an empty shard of a non-empty parameter still step it (needed
     #: when the subclass's step takes part in collectives over the shards)
@@ -173,7 +173,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _step_local(self, view: LocalView | None) -> None:
         work = self._params_with_grad()
-        grads = [p.grad for _, ps in work for p in ps]
+        grads = [p.grad for _, ps in work for p in ps if p.numel()]  # empty shards: no check
         finite = self._all_finite(grads)
         if view is not None:
             finite = view.all_agree(finite)  # every shard skips, or none

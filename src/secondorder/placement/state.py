@@ -10,7 +10,8 @@ Inside the optimizer every state tensor of a sharded parameter belongs to the lo
   SONew's band statistics) becomes a DTensor of shape ``(k, *parameter shape)`` sharded
   like the parameter one dimension further right;
 * 0-d tensors (step counters) and non-tensor values are the same on every rank and stay
-  as they are;
+  as they are; a rank whose shard is empty lists the parameter with empty state (so that
+  ``set_optimizer_state_dict`` finds every parameter on every rank);
 * anything else depends on how the shard was cut (e.g. Shampoo's blocks, cut inside each
   shard) and cannot be resharded; it is saved under a key naming the shard,
   ``{"shard_<i>_of_<n>": value}``, so every shard's copy is kept (replicas of one shard
@@ -101,6 +102,8 @@ def state_to_global(
     state = dict(sd.get("state", {}))
     for pid, p in _param_ids(sd, groups):
         pl = view.placement(p)
+        if pl is not None and pid not in state and pl.local_numel == 0:
+            state[pid] = {}  # an empty shard has no state, but the parameter is listed
         if pl is None or pid not in state:
             continue
         out = {}

@@ -33,7 +33,6 @@ class LocalView:
     the optimizer's public methods enter it once)."""
 
     def __init__(self, params: list[torch.Tensor], placements: list[ParamPlacement | None]):
-        self.key = tuple(id(p) for p in params)
         self.active = False
         self._pairs: list[tuple[torch.Tensor, torch.Tensor, ParamPlacement]] = []
         self._by_proxy: dict[int, ParamPlacement] = {}
@@ -128,20 +127,24 @@ def _rekey(opt: torch.optim.Optimizer, mapping: dict[int, torch.Tensor]) -> None
         opt.state[mapping.get(id(k), k)] = v
 
 
-def build_view(opt: torch.optim.Optimizer, cached: LocalView | None) -> LocalView | None:
-    """The view for ``opt``'s current parameters (``cached`` if still valid); ``None`` when
-    no parameter is a DTensor. Raises ``ValueError`` for unsupported placements."""
+def build_view(
+    opt: torch.optim.Optimizer, cached: tuple[tuple[int, ...], LocalView | None] | None
+) -> tuple[tuple[int, ...], LocalView | None]:
+    """``(key, view)`` for ``opt``'s current parameters: ``cached`` while the parameters
+    are the same (``key``: their ids), else a new view; the view is ``None`` when no
+    parameter is a DTensor. Raises ``ValueError`` for unsupported placements."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    if cached is not None and cached.key == tuple(id(p) for p in params):
+    key = tuple(id(p) for p in params)
+    if cached is not None and cached[0] == key:
         return cached
     if not any(is_dtensor(p) for p in params):
-        return None
+        return key, None
     placements = [
         placement_of(p, param_name(g, gi, pi))
         for gi, g in enumerate(opt.param_groups)
         for pi, p in enumerate(g["params"])
     ]
-    return LocalView(params, placements)
+    return key, LocalView(params, placements)
 
 
 def param_name(group: dict[str, Any], gi: int, pi: int) -> str:
