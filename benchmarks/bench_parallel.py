@@ -157,7 +157,7 @@ def main() -> None:
                     res = json.loads(Path(out).read_text())
                 results.append(res)
                 print(json.dumps(res), file=sys.stderr, flush=True)
-    print(f"| optimizer | mode | ranks | optimizer MiB per rank | step s | samples/s | loss |")
+    print("| optimizer | mode | ranks | optimizer MiB per rank | step s | samples/s | loss |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(

@@ -46,9 +46,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from secondorder import SONew, Shampoo
+from secondorder import Shampoo, SONew
 from secondorder.kernels import sonew as K
-
 from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
 
 EPS = torch.finfo(torch.float32).eps

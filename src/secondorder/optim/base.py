@@ -47,8 +47,15 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_grad, check_params_dtype
-from ..placement import LocalView, ParamPlacement, build_view, param_name, placement_of
-from ..placement import state_to_global, state_to_local
+from ..placement import (
+    LocalView,
+    ParamPlacement,
+    build_view,
+    param_name,
+    placement_of,
+    state_to_global,
+    state_to_local,
+)
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -406,7 +413,8 @@ def _on_shards(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 for _name in _ON_SHARDS:
     if _name in SecondOrderOptimizer.__dict__:
-        setattr(SecondOrderOptimizer, _name, _on_shards(SecondOrderOptimizer.__dict__[_name], _name))
+        _fn = SecondOrderOptimizer.__dict__[_name]
+        setattr(SecondOrderOptimizer, _name, _on_shards(_fn, _name))
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:

@@ -85,7 +85,9 @@ class ParamPlacement:
 
     def shifted(self, lead: int) -> tuple[Any, ...]:
         """Placements of a tensor with ``lead`` extra leading dims before the parameter's."""
-        return tuple(Shard(pl.dim + lead) if isinstance(pl, Shard) else pl for pl in self.placements)
+        return tuple(
+            Shard(pl.dim + lead) if isinstance(pl, Shard) else pl for pl in self.placements
+        )
 
 
 def placement_of(p: torch.Tensor, name: str) -> ParamPlacement | None:

@@ -144,7 +144,9 @@ def state_to_local(
         pl = view.placement(p)
         if pl is None or pid not in state:
             continue
-        state[pid] = {key: _local_entry(key, v, pl, param_shaped, flat) for key, v in state[pid].items()}
+        state[pid] = {
+            key: _local_entry(key, v, pl, param_shaped, flat) for key, v in state[pid].items()
+        }
     sd["state"] = state
     shapes = sd.get("param_shapes")
     if shapes is not None and pairs:
