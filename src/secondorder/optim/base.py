@@ -415,6 +415,7 @@ for _name in _ON_SHARDS:
     if _name in SecondOrderOptimizer.__dict__:
         _fn = SecondOrderOptimizer.__dict__[_name]
         setattr(SecondOrderOptimizer, _name, _on_shards(_fn, _name))
+del _name, _fn
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:
