@@ -224,6 +224,12 @@ def _check_sonew_cut_links(mesh):
             assert err <= bound[i], (i, step, err, bound[i])
         assert torch.equal(holder.plain, refp[3])
     assert opt.skipped_steps == ref.skipped_steps == 1
+    # every shard (the empty one too) stores its statistics in the whole tensor's units;
+    # diagnostics describe the local shard without communicating
+    diag = {d["param"]: d for d in opt.diagnostics()}
+    for i, (p, q) in enumerate(zip(holder.sharded(), refp)):
+        assert opt.stats_scale(p) == ref.stats_scale(q) == diag[i]["stats_scale"], i
+        assert diag[i]["shape"] == tuple(p.to_local().shape) and diag[i]["finite"], i
 
     # a single-process state dict (whole tensors) loads into the shards: rows sliced
     opt2 = SONew(holder.groups(), **SONEW_KW)
@@ -231,6 +237,26 @@ def _check_sonew_cut_links(mesh):
     for p in holder.parameters():
         for key in ("exp_avg", "band_stats", "step"):
             assert torch.equal(opt2.state[p][key], opt.state[p][key]), key
+
+    # a checkpoint of older versions (statistics unscaled, no stats_bound) is converted on
+    # each shard with a bound from its own rows; the next step brings every shard to the
+    # common scale, rescaling each from its own: statistics bit-identical to the reference
+    old = ref.state_dict()
+    for st in old["state"].values():
+        c = 2.0 ** float(K.scale_exponent(st.pop("stats_bound")))
+        st["band_stats"] = st["band_stats"] * c * c  # powers of two: exact
+    opt3 = SONew(holder.groups(), **SONEW_KW)
+    opt3.load_state_dict(copy.deepcopy(old))
+    ref.load_state_dict(old)
+    for q, g in zip(refp, holder.set_grads(5)):
+        q.grad = g.clone()
+    opt3.step()
+    with _cut_links(cuts):
+        ref.step()
+    for i, (p, q) in enumerate(zip(holder.sharded(), refp)):
+        assert opt3.stats_scale(p) == ref.stats_scale(q), i
+        h, rh = opt3.state[p]["band_stats"], ref.state[q]["band_stats"]
+        assert torch.equal(h, _local_band(rh, p)), i
 
 
 def _train_holder(holder, opt, steps):
