@@ -17,6 +17,9 @@ What each check compares against, and its tolerance:
   differ only by the rounding of the graft's two norms, which become sums over shards:
   the ratio's relative error is at most ``(2n + 4) eps`` (``n`` entries summed), so after
   ``T`` steps ``|Δθ| <= Σ_t ((2n + 4) eps |θ_t − θ_{t−1}| + 2 eps |θ_t|)``.
+  Every shard stores its statistics in the whole tensor's units (``stats_scale`` equal to
+  the reference's); a checkpoint of older versions (unscaled statistics) migrates on each
+  shard from its own rows, and after one step the statistics are again bit-identical.
 * a NaN in one rank's shard makes every rank skip the step (the reference skips it too).
 * **checkpoints**: ``get/set_optimizer_state_dict`` with ``dcp.save`` / ``dcp.load``, then
   the same steps as the original: bit-identical parameters. Into another number of shards
