@@ -39,6 +39,14 @@ the behaviour users rely on being identical across optimizers:
   torch.optim converts it; one that is not a whole number >= 0 is rejected at load;
 * torch.optim's state-dict hooks run once each, pre-hooks before everything and
   post-hooks on the final result;
+* **DTensor parameters** (FSDP2 ``fully_shard``, HSDP) are checked at construction
+  (``ValueError`` naming the parameter for placements other than ``Replicate()`` /
+  ``Shard(0)``) and, during ``step``, ``state_dict``, ``load_state_dict`` and
+  ``diagnostics``, presented to the subclass as plain tensors holding this rank's shard
+  (:class:`secondorder.placement.LocalView`): state is kept per shard, the non-finite
+  check agrees across shards (one extra collective per step), and ``state_dict`` expresses
+  sharded state as DTensors (keys in ``_param_shaped_keys`` / ``_flat_state_keys``) or
+  per-shard entries, so that ``torch.distributed.checkpoint`` saves and reshards it;
 * ``copy.deepcopy`` / pickling keep every attribute except torch's hook registries and
   the subclass's ``_transient_attrs`` (thread pools, scratch buffers, process groups).
 
@@ -47,9 +55,10 @@ The contract suite ``tests/test_contract.py`` checks all of this for every optim
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -63,6 +72,15 @@ from .._validation import (
     check_params_dtype,
     check_unsupported_flags,
     split_named_params,
+)
+from ..placement import (
+    LocalView,
+    ParamPlacement,
+    build_view,
+    param_name,
+    placement_of,
+    state_to_global,
+    state_to_local,
 )
 
 NONFINITE_POLICIES = ("skip", "raise")
@@ -109,6 +127,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             check_param_names(param_group)
             self._check_names_like_other_groups(param_group)
         check_params_dtype(params, type(self).__name__)
+        gi = len(self.param_groups)
+        for pi, p in enumerate(params if not isinstance(params, set) else []):
+            name = param_name(param_group, gi, pi)
+            if placement_of(p, name) is not None and getattr(self, "distributed", False):
+                # splitting whole tensors' work across ranks presumes every rank holds them
+                raise ValueError(
+                    f"distributed=True splits the work on whole tensors across data-parallel "
+                    f"ranks, but {name} is a DTensor (FSDP2 / HSDP): each rank already holds "
+                    "and preconditions its own shard; use distributed=False"
+                )
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_group(merged)
         super().add_param_group(param_group)
@@ -132,6 +160,34 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         check_unsupported_flags(group, implemented, type(self).__name__)
         self._validate_group(group)
 
+    # --------------------------------------------------------------- placement
+    def _local_view(self) -> LocalView | None:
+        """The view of DTensor parameters as local shards (``None`` when there are none)."""
+        cached = self.__dict__.get("_placement_view")
+        if cached is not None and cached[1] is not None and cached[1].active:
+            return cached[1]  # param_groups hold the proxies now
+        self.__dict__["_placement_view"] = cached = build_view(self, cached)
+        return cached[1]
+
+    def _on_local_shards(self) -> Any:
+        """Context in which ``param_groups`` and ``state`` hold local shards (re-entrant)."""
+        view = self._local_view()
+        if view is None or view.active:
+            return nullcontext(view)
+        return _entered(self, view)
+
+    def _placement(self, p: torch.Tensor) -> ParamPlacement | None:
+        """Inside a step: the placement of a (proxy) parameter, ``None`` for a plain one.
+
+        Subclasses whose math couples entries across a whole tensor use it to reduce over
+        the shards (:meth:`ParamPlacement.all_reduce_`)."""
+        cached = self.__dict__.get("_placement_view")
+        return None if cached is None or cached[1] is None else cached[1].placement(p)
+
+    #: whether ranks holding an empty shard of a non-empty parameter still step it (needed
+    #: when the subclass's step takes part in collectives over the shards)
+    _steps_empty_shards = False
+
     # -------------------------------------------------------------------- step
     def _params_with_grad(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
         name = type(self).__name__
@@ -139,8 +195,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             ps = []
             for p in group["params"]:
-                if p.grad is None or p.numel() == 0:
+                if p.grad is None:
                     continue
+                if p.numel() == 0:
+                    pl = self._placement(p)
+                    if not (self._steps_empty_shards and pl and pl.global_shape.numel()):
+                        continue
                 check_grad(p, name)
                 ps.append(p)
             out.append((group, ps))
@@ -174,19 +234,26 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with self._on_local_shards() as view:
+            self._step_local(view)
+        return loss
+
+    def _step_local(self, view: LocalView | None) -> None:
         work = self._params_with_grad()
-        grads = [p.grad for _, ps in work for p in ps]
-        if not self._all_finite(grads):
+        grads = [p.grad for _, ps in work for p in ps if p.numel()]  # empty shards: no check
+        finite = self._all_finite(grads)
+        if view is not None:
+            finite = view.all_agree(finite)  # every shard skips, or none
+        if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     f"{type(self).__name__}: non-finite gradient (NaN or Inf); parameters and "
                     "optimizer state were left unchanged (nonfinite='raise')"
                 )
             self.skipped_steps += 1
-            return loss
+            return
         with self._zero_dim_hparams():
             self._update(work)
-        return loss
 
     @contextmanager
     def _zero_dim_hparams(self) -> Iterator[None]:
@@ -373,6 +440,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             for k, v in self.__dict__.items()
             if not (k.startswith("_optimizer_") and k.endswith("_hooks"))
             and k not in self._transient_attrs
+            and k != "_placement_view"
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -385,8 +453,20 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     #: instance attributes that are not pickled / deep-copied (e.g. a background worker)
     _transient_attrs: tuple[str, ...] = ()
 
-    #: state keys whose tensors have the parameter's shape (checked on load)
+    #: state keys whose tensors have the parameter's shape (checked on load; DTensors
+    #: laid out like a sharded parameter in its checkpoints)
     _param_shaped_keys: tuple[str, ...] = ()
+
+    #: state keys whose tensors are ``(k, numel)``, laid out along the flattened parameter
+    #: (DTensors sharded like the parameter in checkpoints)
+    _flat_state_keys: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ON_SHARDS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_on_shards", False):
+                setattr(cls, name, _on_shards(fn, name))
 
     def _after_load_state_dict(self) -> None:
         """Hook for subclasses to rebuild derived (non-checkpointed) caches.
@@ -414,6 +494,50 @@ def _with_step_tensor(st: Any, where: str) -> Any:
         if step is not st["step"]:
             return {**st, "step": step}
     return st
+
+
+@contextmanager
+def _entered(
+    opt: SecondOrderOptimizer, view: LocalView, grads: bool = True
+) -> Iterator[LocalView]:
+    view.enter(opt, grads)
+    try:
+        yield view
+    finally:
+        view.exit(opt)
+
+
+#: public methods that run on local shards (wrapped in every subclass that defines them)
+_ON_SHARDS = ("state_dict", "load_state_dict", "diagnostics")
+
+
+def _on_shards(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Run ``fn`` on local shards; convert state dicts between local and global form."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SecondOrderOptimizer, *args: Any, **kwargs: Any) -> Any:
+        view = self._local_view()
+        if view is None or view.active:
+            return fn(self, *args, **kwargs)
+        keys = (self._param_shaped_keys, self._flat_state_keys)
+        if name == "load_state_dict":
+            sd = kwargs.pop("state_dict") if "state_dict" in kwargs else args[0]
+            args = (state_to_local(sd, self.param_groups, view, *keys),)
+        with _entered(self, view, grads=False):
+            out = fn(self, *args, **kwargs)
+        if name == "state_dict":
+            out = state_to_global(out, self.param_groups, view, *keys)
+        return out
+
+    wrapper._on_shards = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+for _name in _ON_SHARDS:
+    if _name in SecondOrderOptimizer.__dict__:
+        _fn = SecondOrderOptimizer.__dict__[_name]
+        setattr(SecondOrderOptimizer, _name, _on_shards(_fn, _name))
+del _name, _fn
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:

@@ -116,20 +116,39 @@ class SONew(SecondOrderOptimizer):
     (``β1² >= β2``, e.g. ``β2 = 0`` with ``β1 > 0``) has no Adam-style bound on
     ``m̂ / √v̂``. :meth:`diagnostics` shows the scale, damping, pivots and graft ratio.
 
+    **Sharded parameters** (FSDP2 ``fully_shard``, HSDP: DTensors with ``Shard(0)``). Each
+    rank keeps the statistics of its own rows: the chain (and the band) is cut where one
+    shard ends and the next begins, and nothing else changes. What couples the shards is
+    reduced over them: the statistics scale (the running bound and this step's ``max |g|``,
+    by max: every shard stores its statistics divided by the same ``c²``, the ``c`` a single
+    process would use), the damping's ``‖Ĥ‖_∞`` (by max) and the two norms of the graft (as
+    a sum of their squares, accumulated in float64). That is one max over the shards per
+    step and shard group, plus per tensor and step one max of a scalar (relative damping)
+    and one sum of two; a rank whose shard is empty still takes part. A step thus equals
+    single-process SONew whose statistics of the links (and band entries) crossing shard
+    boundaries are held at zero, up to the rounding of the norms' sums. Checkpoints
+    (``torch.distributed.checkpoint``) hold ``exp_avg`` and ``band_stats`` as DTensors and
+    load into any number of shards (``stats_bound`` is the same on every shard); the
+    entries of links cut by the old layout then start again from zero, and those cut by the
+    new one are dropped.
+
     **State** (per parameter): ``step`` (0-d CPU tensor), ``exp_avg`` (parameter-shaped,
     unscaled), ``band_stats`` (``(b + 1, numel)``: row ``k`` holds the EMA of
     ``g_j · g_{j+k}`` divided by ``c²``, i.e. the ``n × (b + 1)`` band array stored
     diagonal-major so every diagonal is contiguous; :meth:`band_statistics` returns it
-    unscaled), ``stats_bound`` (0-d float32 on the parameter's device; ``c`` derives from
-    it, :meth:`stats_scale`). Checkpoints without ``stats_bound`` (older versions, unscaled
-    statistics) are converted on load. Besides the state, the optimizer keeps reusable
-    scratch buffers (not checkpointed, :meth:`scratch_bytes`) of about 10 vectors of its
-    largest parameter (``b²/2 + 4b + 10`` for ``band = b > 1``), so that the step allocates
-    almost nothing.
+    unscaled), ``stats_bound`` (0-d float32 on the parameter's device, one per tensor, the
+    same on every shard of a sharded tensor; ``c`` derives from it, :meth:`stats_scale`).
+    Checkpoints without ``stats_bound`` (older versions, unscaled statistics) are converted
+    on load. Besides the state, the optimizer keeps reusable scratch buffers (not
+    checkpointed, :meth:`scratch_bytes`) of about 10 vectors of its largest parameter
+    (``b²/2 + 4b + 10`` for ``band = b > 1``), so that the step allocates almost nothing.
     """
 
     _param_shaped_keys = ("exp_avg",)
+    _flat_state_keys = ("band_stats",)  # (b + 1, numel): laid out along the flat parameter
     _transient_attrs = ("_scratch",)  # reusable work buffers, rebuilt lazily
+    # sharded parameters take part in reductions over their shards: every rank must step
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -243,9 +262,10 @@ class SONew(SecondOrderOptimizer):
     def _after_load_state_dict(self) -> None:
         super()._after_load_state_dict()
         # Checkpoints of versions without scale-aware statistics hold H itself: give them
-        # a bound and store H / c² like every newer state.
+        # a bound and store H / c² like every newer state. (On shards each rank derives
+        # the bound from its own rows; the next step makes it common, see _advance_scales.)
         for st in self.state.values():
-            if "band_stats" in st and "stats_bound" not in st:
+            if isinstance(st, dict) and "band_stats" in st and "stats_bound" not in st:
                 h = st["band_stats"]
                 bound = h[0].float().amax().clamp_(min=0).sqrt_() if h.numel() else None
                 if bound is None:
@@ -254,6 +274,14 @@ class SONew(SecondOrderOptimizer):
                 inv_c = torch.exp2(-e).to(h.dtype)
                 h.mul_(inv_c).mul_(inv_c)
                 st["stats_bound"] = bound
+        # Band entries past a tensor's end are padding and must be zero: a state resharded
+        # from another layout may carry the statistics of links that are now cut there.
+        for st in self.state.values():
+            h = st.get("band_stats") if isinstance(st, dict) else None
+            if isinstance(h, torch.Tensor) and h.dim() == 2:
+                n = h.shape[1]
+                for k in range(1, h.shape[0]):
+                    h[k, max(n - k, 0) :].zero_()
 
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
@@ -314,7 +342,10 @@ class SONew(SecondOrderOptimizer):
         dev = items[0][1].device
         gmax, beta2, weight, floor, geps, root_delta = [], [], [], [], [], []
         for group, p, st in items:
-            lo, hi = torch.aminmax(p.grad)  # one pass; the only per-tensor scalar work
+            if p.numel():
+                lo, hi = torch.aminmax(p.grad)  # one pass; the only per-tensor scalar work
+            else:  # an empty shard: takes part in its tensor's reductions only
+                lo = hi = p.grad.new_zeros(())
             gmax += [hi.float(), lo.float()]  # no-ops for float32
             b2 = group["betas"][1]
             t = int(st["step"].item())  # CPU scalar: no device sync
@@ -331,11 +362,48 @@ class SONew(SecondOrderOptimizer):
 
         lohi = torch.stack(gmax).abs_().view(-1, 2)
         bounds = [st["stats_bound"] for _, _, st in items]
+        old, gm = torch.stack(bounds).float(), lohi.amax(1)
+        common = self._common_scales(items, old, gm)
         sc = K.advance_stats_scale(
-            torch.stack(bounds), lohi.amax(1), vec(beta2), vec(weight), vec(floor)
+            old if common is None else common[0],
+            gm if common is None else common[1],
+            vec(beta2),
+            vec(weight),
+            vec(floor),
         )
+        decay = sc.decay
+        if common is not None:
+            # each shard's statistics are stored in the units of its own old bound (equal to
+            # the common one except after migrating an old checkpoint): rescale from those
+            shift = torch.sub(K.scale_exponent(old), K.scale_exponent(common[0])).mul_(2.0)
+            decay = decay * torch.exp2(shift)
         torch._foreach_copy_(bounds, list(sc.bound.unbind()))
-        return _scaled_scalars(sc.decay, sc.inv_scale, geps, root_delta)
+        return _scaled_scalars(decay, sc.inv_scale, geps, root_delta)
+
+    def _common_scales(
+        self,
+        items: list[tuple[dict[str, Any], torch.Tensor, dict]],
+        bound: torch.Tensor,
+        gmax: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For sharded tensors: the running bound and ``max |g|`` reduced by max over their
+        shards (one collective per shard group), so every shard derives the same scale ``c``
+        (max is exact: the one a single process holding the whole tensor derives); ``None``
+        when no tensor is sharded."""
+        groups: dict[tuple[Any, int], tuple[Any, list[int]]] = {}
+        for i, (_, p, _) in enumerate(items):
+            pl = self._placement(p)
+            if pl is not None and pl.sharded:
+                groups.setdefault((pl.mesh, pl.shard_dim), (pl, []))[1].append(i)
+        if not groups:
+            return None
+        bound, gmax = bound.clone(), gmax.clone()
+        for pl, idx in groups.values():
+            at = torch.tensor(idx, device=bound.device)
+            both = torch.stack([bound[at], gmax[at]])
+            pl.all_reduce_(both, "max")
+            bound[at], gmax[at] = both[0], both[1]
+        return bound, gmax
 
     def _step_param(
         self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], sc: _Scalars
@@ -351,6 +419,8 @@ class SONew(SecondOrderOptimizer):
         bc2 = bias_correction(beta2, t)
 
         scratch = self._scratch_buffers()
+        pl = self._placement(p)
+        shards = pl if pl is not None and pl.sharded else None
         n = p.numel()
         g = p.grad.reshape(-1)
         if g.dtype != sdt:
@@ -362,13 +432,16 @@ class SONew(SecondOrderOptimizer):
         # huge gradients cannot overflow nor those of tiny ones underflow.
         K.update_band_stats_scaled(h, g, sc.decay, sc.inv_scale, ema_weight(beta2), scratch)
 
-        d = self._direction(group, band, h, mf, sc, t, sdt, cdt, scratch)
+        d = self._direction(group, band, h, mf, sc, t, sdt, cdt, scratch, shards)
         if wd != 0.0:
             p.mul_(1.0 - lr * wd)
         if d.graft_norm is not None:
             # Only the graft's norm is needed; the rescale is fused into the update. Both
             # norms are of scale-free vectors (m / c), so their ratio is the true one.
-            ratio = _safe_ratio(d.graft_norm, torch.linalg.vector_norm(d.u))
+            gnorm, unorm = d.graft_norm, torch.linalg.vector_norm(d.u)
+            if shards is not None:  # norms of the whole tensor
+                gnorm, unorm = _norms_over_shards(shards, gnorm, unorm)
+            ratio = _safe_ratio(gnorm, unorm)
             p.addcmul_(d.u.view(p.shape), ratio, value=-lr / bc1)
         elif band is None:  # plain Adam update (scale free)
             p.add_(d.u.view(p.shape), alpha=-lr / bc1)
@@ -388,8 +461,12 @@ class SONew(SecondOrderOptimizer):
         sdt: torch.dtype,
         cdt: torch.dtype,
         scratch: K.Scratch | None,
+        shards: Any = None,
     ) -> _Direction:
-        """The preconditioned direction of the scaled momentum ``m / c`` (see _Direction)."""
+        """The preconditioned direction of the scaled momentum ``m / c`` (see _Direction).
+
+        ``shards``: the placement of a sharded tensor, whose damping is then reduced over
+        its shards (``None``: the local tensor alone)."""
         beta2 = group["betas"][1]
         n = mf.shape[0]
         take = scratch.take if scratch is not None else _fresh
@@ -406,9 +483,11 @@ class SONew(SecondOrderOptimizer):
         # Factorise H + δ'I with the raw (not bias-corrected) statistics: with Ĥ = H / bc2
         # and δ' = δ · bc2, X(Ĥ + δI) = bc2 · X(H + δ'I) (same guard decisions, which are
         # scale invariant); the scalar is folded into the step.
-        delta = self._damping(group, hc, sc.delta, scratch)
+        delta = self._damping(group, hc, sc.delta, scratch, shards)
         psi = D = None
-        if band == 0:
+        if n == 0:  # an empty shard: took part in the reduction only
+            u = mc
+        elif band == 0:
             u = K.diag_preconditioner(hc, delta, scratch).mul_(mc)
         else:
             gamma = self._effective_guard(group, sdt, cdt)
@@ -447,6 +526,12 @@ class SONew(SecondOrderOptimizer):
         * ``finite``: every state tensor is finite (always true unless something is wrong).
 
         ``skipped_steps`` (non-finite gradients, optimizer-wide) is an attribute.
+
+        For a sharded parameter (FSDP2 / HSDP) the record describes this rank's shard, with
+        no collective: ``shape`` is the shard's, ``stats_scale`` is common to all shards,
+        and the other fields are computed from the local rows alone (the damping here uses
+        the shard's ``‖Ĥ‖_∞``, the step the whole tensor's; the norms are the shard's
+        parts). An empty shard reports ``max_stat = 0`` and ``None`` for the rest.
         """
         out = []
         idx = -1
@@ -477,7 +562,7 @@ class SONew(SecondOrderOptimizer):
             band=band,
             step=t,
             stats_scale=c,
-            max_stat=float(h[0].double().max()) * c * c / bc2,
+            max_stat=float(h[0].double().max()) * c * c / bc2 if h.shape[1] else 0.0,
             damping=None,
             min_pivot=None,
             guarded_columns=None,
@@ -491,7 +576,7 @@ class SONew(SecondOrderOptimizer):
                 if isinstance(v, torch.Tensor) and v.is_floating_point()
             ),
         )
-        if band is None:
+        if band is None or h.shape[1] == 0:  # plain Adam update, or an empty shard
             return rec
         absolute = group["damping"] == "absolute"
         (sc,) = _scaled_scalars(
@@ -557,6 +642,7 @@ class SONew(SecondOrderOptimizer):
         hc: torch.Tensor,
         delta_abs: torch.Tensor,
         scratch: K.Scratch | None,
+        shards: Any = None,
     ) -> torch.Tensor:
         """``δ'`` in the units of the scaled statistics, a 0-d tensor (no host sync).
 
@@ -568,7 +654,13 @@ class SONew(SecondOrderOptimizer):
         """
         cdt = hc.dtype
         if group["damping"] == "relative":
-            delta = K.band_inf_norm(hc, scratch, nonneg_diag=True).mul_(group["eps"])
+            if hc.shape[1]:
+                delta = K.band_inf_norm(hc, scratch, nonneg_diag=True)
+            else:  # an empty shard: takes part in the reduction only
+                delta = hc.new_zeros(())
+            if shards is not None:  # ‖H_c‖∞ of the whole tensor (all shards share c)
+                shards.all_reduce_(delta, "max")
+            delta.mul_(group["eps"])
         else:
             delta = delta_abs.to(cdt)
         return delta.clamp_min_(_floor(cdt).delta)
@@ -599,6 +691,19 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     direction, whatever it is multiplied by); an overflowed (``inf``) ``den`` gives 0."""
     den = torch.maximum(den, num * 2.0**-100).clamp_min_(_floor(torch.float32).tiny)
     return num / den
+
+
+def _norms_over_shards(
+    shards: Any, gnorm: torch.Tensor, unorm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The graft and direction norms of the whole tensor from those of this shard: squares
+    summed over the shards, in float64 where the device has it (a float32 square of a
+    large direction norm could overflow)."""
+    fdt = torch.float32 if gnorm.device.type == "mps" else torch.float64
+    sq = torch.stack([gnorm.to(fdt), unorm.to(fdt)]).square_()
+    shards.all_reduce_(sq, "sum")
+    g, u = sq.sqrt_().unbind()
+    return g.to(gnorm.dtype), u.to(unorm.dtype)
 
 
 def _scaled_scalars(

@@ -1,0 +1,401 @@
+"""FSDP2 / HSDP (DTensor parameters): the optimizers on local shards (secondorder.placement).
+
+Real gloo processes: 2 ranks (FSDP on a 1-d mesh) and 4 ranks (FSDP on 4 ranks, HSDP on a
+2 x 2 replicate x shard mesh). Shards are uneven (7 rows: 4 + 3 on 2 ranks, 2 + 2 + 2 + 1 on
+4; 3 rows on 4 ranks leave one rank an empty shard) and a plain (unsharded) parameter sits
+next to the sharded ones.
+
+What each check compares against, and its tolerance:
+
+* **Shampoo** on shards is single-process Shampoo applied to every rank's shards as tensors
+  of their own (blocks cut inside each shard): compared bit for bit with a plain Shampoo
+  stepping on clones of the shards with the same gradients (same kernels, same shapes,
+  same batches), with synchronous and with (deterministic-delay) asynchronous roots.
+* **SONew** on shards is single-process SONew on the whole tensors with the band links
+  that cross a shard boundary cut (the reference's statistics update is wrapped here to
+  hold those entries at zero). Momentum and statistics must be bit-identical. Parameters
+  differ only by the rounding of the graft's two norms, which become sums over shards:
+  the ratio's relative error is at most ``(2n + 4) eps`` (``n`` entries summed), so after
+  ``T`` steps ``|Δθ| <= Σ_t ((2n + 4) eps |θ_t − θ_{t−1}| + 2 eps |θ_t|)``.
+  Every shard stores its statistics in the whole tensor's units (``stats_scale`` equal to
+  the reference's); a checkpoint of older versions (unscaled statistics) migrates on each
+  shard from its own rows, and after one step the statistics are again bit-identical.
+* a NaN in one rank's shard makes every rank skip the step (the reference skips it too).
+* **checkpoints**: ``get/set_optimizer_state_dict`` with ``dcp.save`` / ``dcp.load``, then
+  the same steps as the original: bit-identical parameters. Into another number of shards
+  SONew's state reshards (checked against the saved state, with the links the new layout
+  cuts dropped) and Shampoo's per-shard blocks fail to load with an error naming the shard.
+"""
+
+from __future__ import annotations
+
+import copy
+import faulthandler
+import math
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+from secondorder import Shampoo, SONew
+from secondorder.kernels import sonew as K
+from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
+
+EPS = torch.finfo(torch.float32).eps
+HANG_SECONDS = 150  # generous for a loaded 2-core machine; a healthy 4-rank run takes ~1 min
+SONEW_KW = dict(lr=0.02, weight_decay=0.01, betas=(0.9, 0.99))
+
+
+# ------------------------------------------------------------------------ helpers
+def _meshes(world):
+    if world == 2:
+        return [("fsdp2", init_device_mesh("cpu", (2,)))]
+    return [
+        ("fsdp4", init_device_mesh("cpu", (4,))),
+        ("hsdp2x2", init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))),
+    ]
+
+
+def _placements(mesh):
+    return [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
+
+
+def _shard_rows(rows, shards):
+    """Row boundaries inside a tensor of ``rows`` rows cut as torch.chunk cuts."""
+    chunk = -(-rows // shards)
+    return [b for b in range(chunk, rows, chunk)]
+
+
+def _fsdp_model(mesh):
+    torch.manual_seed(0)
+    model = _model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_backward(model, step, rank, world):
+    x, y = _batch(step)
+    per = x.shape[0] // world
+    xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    torch.nn.functional.mse_loss(model(xs), ys).backward()
+
+
+class _Holder(torch.nn.Module):
+    """Three DTensor parameters (uneven shards, one empty on 4 shards) and a plain one."""
+
+    def __init__(self, mesh):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.full = [torch.randn(*s, generator=gen) for s in ((7, 5), (9,), (3, 4), (4, 2))]
+        pl = _placements(mesh)
+        self.w = torch.nn.Parameter(distribute_tensor(self.full[0].clone(), mesh, pl))
+        self.v = torch.nn.Parameter(distribute_tensor(self.full[1].clone(), mesh, pl))
+        self.u = torch.nn.Parameter(distribute_tensor(self.full[2].clone(), mesh, pl))
+        self.plain = torch.nn.Parameter(self.full[3].clone())
+        self.mesh = mesh
+
+    def sharded(self):
+        return [self.w, self.v, self.u]
+
+    def groups(self, ps=None):
+        ps = list(self.parameters()) if ps is None else ps
+        return [{"params": ps[:2], "band": 1}, {"params": ps[2:], "band": 2}]
+
+    def set_grads(self, step, nan=False):
+        gen = torch.Generator().manual_seed(1000 + step)
+        grads = [torch.randn(f.shape, generator=gen) for f in self.full]
+        if nan:  # only the shard holding the last row of w sees it
+            grads[0][-1, -1] = float("nan")
+        pl = _placements(self.mesh)
+        for p, g in zip(self.sharded(), grads):
+            p.grad = distribute_tensor(g, self.mesh, pl)
+        self.plain.grad = grads[3]
+        return grads
+
+
+@contextmanager
+def _cut_links(cuts):
+    """Single-process SONew with the band entries crossing the given flat boundaries held at
+    zero: ``cuts`` maps a parameter's numel to its boundaries (flat indices)."""
+    update = K.update_band_stats
+
+    def cut_update(h, g, beta2, weight):
+        update(h, g, beta2, weight)
+        for b in cuts.get(g.shape[0], ()):
+            for k in range(1, h.shape[0]):
+                h[k, max(b - k, 0) : b].zero_()
+
+    K.update_band_stats = cut_update
+    try:
+        yield
+    finally:
+        K.update_band_stats = update
+
+
+def _cuts(holder, shards):
+    out = {}
+    for f in holder.full[:3]:
+        cols = f[0].numel() if f.dim() > 1 else 1
+        out[f.numel()] = [b * cols for b in _shard_rows(f.shape[0], shards)]
+    return out
+
+
+def _shard_count(mesh):
+    return mesh.size(mesh.ndim - 1)
+
+
+def _local_rows(full, p):
+    """The rows of ``full`` that ``p`` (a DTensor parameter) holds on this rank."""
+    chunk = -(-full.shape[0] // _shard_count(p.device_mesh))
+    start = min(p.device_mesh.get_local_rank(p.device_mesh.ndim - 1) * chunk, full.shape[0])
+    return full[start : start + p.to_local().shape[0]]
+
+
+def _local_band(h_full, p):
+    """This rank's part of whole-tensor band statistics ``(k, numel)``, padding zeroed."""
+    k = h_full.shape[0]
+    local = _local_rows(h_full.view(k, *p.shape).transpose(0, 1), p).transpose(0, 1)
+    local = local.reshape(k, -1).clone()
+    n = local.shape[1]
+    for j in range(1, k):
+        local[j, max(n - j, 0) :] = 0
+    return local
+
+
+# ------------------------------------------------------------------------- checks
+def _check_shampoo_local(mesh):
+    for kw in (KW, dict(KW, async_roots=True, async_deterministic_delay=1)):
+        model = _fsdp_model(mesh)
+        shards = [p.to_local().detach().clone() for p in model.parameters()]
+        opt = Shampoo(model.parameters(), **kw)
+        ref = Shampoo(shards, **kw)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for step in range(6):
+            opt.zero_grad()
+            _fsdp_backward(model, step, rank, world)
+            for s, p in zip(shards, model.parameters()):
+                s.grad = p.grad.to_local().clone()
+            opt.step()
+            ref.step()
+            for s, p in zip(shards, model.parameters()):
+                assert torch.equal(p.to_local(), s), (kw, step)
+        diag = opt.diagnostics()
+        assert [d["shape"] for d in diag] == [d["shape"] for d in ref.diagnostics()]
+        assert opt.state_bytes() == ref.state_bytes()
+        opt.close()
+        ref.close()
+
+
+def _check_sonew_cut_links(mesh):
+    holder = _Holder(mesh)
+    refp = [torch.nn.Parameter(f.clone()) for f in holder.full]
+    opt = SONew(holder.groups(), **SONEW_KW)
+    ref = SONew(holder.groups(refp), **SONEW_KW)
+    cuts = _cuts(holder, _shard_count(mesh))
+    bound = [0.0] * 3
+    for step in range(5):
+        nan = step == 2
+        grads = holder.set_grads(step, nan=nan)
+        for q, g in zip(refp, grads):
+            q.grad = g.clone()
+        before = [q.detach().clone() for q in refp]
+        opt.step()
+        with _cut_links(cuts):
+            ref.step()
+        for i, (p, q, q0) in enumerate(zip(holder.sharded(), refp, before)):
+            n = q.numel()
+            bound[i] += ((2 * n + 4) * (q - q0).abs().max() + 2 * q.abs().max()).item() * EPS
+            st, rst = opt.state[p], ref.state[q]
+            assert torch.equal(st["exp_avg"], _local_rows(rst["exp_avg"], p)), (i, step)
+            assert torch.equal(st["band_stats"], _local_band(rst["band_stats"], p)), (i, step)
+            err = (p.full_tensor() - q).abs().max().item()
+            assert err <= bound[i], (i, step, err, bound[i])
+        assert torch.equal(holder.plain, refp[3])
+    assert opt.skipped_steps == ref.skipped_steps == 1
+    # every shard (the empty one too) stores its statistics in the whole tensor's units;
+    # diagnostics describe the local shard without communicating
+    diag = {d["param"]: d for d in opt.diagnostics()}
+    for i, (p, q) in enumerate(zip(holder.sharded(), refp)):
+        assert opt.stats_scale(p) == ref.stats_scale(q) == diag[i]["stats_scale"], i
+        assert diag[i]["shape"] == tuple(p.to_local().shape) and diag[i]["finite"], i
+
+    # a single-process state dict (whole tensors) loads into the shards: rows sliced
+    opt2 = SONew(holder.groups(), **SONEW_KW)
+    opt2.load_state_dict(ref.state_dict())
+    for p in holder.parameters():
+        for key in ("exp_avg", "band_stats", "step"):
+            assert torch.equal(opt2.state[p][key], opt.state[p][key]), key
+
+    # a checkpoint of older versions (statistics unscaled, no stats_bound) is converted on
+    # each shard with a bound from its own rows; the next step brings every shard to the
+    # common scale, rescaling each from its own: statistics bit-identical to the reference
+    old = ref.state_dict()
+    for st in old["state"].values():
+        c = 2.0 ** float(K.scale_exponent(st.pop("stats_bound")))
+        st["band_stats"] = st["band_stats"] * c * c  # powers of two: exact
+    opt3 = SONew(holder.groups(), **SONEW_KW)
+    opt3.load_state_dict(copy.deepcopy(old))
+    ref.load_state_dict(old)
+    for q, g in zip(refp, holder.set_grads(5)):
+        q.grad = g.clone()
+    opt3.step()
+    with _cut_links(cuts):
+        ref.step()
+    for i, (p, q) in enumerate(zip(holder.sharded(), refp)):
+        assert opt3.stats_scale(p) == ref.stats_scale(q), i
+        h, rh = opt3.state[p]["band_stats"], ref.state[q]["band_stats"]
+        assert torch.equal(h, _local_band(rh, p)), i
+
+
+def _train_holder(holder, opt, steps):
+    for step in steps:
+        holder.set_grads(step)
+        opt.step()
+
+
+def _check_dcp_round_trip(mesh, tmp, label):
+    for cls, kw in ((SONew, SONEW_KW), (Shampoo, dict(KW, precondition_1d=True))):
+        path = os.path.join(tmp, f"{label}-{cls.__name__}")
+        holder = _Holder(mesh)
+        opt = cls(holder.groups() if cls is SONew else holder.parameters(), **kw)
+        _train_holder(holder, opt, range(3))
+        dcp.save({"optim": get_optimizer_state_dict(holder, opt)}, checkpoint_id=path)
+        saved_params = {k: v.detach().clone() for k, v in holder.state_dict().items()}
+        _train_holder(holder, opt, range(3, 6))
+
+        other = _Holder(mesh)
+        other.load_state_dict(saved_params)
+        opt2 = cls(other.groups() if cls is SONew else other.parameters(), **kw)
+        sd = {"optim": get_optimizer_state_dict(other, opt2)}
+        dcp.load(sd, checkpoint_id=path)
+        set_optimizer_state_dict(other, opt2, sd["optim"])
+        _train_holder(other, opt2, range(3, 6))
+        for a, b in zip(holder.parameters(), other.parameters()):
+            a = a.to_local() if hasattr(a, "to_local") else a
+            b = b.to_local() if hasattr(b, "to_local") else b
+            assert torch.equal(a, b), (label, cls.__name__)
+
+        if cls is Shampoo:  # per-shard state names its shard; another count is rejected
+            sd = opt.state_dict()
+            st = sd["state"][0]["stats"]
+            (key,) = st.keys()
+            sd["state"][0]["stats"] = {"shard_0_of_3": st[key]}
+            with pytest.raises(ValueError, match="same number of shards"):
+                opt2.load_state_dict(sd)
+
+
+def _check_reshard(meshes, tmp):
+    """Save with 4 shards (FSDP), load with 2 (HSDP 2 x 2)."""
+    (_, fsdp), (_, hsdp) = meshes
+    for cls, kw in ((SONew, SONEW_KW), (Shampoo, KW)):
+        path = os.path.join(tmp, f"reshard-{cls.__name__}")
+        holder = _Holder(fsdp)
+        opt = cls(holder.groups() if cls is SONew else holder.parameters(), **kw)
+        _train_holder(holder, opt, range(3))
+        saved = get_optimizer_state_dict(holder, opt)
+        dcp.save({"optim": saved}, checkpoint_id=path)
+        other = _Holder(hsdp)
+        opt2 = cls(other.groups() if cls is SONew else other.parameters(), **kw)
+        sd = {"optim": get_optimizer_state_dict(other, opt2)}
+        if cls is Shampoo:
+            # every rank reports the per-shard key it cannot find (a BaseException)
+            with pytest.raises(CheckpointException, match=r"Missing key.*shard_\d_of_2"):
+                dcp.load(sd, checkpoint_id=path)
+            continue
+        # the same collectives on every rank, in the same order
+        full = {
+            name: {k: saved["state"][name][k].full_tensor() for k in ("exp_avg", "band_stats")}
+            for name in ("w", "v", "u")
+        }
+        dcp.load(sd, checkpoint_id=path)
+        set_optimizer_state_dict(other, opt2, sd["optim"])
+        cuts = _cuts(other, 2)
+        for name, p in zip(("w", "v", "u"), other.sharded()):
+            st = opt2.state[p]
+            assert torch.equal(st["exp_avg"], _local_rows(full[name]["exp_avg"], p))
+            h = full[name]["band_stats"].reshape(full[name]["band_stats"].shape[0], -1).clone()
+            for b in cuts[p.numel()]:  # links the new layout cuts are dropped
+                for k in range(1, h.shape[0]):
+                    h[k, max(b - k, 0) : b] = 0
+            assert torch.equal(st["band_stats"], _local_band(h, p)), name
+        _train_holder(other, opt2, range(3, 5))  # and it trains on
+
+
+def _check_bad_input(mesh):
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)] * mesh.ndim))
+    for cls in (SONew, Shampoo):
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*Shard\(dim=1\)"):
+            cls([w])
+    holder = _Holder(mesh)
+    with pytest.raises(ValueError, match="distributed=True"):
+        Shampoo(holder.parameters(), distributed=True)
+    opt = SONew(holder.parameters())
+    holder.set_grads(0)
+    holder.w.grad = distribute_tensor(holder.w.grad.full_tensor(), mesh, [Replicate()] * mesh.ndim)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="gradient of param_groups"):
+        opt.step()
+    assert before["state"] == opt.state_dict()["state"] == {}
+
+
+def _worker(rank, world, init_file, tmp, names):
+    torch.set_num_threads(1)
+    # a collective that some rank never joins would hang: dump every stack and exit instead
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        meshes = _meshes(world)
+        for label, mesh in meshes:
+            if "shampoo" in names:
+                _check_shampoo_local(mesh)
+            if "sonew" in names:
+                _check_sonew_cut_links(mesh)
+            if "dcp" in names:
+                _check_dcp_round_trip(mesh, tmp, label)
+        if "bad" in names:
+            _check_bad_input(meshes[0][1])
+        if "reshard" in names:
+            _check_reshard(meshes, tmp)
+        dist.barrier()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path, names):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), names), nprocs=world)
+
+
+@pytest.mark.distributed
+def test_fsdp_two_ranks(tmp_path):
+    _spawn(2, tmp_path, ("shampoo", "sonew", "dcp", "bad"))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_and_hsdp_four_ranks(tmp_path):
+    _spawn(4, tmp_path, ("shampoo", "sonew", "dcp", "reshard"))
+
+
+def test_shard_rows_follow_torch_chunk():
+    for rows in range(1, 12):
+        for shards in range(1, 6):
+            sizes = [c.shape[0] for c in torch.arange(rows).chunk(shards)]
+            starts = [sum(sizes[:i]) for i in range(1, len(sizes))]
+            assert _shard_rows(rows, shards) == starts
+    assert math.isclose(EPS, 2.0**-23)
