@@ -7,6 +7,8 @@ same-size blocks cost one kernel launch, not one per block.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .grafting import ema_weight
@@ -43,6 +45,52 @@ def update_statistics(
             s.mul_(beta2).add_(gram, alpha=w)
         else:
             s.baddbmm_(xi, xi.transpose(1, 2), beta=beta2, alpha=w)
+
+
+def update_scaled_statistics(
+    stats: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    x: torch.Tensor,
+    beta2: float,
+    matmul_dtype: torch.dtype | None = None,
+) -> None:
+    """In place: statistics kept as ``S_i = s^2 * stats[i]`` with a per-block scale ``s``.
+
+    The true update is ``S_i <- beta2 S_i + w X_(i) X_(i)^T``. With the block's largest
+    entry ``c = max|X|`` the new scale is ``s' = max(c, sqrt(beta2) s)`` (it follows the
+    decay of the EMA, so small gradients after large ones are not lost to underflow), and
+
+        ``stats[i] <- beta2 (s / s')^2 stats[i] + w (X / s')_(i) (X / s')_(i)^T``.
+
+    ``X / s'`` has entries in ``[-1, 1]`` and ``beta2 (s / s')^2 <= 1``, so ``stats`` stay
+    bounded by ``w * (number of columns)`` times the number of accumulated steps for *any*
+    finite gradient: no overflow in float32 even for gradients near its largest value,
+    where the plain products ``X X^T`` would be infinite. ``scales[i]`` (``(B,)``, one per
+    axis, all equal) are updated to ``s'``; a block that has only seen zeros keeps ``s = 0``.
+    All allocations happen before the first in-place write.
+    """
+    b = x.shape[0]
+    w = ema_weight(beta2)
+    old = scales[0]
+    peak = x.reshape(b, -1).abs().amax(dim=1).float()
+    new = torch.maximum(peak, old * math.sqrt(beta2))
+    safe = torch.where(new > 0, new, torch.ones_like(new))
+    ratio = (old / safe).square_().mul_(beta2)[:, None, None]
+    xs = x / safe.view(b, *([1] * (x.dim() - 1))).to(x.dtype)
+    low = matmul_dtype is not None and matmul_dtype != stats[0].dtype
+    if low:
+        xs = xs.to(matmul_dtype)
+    unfolded = [xs.transpose(1, 2) if (i == 1 and xs.dim() == 3) else unfold(xs, i) for i in
+                range(len(stats))]
+    grams = [torch.bmm(u, u.transpose(1, 2)) for u in unfolded] if low else None
+    for i, s in enumerate(stats):
+        s.mul_(ratio)
+        if low:
+            s.add_(grams[i], alpha=w)
+        else:
+            s.baddbmm_(unfolded[i], unfolded[i].transpose(1, 2), alpha=w)
+    for sc in scales:
+        sc.copy_(new)
 
 
 def precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
