@@ -80,8 +80,10 @@ def update_scaled_statistics(
     low = matmul_dtype is not None and matmul_dtype != stats[0].dtype
     if low:
         xs = xs.to(matmul_dtype)
-    unfolded = [xs.transpose(1, 2) if (i == 1 and xs.dim() == 3) else unfold(xs, i) for i in
-                range(len(stats))]
+    unfolded = [
+        xs.transpose(1, 2) if (i == 1 and xs.dim() == 3) else unfold(xs, i)
+        for i in range(len(stats))
+    ]
     grams = [torch.bmm(u, u.transpose(1, 2)) for u in unfolded] if low else None
     for i, s in enumerate(stats):
         s.mul_(ratio)

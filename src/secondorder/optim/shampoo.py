@@ -135,6 +135,7 @@ class _Runtime:
         self.root_chunks = 0
         self.escalations: list[tuple[str, int, int]] = []
         self.failure_counts: dict[str, int] = {}  # contained failures by kind
+        self.loading_shard = False  # load_state_dict of a distributed_shard is in progress
 
 
 class Shampoo(SecondOrderOptimizer):
@@ -392,11 +393,12 @@ class Shampoo(SecondOrderOptimizer):
             )
         if plan is None:
             return
-        expected = (
-            None
-            if plan is None
-            else [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, plan.counts)]
-        )
+        counts = plan.counts
+        rt = self._rt
+        if rt.loading_shard and rt.layout is not None:  # a rank's shard: its own blocks only
+            key = rt.keys[id(p)]
+            counts = [len(rt.layout.owned(key, c)) for c in range(len(counts))]
+        expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, counts)]
         got = [[tuple(s.shape) for s in cls] for cls in st["stats"]]
         if expected != got:
             raise ValueError(
@@ -857,29 +859,51 @@ class Shampoo(SecondOrderOptimizer):
 
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """The state dict, in the same format for single-process and distributed runs.
+        """The state dict. Never a collective: safe to call on one rank only.
 
-        Distributed: per-block state is gathered from all ranks (a collective: call it on
-        every rank), so every rank returns the full single-process state dict. With
+        Single process (or one rank): the full state. With ``distributed=True`` on several
+        ranks every rank holds only its own blocks' statistics and roots, and that is what it
+        returns: a *shard*, marked by ``"distributed_shard": {"rank", "world_size"}``, which
+        loads back on the same rank of a run with the same world size and settings. So
+        ``if rank == 0: torch.save(opt.state_dict(), path)`` never blocks the other ranks
+        (but saves only rank 0's shard); for one file holding everything, in the
+        single-process format, call :meth:`full_state_dict` on every rank. With
         ``async_roots`` the pending root jobs are waited for (not installed) and saved under
         ``"async_roots"`` with the step counter, so that a loaded optimizer installs them at
         the same step as the original would have.
         """
+        return self._state_dict(gather=False)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The complete state in the single-process format, gathered from every rank.
+
+        A collective with ``distributed=True`` on several ranks: call it on **every** rank
+        (each gets the same dict), e.g. ``sd = opt.full_state_dict(); if rank == 0:
+        torch.save(sd, path)``. It loads into single-process and distributed runs of any
+        world size. Without a process group it equals :meth:`state_dict`.
+        """
+        return self._state_dict(gather=True)
+
+    def _state_dict(self, gather: bool) -> dict[str, Any]:
         sd = super().state_dict()
         rt = self._runtime()
-        if rt.layout is not None:
+        if rt.layout is not None and gather:
             blocked = {
                 k: st
                 for k, st in sd["state"].items()
                 if any(is_block_state(v) for v in st.values())
             }
             sd["state"] = {**sd["state"], **rt.comm.gather_state(rt.layout, blocked)}
+        elif rt.layout is not None:
+            sd["distributed_shard"] = dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
         if self.async_roots:
-            sd["async_roots"] = dict(clock=self._clock, pending=self._pending_records(rt))
+            pending = self._pending_records(rt, gather)
+            sd["async_roots"] = dict(clock=self._clock, pending=pending)
         return sd
 
-    def _pending_records(self, rt: _Runtime) -> list[dict[str, Any]]:
-        """Pending root jobs, one record per factor, with full (all-rank) block stacks."""
+    def _pending_records(self, rt: _Runtime, gather: bool = True) -> list[dict[str, Any]]:
+        """Pending root jobs, one record per factor, with full (all-rank) block stacks
+        (``gather``, a collective when distributed) or this rank's blocks only."""
         records = []
         for step, meta, result in rt.worker.pending() if rt.worker is not None else []:
             for b, bucket in enumerate(meta):
@@ -901,7 +925,7 @@ class Shampoo(SecondOrderOptimizer):
                     offset += n
                     blocks = list(range(n)) if rt.layout is None else rt.layout.owned(key, c)
                     records.append(dict(step=step, param=key, cls=c, axis=i, blocks=blocks, **part))
-        if rt.layout is not None:  # merge the ranks' parts of each factor
+        if rt.layout is not None and gather:  # merge the ranks' parts of each factor
             merged: dict[tuple[int, ...], dict[str, Any]] = {}
             for part in (r for rank in rt.comm.all_gather_object(records) for r in rank):
                 k = (part["step"], part["param"], part["cls"], part["axis"])
@@ -927,9 +951,32 @@ class Shampoo(SecondOrderOptimizer):
         """
         state_dict = dict(state_dict)
         saved_async = state_dict.pop("async_roots", None)
-        super().load_state_dict(state_dict)
+        shard = state_dict.pop("distributed_shard", None)
         rt = self._runtime()
-        if rt.layout is not None:
+        if shard is not None:
+            here = (
+                None
+                if rt.layout is None
+                else dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
+            )
+            if here != {k: shard[k] for k in ("rank", "world_size")}:
+                where = (
+                    "a single process"
+                    if here is None
+                    else f"rank {here['rank']} of {here['world_size']}"
+                )
+                raise ValueError(
+                    f"this state dict is rank {shard['rank']}'s shard of a distributed Shampoo run "
+                    f"with {shard['world_size']} ranks (from state_dict()); it cannot be loaded on "
+                    f"{where}. Load it on the same rank of a run with the same world size, or save "
+                    "the full state with full_state_dict() (a collective: call it on every rank)"
+                )
+        rt.loading_shard = shard is not None
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            rt.loading_shard = False
+        if rt.layout is not None and shard is None:
             for key, p in enumerate(rt.params):
                 st = self.state.get(p)
                 if st and any(is_block_state(v) for v in st.values()):
@@ -943,7 +990,7 @@ class Shampoo(SecondOrderOptimizer):
         for rec in saved_async["pending"]:
             key, c, i = rec["param"], rec["cls"], rec["axis"]
             parts = [rec[name] for name in ("root", "error", "lambda_max", "ok")]
-            if rt.layout is not None:
+            if rt.layout is not None and shard is None:
                 parts = [rt.layout.local(key, c, x) for x in parts]
             n = parts[0].shape[0]
             if n == 0:
@@ -1060,9 +1107,7 @@ def _tree_bytes(x: Any) -> int:
     return 0
 
 
-def _chunks(
-    factors: list[_DueFactor], rows: int | None
-) -> list[list[tuple[_DueFactor, int, int]]]:
+def _chunks(factors: list[_DueFactor], rows: int | None) -> list[list[tuple[_DueFactor, int, int]]]:
     """Cut the blocks of ``factors`` into chunks of at most ``rows`` matrices (None: one
     chunk): each chunk is a list of ``(factor, lo, hi)`` block ranges."""
     out: list[list[tuple[_DueFactor, int, int]]] = [[]]
