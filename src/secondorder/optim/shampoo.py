@@ -40,6 +40,8 @@ computes its direction in steps 2-5; the directions are all-gathered before step
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -450,7 +452,8 @@ class Shampoo(SecondOrderOptimizer):
         layout = rt.layout
         # Stage 1: everything that can raise. Nothing persistent is modified before it ends.
         items = [self._prepare(rt, group, p) for group, params in work for p in params]
-        # Stage 2: commit. From here on failures are contained (warned once, counted).
+        # Stage 2: commit. From here on failures are contained (warned once, counted): the
+        # step completes with the failed part degraded (see the class docstring).
         self._clock += 1
         for it in items:
             if it.fresh:
@@ -460,18 +463,21 @@ class Shampoo(SecondOrderOptimizer):
             if it.plan is not None:
                 self._accumulate(it, layout)
         if rt.worker is not None and len(rt.worker):
-            self._install(rt.worker.collect(self._clock))
+            with self._contained("install", "finished async roots were not installed"):
+                self._install(rt.worker.collect(self._clock))
         due: list[_DueFactor] = []
         first: list[_DueFactor] = []  # async: a tensor's first roots are computed now
         for it in items:
             if it.due:
-                factors = self._due_factors(it.state, it.plan, it.group, it.t, it.key)
-                late = self.async_roots and it.t > self._start(it.group)
-                (due if late else first).extend(factors)
+                with self._contained("roots", "a tensor's roots were not refreshed this step"):
+                    factors = self._due_factors(it.state, it.plan, it.group, it.t, it.key)
+                    late = self.async_roots and it.t > self._start(it.group)
+                    (due if late else first).extend(factors)
         if first:
             self._refresh_roots(first)
         if due:
-            self._submit_roots(due)
+            with self._contained("async-submit", "this step's async root job was not started"):
+                self._submit_roots(due)
         directions = [self._direction(it, layout) for it in items]
         if layout is not None:  # a collective: a failure here is not contained
             exchange = [
@@ -482,11 +488,24 @@ class Shampoo(SecondOrderOptimizer):
             ]
             full = iter(rt.comm.exchange(layout, exchange))
             directions = [
-                [next(full) for _ in ds] if isinstance(ds, list) else ds for ds in directions
+                it.plan.merge([next(full) for _ in ds]) if isinstance(ds, list) else ds
+                for it, ds in zip(items, directions)
             ]
         for it, d in zip(items, directions):
-            self._apply_direction(it.group, it.p, it.plan.merge(d) if isinstance(d, list) else d)
+            self._apply_direction(it.group, it.p, d)
         self._escalate()
+
+    @contextmanager
+    def _contained(self, kind: str, consequence: str) -> Iterator[None]:
+        """Catch an exception after the commit point: warn once per kind, count, go on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - contained: the step must complete
+            self._warn_once(
+                (kind, type(e).__name__),
+                f"Shampoo: {type(e).__name__}: {e} ({kind}); {consequence}. The step itself "
+                "was applied.",
+            )
 
     def _prepare(self, rt: _Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
         """Stage 1 for one parameter: gradient, new state, graft direction. Modifies nothing.
@@ -621,14 +640,16 @@ class Shampoo(SecondOrderOptimizer):
         for spec, factors in self._root_buckets(due):
             rows = self._chunk_rows(spec)
             for pieces in _chunks(factors, rows):
-                stacked = _stack_pieces(pieces)
-                scale = torch.cat([f.scale[lo:hi] for f, lo, hi in pieces])
-                ws = root_workspace_bytes(spec[0], spec[3], stacked.shape[0])
+                rows_here = sum(hi - lo for _, lo, hi in pieces)
+                ws = root_workspace_bytes(spec[0], spec[3], rows_here)
                 rt.peak_root_bytes = max(rt.peak_root_bytes, ws)
                 rt.last_root_bytes = ws
                 rt.root_chunks += 1
                 try:
+                    stacked = _stack_pieces(pieces)
+                    scale = torch.cat([f.scale[lo:hi] for f, lo, hi in pieces])
                     res = _solve_bucket(spec[1:], stacked, scale)
+                    del stacked
                 except Exception as e:  # noqa: BLE001 - contained: a rejected root
                     self._warn_once(
                         ("root-exception", type(e).__name__),
@@ -636,8 +657,8 @@ class Shampoo(SecondOrderOptimizer):
                         "affected factors keep their previous roots (counted as failures).",
                     )
                     res = None
-                del stacked
-                self._store_pieces(pieces, res)
+                with self._contained("roots", "new roots were not stored"):
+                    self._store_pieces(pieces, res)
 
     def _submit_roots(self, due: list[_DueFactor]) -> None:
         """Snapshot the due statistics and hand them to the root worker (async_roots)."""
@@ -735,21 +756,23 @@ class Shampoo(SecondOrderOptimizer):
             ]
         streak = streaks[cls][axis][sl]
         streak.copy_(torch.where(ok, torch.zeros_like(streak), streak + 1))
-        if root is None or bool(ok.all()):
+        if bool(ok.all()):
             return
-        if not bool(finite_root.all()):
-            kind, why = "non-finite", "is not finite"
-        else:
-            kind = "residual"
-            why = (
-                f"has a residual of {err.float().max().item():.3g} >= inverse_failure_threshold "
-                f"({group['inverse_failure_threshold'] if group else '?'})"
+        if root is not None:  # (a solver exception was warned about where it was caught)
+            if not bool(finite_root.all()):
+                kind, why = "non-finite", "is not finite"
+            else:
+                kind = "residual"
+                threshold = group["inverse_failure_threshold"] if group else "?"
+                why = (
+                    f"has a residual of {err.float().max().item():.3g} >= "
+                    f"inverse_failure_threshold ({threshold})"
+                )
+            self._warn_once(
+                ("root-rejected", kind),
+                f"Shampoo: a computed inverse root {why}; it was rejected and the previous "
+                "root kept (counted in diagnostics()['failures']).",
             )
-        self._warn_once(
-            ("root-rejected", kind),
-            f"Shampoo: a computed inverse root {why}; it was rejected and the previous root "
-            "kept (counted in diagnostics()['failures']).",
-        )
         if group is not None:
             limit = group["max_consecutive_root_failures"]
             worst = int(streak.max().item())
@@ -799,30 +822,32 @@ class Shampoo(SecondOrderOptimizer):
         beta1, beta2 = group["betas"]
         preconditioned = plan is not None and t >= self._start(group)
         kind = self._graft_kind(group, preconditioned)
-        if beta1 > 0:
-            m = state["exp_avg"]
-            m.lerp_(g, 1.0 - beta1)
-            mhat = self._momentum_hat(group, m, g, t)
-        else:
-            mhat = g
-        v = state.get("graft_v")
-        if v is not None and kind is not None:
-            update_second_moment(kind, v, g, beta2)
-        if not preconditioned:
-            return it.a
         try:
-            return self._precondition(it, mhat, kind, layout)
+            if beta1 > 0:
+                m = state["exp_avg"]
+                m.lerp_(g, 1.0 - beta1)
+                mhat = self._momentum_hat(group, m, g, t)
+            else:
+                mhat = g
+            v = state.get("graft_v")
+            if v is not None and kind is not None:
+                update_second_moment(kind, v, g, beta2)
+            if not preconditioned:
+                return it.a
+            d = self._precondition(it, mhat, kind, layout)
+            return d if layout is not None else plan.merge(d)
         except Exception as e:  # noqa: BLE001 - contained: the graft direction is used
             self._warn_once(
-                ("precondition", type(e).__name__),
-                f"Shampoo: preconditioning raised {type(e).__name__}: {e}. The affected tensor "
-                "took the graft direction for this step.",
+                ("direction", type(e).__name__),
+                f"Shampoo: computing a tensor's update raised {type(e).__name__}: {e}. It took "
+                "the graft direction for this step (the step itself was applied).",
             )
-            fallback = it.a if it.a is not None else mhat
-            out = []
-            for c, x in enumerate(plan.split(fallback)):
-                out.append((x if layout is None else layout.local(it.key, c, x)).float())
-            return out
+            fallback = it.a
+            if fallback is None:  # no graft: the (committed) momentum, or the gradient
+                fallback = state["exp_avg"] if beta1 > 0 else g
+            if layout is None or not preconditioned:
+                return fallback
+            return [layout.local(it.key, c, x).float() for c, x in enumerate(plan.split(fallback))]
 
     def _precondition(
         self, it: _Item, mhat: torch.Tensor, kind: str | None, layout: BlockLayout | None
@@ -1015,6 +1040,7 @@ class Shampoo(SecondOrderOptimizer):
             ("async_workers", 1),
             ("distributed", False),
             ("communication_dtype", torch.float32),
+            ("root_memory_budget", DEFAULT_ROOT_MEMORY_BUDGET),
         ):
             self.__dict__.setdefault(name, value)
 
@@ -1051,9 +1077,10 @@ class Shampoo(SecondOrderOptimizer):
 
         Each record has ``param`` (index over all param groups), ``shape``, ``block_shape``,
         ``axis``, ``num_blocks``, ``step``, ``root_error`` / ``lambda_max`` (lists, one
-        value per block, from the last root computation) and ``failures`` (list, number of
-        rejected roots per block so far; an async root job that raised counts one for each
-        of its blocks). With ``distributed=True`` the lists cover this rank's blocks only,
+        value per block, from the last root computation; ``lambda_max`` is the largest
+        eigenvalue of the true statistics, finite for any finite gradients), ``failures``
+        (list, number of rejected roots per block so far; a root solve that raised counts
+        one for each of its blocks) and ``streak`` (consecutive failures per block). With ``distributed=True`` the lists cover this rank's blocks only,
         whose indices (within the size class) are in ``blocks``. This reads device values:
         call it off the hot path.
         """
@@ -1084,10 +1111,43 @@ class Shampoo(SecondOrderOptimizer):
                                     root_error=st["root_error"][c][i].tolist(),
                                     lambda_max=st["lambda_max"][c][i].tolist(),
                                     failures=st["root_failures"][c][i].tolist(),
+                                    streak=(
+                                        st["root_streak"][c][i].tolist()
+                                        if "root_streak" in st
+                                        else [0] * len(st["root_failures"][c][i])
+                                    ),
                                 )
                             )
                 idx += 1
         return out
+
+    def memory_diagnostics(self) -> dict[str, Any]:
+        """Memory of this optimizer (this rank's, when distributed), in bytes.
+
+        ``state_bytes`` (all state tensors) and its parts ``statistics``, ``roots``,
+        ``moments`` (momentum and graft accumulator) and ``other``; ``root_memory_budget``;
+        ``peak_root_workspace_bytes`` / ``last_root_workspace_bytes``: the largest (and the
+        latest) solver workspace of one chunk of a synchronous root refresh, estimated from
+        the chunk's size by :func:`~secondorder.kernels.roots.root_workspace_bytes`;
+        ``root_chunks``: solver calls so far. Async root jobs also hold a snapshot of the
+        due statistics (``statistics``-sized at most) while they run.
+        ``contained_failures``: failures after the commit point of a step, by kind.
+        """
+        parts = dict(statistics=0, roots=0, moments=0, other=0)
+        names = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
+        for st in self.state.values():
+            for k, v in st.items():
+                parts[names.get(k, "other")] += _tree_bytes(v)
+        rt = self._rt
+        return dict(
+            state_bytes=sum(parts.values()),
+            **parts,
+            root_memory_budget=self.root_memory_budget,
+            peak_root_workspace_bytes=rt.peak_root_bytes,
+            last_root_workspace_bytes=rt.last_root_bytes,
+            root_chunks=rt.root_chunks,
+            contained_failures=dict(rt.failure_counts),
+        )
 
     def state_bytes(self) -> int:
         """Total bytes of tensors held in the optimizer state (this rank's, when distributed)."""
