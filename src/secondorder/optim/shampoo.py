@@ -1080,9 +1080,10 @@ class Shampoo(SecondOrderOptimizer):
         value per block, from the last root computation; ``lambda_max`` is the largest
         eigenvalue of the true statistics, finite for any finite gradients), ``failures``
         (list, number of rejected roots per block so far; a root solve that raised counts
-        one for each of its blocks) and ``streak`` (consecutive failures per block). With ``distributed=True`` the lists cover this rank's blocks only,
-        whose indices (within the size class) are in ``blocks``. This reads device values:
-        call it off the hot path.
+        one for each of its blocks) and ``streak`` (consecutive failures per block). With
+        ``distributed=True`` the lists cover this rank's blocks only, whose indices (within
+        the size class) are in ``blocks``. This reads device values: call it off the hot
+        path. Memory figures are in :meth:`memory_diagnostics`.
         """
         layout = self._runtime().layout
         out = []
