@@ -409,3 +409,52 @@ def test_budget_bounds_the_chunk_size():
     # 25 blocks x 2 axes = 50 matrices of 8x8, at most 3 per chunk
     assert d["peak_root_workspace_bytes"] == 3 * per
     assert d["root_chunks"] == -(-50 // 3)
+
+
+# ------------------------------------------------------------------- packed statistics
+
+
+def test_pack_unpack_round_trip_is_exact():
+    a = torch.randn(5, 7, 7, dtype=torch.float64)
+    a = a + a.transpose(1, 2)
+    p = kron.pack_symmetric(a)
+    assert p.shape == (5, kron.packed_size(7)) == (5, 28)
+    assert torch.equal(kron.unpack_symmetric(p), a)
+    assert kron.packed_dim(28) == 7
+    with pytest.raises(ValueError):
+        kron.packed_dim(27)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+def test_packed_statistics_follow_full_statistics(monkeypatch, matmul_dtype):
+    """Same values, half the memory. The Gram products are the same bmm; only the fused
+    ``baddbmm`` of the full path rounds the accumulation differently (one rounding per
+    entry per step), so the statistics agree to a few ulps (relative ``8 eps``). The first
+    roots (step 2) of ``S + ridge * lambda_max I`` have condition at most ``1 / ridge``;
+    a relative perturbation ``d`` of ``S`` moves ``S^(-1/p)`` by at most
+    ``cond * d / p`` relative to its largest entry."""
+    monkeypatch.setattr(kron, "GRAM_CHUNK_BYTES", 1)  # one block per Gram product
+    ridge = 1e-3
+    kw = dict(KW, matmul_dtype=matmul_dtype, root_method="eigh", eps=ridge)
+    m1, m2 = _model(), _model()
+    o1 = Shampoo(m1.parameters(), **kw)
+    o2 = Shampoo(m2.parameters(), **kw, packed_statistics=True)
+    _train(m1, o1, 2)
+    _train(m2, o2, 2)
+    eps = torch.finfo(torch.float32).eps
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        st1, st2 = o1.state[p1], o2.state[p2]
+        if "stats" not in st1:
+            continue
+        for a, b in zip(st1["stats"], st2["stats"]):
+            for full, packed in zip(a, b):
+                assert packed.dim() == 2 and packed.numel() <= full.numel()
+                tol = 8 * eps * full.abs().max().item()
+                torch.testing.assert_close(kron.unpack_symmetric(packed), full, rtol=0, atol=tol)
+        for a, b in zip(st1["roots"], st2["roots"]):
+            for x, y in zip(a, b):
+                tol = 8 * eps / ridge / 2 * x.float().abs().max().item()  # p >= 2
+                torch.testing.assert_close(y.float(), x.float(), rtol=0, atol=tol)
+    full_bytes = o1.memory_diagnostics()["statistics"]
+    packed_bytes = o2.memory_diagnostics()["statistics"]
+    assert packed_bytes < 0.75 * full_bytes  # 6x6 blocks: 21 of 36 entries

@@ -103,6 +103,12 @@ class _DueFactor:
     scale: torch.Tensor | None = None  # (B,) statistics scale: true statistics = scale^2 * matrix
     bc: float = 1.0  # bias correction: the root is of ``scale^2 * matrix / bc``
 
+    @property
+    def size(self) -> int:
+        """``n`` of the factor's ``n x n`` matrices (``matrix`` may be packed)."""
+        m = self.matrix.shape[-1]
+        return m if self.matrix.dim() == 3 else kron.packed_dim(m)
+
 
 @dataclass
 class _Item:
@@ -171,6 +177,10 @@ class Shampoo(SecondOrderOptimizer):
         decoupled_weight_decay: see ``weight_decay``.
         precondition_1d: also precondition 1-d tensors (one factor) instead of graft-only.
         inverse_failure_threshold: a root whose residual is at least this is rejected.
+        packed_statistics: store each factor's statistics as its upper triangle
+            (``n (n + 1) / 2`` numbers instead of ``n^2``: about half the statistics'
+            memory, identical values). Each step then forms the Gram products a few blocks
+            at a time and packs them; a refresh unpacks one chunk at a time.
         max_consecutive_root_failures: after this many consecutive failed root computations
             of the same factor (rejected roots or solver exceptions; >= 1) apply
             ``on_root_failure``. Every kind of failure is also warned about once.
@@ -240,6 +250,7 @@ class Shampoo(SecondOrderOptimizer):
         decoupled_weight_decay: bool = True,
         precondition_1d: bool = False,
         inverse_failure_threshold: float = 0.1,
+        packed_statistics: bool = False,
         max_consecutive_root_failures: int = 10,
         on_root_failure: str = "warn",
         nonfinite: str = "skip",
@@ -287,6 +298,7 @@ class Shampoo(SecondOrderOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             precondition_1d=precondition_1d,
             inverse_failure_threshold=inverse_failure_threshold,
+            packed_statistics=packed_statistics,
             max_consecutive_root_failures=max_consecutive_root_failures,
             on_root_failure=on_root_failure,
         )
@@ -311,6 +323,7 @@ class Shampoo(SecondOrderOptimizer):
         check_float(
             "inverse_failure_threshold", group["inverse_failure_threshold"], low=0.0, low_open=True
         )
+        check_bool("packed_statistics", group["packed_statistics"])
         check_int("max_consecutive_root_failures", group["max_consecutive_root_failures"], low=1)
         check_choice("on_root_failure", group["on_root_failure"], ROOT_FAILURE_POLICIES)
 
@@ -360,7 +373,12 @@ class Shampoo(SecondOrderOptimizer):
             state["graft_v"] = torch.zeros(p.shape, **f32)
         if plan is not None:
             shapes = list(zip(plan.block_shapes, plan.counts))
-            state["stats"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
+            if group["packed_statistics"]:
+                state["stats"] = [
+                    [torch.zeros(c, kron.packed_size(n), **f32) for n in bs] for bs, c in shapes
+                ]
+            else:
+                state["stats"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
             # Roots are only ever used in the per-step matmuls: keep them in that dtype.
             rdt = dict(dtype=group["matmul_dtype"] or torch.float32, device=p.device)
             state["roots"] = [
@@ -400,13 +418,18 @@ class Shampoo(SecondOrderOptimizer):
         if rt.loading_shard and rt.layout is not None:  # a rank's shard: its own blocks only
             key = rt.keys[id(p)]
             counts = [len(rt.layout.owned(key, c)) for c in range(len(counts))]
-        expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, counts)]
+        if group["packed_statistics"]:
+            expected = [
+                [(c, kron.packed_size(n)) for n in bs] for bs, c in zip(plan.block_shapes, counts)
+            ]
+        else:
+            expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, counts)]
         got = [[tuple(s.shape) for s in cls] for cls in st["stats"]]
         if expected != got:
             raise ValueError(
                 f"Shampoo state for a parameter of shape {tuple(p.shape)} has statistics of "
                 f"shapes {got}, expected {expected}: the state dict does not match these "
-                "parameters or this block_size"
+                "parameters or this block_size / packed_statistics"
             )
 
     # ----------------------------------------------------------------- runtime
@@ -612,7 +635,7 @@ class Shampoo(SecondOrderOptimizer):
                 on_host = f.matrix.device.type == "cpu" or self.async_roots
                 method = "eigh" if on_host else "newton"
             key = (
-                f.matrix.shape[-1],
+                f.size,
                 f.exponent,
                 f.matrix.device,
                 method,
@@ -1191,11 +1214,17 @@ def _stack_pieces(pieces: list[tuple[_DueFactor, int, int]]) -> torch.Tensor:
     """The bias-corrected (scaled) statistics of a chunk, as one new ``(B, n, n)`` tensor."""
     f0 = pieces[0][0]
     rows = sum(hi - lo for _, lo, hi in pieces)
-    n = f0.matrix.shape[-1]
+    n = f0.size
     out = torch.empty(rows, n, n, dtype=f0.matrix.dtype, device=f0.matrix.device)
     offset = 0
     for f, lo, hi in pieces:
-        torch.div(f.matrix[lo:hi], f.bc, out=out[offset : offset + hi - lo])
+        part = out[offset : offset + hi - lo]
+        if f.matrix.dim() == 2:  # packed statistics
+            kron.unpack_symmetric(f.matrix[lo:hi], out=part)
+            if f.bc != 1.0:
+                part.div_(f.bc)
+        else:
+            torch.div(f.matrix[lo:hi], f.bc, out=part)
         offset += hi - lo
     return out
 
