@@ -501,7 +501,10 @@ class Shampoo(SecondOrderOptimizer):
         if due:
             with self._contained("async-submit", "this step's async root job was not started"):
                 self._submit_roots(due)
-        directions = [self._direction(it, layout) for it in items]
+        directions = []
+        for it in items:
+            directions.append(self._direction(it, layout))
+            it.a = None  # the graft direction is either the direction now, or not needed
         if layout is not None:  # a collective: a failure here is not contained
             exchange = [
                 (it.key, c, d, it.plan.counts[c])
