@@ -10,9 +10,12 @@ Step ``t`` (1-based, per parameter) does, for every parameter with a gradient:
 2. statistics: for every block and axis ``i``, ``S_i <- beta2 S_i + w G_(i) G_(i)^T``;
 3. roots, every ``precondition_frequency`` steps from ``start_preconditioning_step`` on:
    ``P_i = (S_i / bc + eps * lambda_max I)^(-1/p)``, all due factors of the same size across
-   all parameters solved in one batched call. A root that fails (non-finite, or residual
-   ``>= inverse_failure_threshold``) is not used: the previous root is kept and the failure
-   counted (see :meth:`Shampoo.diagnostics`);
+   all parameters solved in batched calls, in chunks whose solver workspace fits
+   ``root_memory_budget``. A root that fails (non-finite, residual
+   ``>= inverse_failure_threshold``, or the solver raised) is not used: the previous root is
+   kept, the failure counted (see :meth:`Shampoo.diagnostics`) and warned about once per
+   kind; ``on_root_failure`` decides what happens after ``max_consecutive_root_failures``
+   failures in a row of one factor;
 4. momentum ``m <- beta1 m + (1 - beta1) g`` (an EMA, bias-corrected: the Adam convention;
    ``nesterov=True`` uses the NAdam look-ahead ``beta1 m_hat_{t+1} + (1 - beta1) g_hat_t``);
 5. direction: the graft direction ``a`` (e.g. Adam: ``m_hat / (sqrt(v_hat) + graft_eps)``)
@@ -20,6 +23,23 @@ Step ``t`` (1-based, per parameter) does, for every parameter with a gradient:
    block to ``||a||`` (``graft=None``: ``D`` as is). Before ``start_preconditioning_step`` the
    update is ``a``: with ``graft="adam"`` Shampoo is then exactly AdamW;
 6. ``p <- p * (1 - lr * weight_decay)`` (decoupled, the default) and ``p <- p - lr * D``.
+
+Statistics are stored as ``S_i = s^2 * S_hat_i`` with a per-block scale ``s`` that follows
+the gradient's largest entry (:func:`~secondorder.kernels.kron.update_scaled_statistics`):
+``S_hat_i`` stays bounded for any finite gradient, so gradients of 1e20 or 1e-30 neither
+overflow nor underflow float32. The roots are solved on ``S_hat_i`` and scaled back by
+``s^(-2/p)``. With ``packed_statistics=True`` only the upper triangle of each ``S_hat_i``
+is stored.
+
+A step runs in two stages. Stage 1 does everything that can raise (gradient checks, new
+state for new parameters, the graft direction from out-of-place momentum and accumulator)
+and modifies nothing, so an exception leaves parameters and state bit-identical and the
+step can simply be retried. Stage 2 commits (step counters, statistics, roots, moments,
+parameters); a failure there is contained and warned about once per kind: a statistics
+update that raises leaves that gradient out of the statistics, a root solve that raises is
+a rejected root, an update that cannot be preconditioned takes the graft direction. With
+``distributed=True`` the all-gather of the directions is a collective whose failure is not
+contained (a broken process group cannot be recovered from inside a step).
 
 Shapes: size-1 dims are dropped and adjacent dims merged while their product stays
 ``<= block_size`` (a conv kernel (64, 32, 3, 3) becomes (64, 288)); dims larger than
