@@ -13,6 +13,7 @@ The target is ``peak <= 1.25 * (state + model)``.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_memory.py               # all configurations
     OMP_NUM_THREADS=2 python benchmarks/bench_memory.py --src OLD/src  # another checkout
+    python benchmarks/bench_memory.py --state-only   # state sizes only (no step): seconds
     python benchmarks/bench_memory.py --accuracy     # bf16 root store vs float64 roots
 
 ``--accuracy`` measures, on a 1024 x 768 block with GPT-like statistics, how far the
@@ -63,7 +64,7 @@ def gpt2_small():
     return nn.ModuleList(layers)  # the output projection is tied to the token embedding
 
 
-def run_one(name: str, block_size: int) -> dict:
+def run_one(name: str, block_size: int, state_only: bool = False) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -93,7 +94,13 @@ def run_one(name: str, block_size: int) -> dict:
             **hp,
         )
     t0 = time.perf_counter()
-    opt.step()
+    if state_only and hp is not None:  # allocate the state without stepping (no roots)
+        for p in params:
+            st = opt._init_state(p, opt.param_groups[0])
+            if st is not opt.state[p]:
+                opt.state[p] = st
+    else:
+        opt.step()
     seconds = time.perf_counter() - t0
     if hasattr(opt, "state_bytes"):
         state = opt.state_bytes()
@@ -108,6 +115,7 @@ def run_one(name: str, block_size: int) -> dict:
         config=name,
         params=n,
         block_size=block_size,
+        state_only=state_only,
         model_bytes=model_bytes,
         state_bytes=state,
         peak_rss_bytes=_status("VmHWM") - rss0,
@@ -158,18 +166,24 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument(
+        "--state-only",
+        action="store_true",
+        help="only allocate the optimizer state (no step, no roots): state sizes in seconds",
+    )
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.accuracy:
         print(json.dumps(accuracy(), indent=1))
         return
     if args.run:
-        print(json.dumps(run_one(args.run, args.block_size)))
+        print(json.dumps(run_one(args.run, args.block_size, args.state_only)))
         return
     results = []
     env = dict(os.environ, PYTHONPATH=args.src)
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--run", name, "--block-size", str(args.block_size)]
+        cmd += ["--state-only"] if args.state_only else []
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
