@@ -142,7 +142,7 @@ class _Item:
     plan: BlockPlan | None
     t: int
     key: int
-    a: torch.Tensor | None  # graft direction (None: no graft)
+    a: torch.Tensor | None  # graft direction, set while stage 2 preconditions this tensor
     due: bool = False
     new: dict[str, Any] = field(default_factory=dict)  # state entries created by this step
 
@@ -523,8 +523,11 @@ class Shampoo(SecondOrderOptimizer):
                 self._submit_roots(due)
         directions = []
         for it in items:
-            directions.append(self._direction(it, layout))
-            it.a = None  # the graft direction is either the direction now, or not needed
+            d = self._direction(it, layout)
+            if layout is None:  # apply at once: no direction is held longer than needed
+                self._apply_direction(it.group, it.p, d)
+            else:
+                directions.append(d)
         if layout is not None:  # a collective: a failure here is not contained
             exchange = [
                 (it.key, c, d, it.plan.counts[c])
@@ -537,8 +540,8 @@ class Shampoo(SecondOrderOptimizer):
                 it.plan.merge([next(full) for _ in ds]) if isinstance(ds, list) else ds
                 for it, ds in zip(items, directions)
             ]
-        for it, d in zip(items, directions):
-            self._apply_direction(it.group, it.p, d)
+            for it, d in zip(items, directions):
+                self._apply_direction(it.group, it.p, d)
         self._escalate()
 
     @contextmanager
@@ -556,8 +559,9 @@ class Shampoo(SecondOrderOptimizer):
     def _prepare(self, rt: _Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
         """Stage 1 for one parameter: gradient, new state, graft direction. Modifies nothing.
 
-        Momentum and the graft accumulator are computed out of place here (for the graft
-        direction) and again in place at commit, with the same operations.
+        Momentum, graft accumulator and graft direction are computed out of place here (so
+        that whatever raises, raises before the commit) and again, in place, at commit with
+        the same operations; nothing parameter-sized is kept between the two stages.
         """
         key = rt.keys[id(p)]
         state = self.state[p]
@@ -582,7 +586,6 @@ class Shampoo(SecondOrderOptimizer):
             new["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if kind in GRAFTS_WITH_STATE and "graft_v" not in state:
             new["graft_v"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        a = None
         if kind is not None:
             m = new.get("exp_avg", state.get("exp_avg"))
             mhat = self._momentum_hat(group, torch.lerp(m, g, 1.0 - beta1), g, t) if beta1 else g
@@ -590,12 +593,12 @@ class Shampoo(SecondOrderOptimizer):
             if v is not None:
                 v = v.clone()
                 update_second_moment(kind, v, g, beta2)
-            a = graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
+            graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
             del mhat, v
         if plan is not None:
             plan.split(g)  # shape checks before anything is modified
         due = plan is not None and t >= start and (t - start) % freq == 0
-        return _Item(group, p, g, state, fresh, plan, t, key, a, due, new=new)
+        return _Item(group, p, g, state, fresh, plan, t, key, None, due, new=new)
 
     @staticmethod
     def _momentum_hat(group: dict[str, Any], m: torch.Tensor, g: torch.Tensor, t: int):
@@ -878,9 +881,16 @@ class Shampoo(SecondOrderOptimizer):
             v = state.get("graft_v")
             if v is not None and kind is not None:
                 update_second_moment(kind, v, g, beta2)
+            a = (
+                None
+                if kind is None
+                else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
+            )
             if not preconditioned:
-                return it.a
+                return a
+            it.a = a
             d = self._precondition(it, mhat, kind, layout)
+            it.a = None
             return d if layout is not None else plan.merge(d)
         except Exception as e:  # noqa: BLE001 - contained: the graft direction is used
             self._warn_once(
@@ -888,9 +898,11 @@ class Shampoo(SecondOrderOptimizer):
                 f"Shampoo: computing a tensor's update raised {type(e).__name__}: {e}. It took "
                 "the graft direction for this step (the step itself was applied).",
             )
-            fallback = it.a
-            if fallback is None:  # no graft: the (committed) momentum, or the gradient
+            fallback, it.a = it.a, None
+            if fallback is None and kind is None:  # no graft: the momentum, or the gradient
                 fallback = state["exp_avg"] if beta1 > 0 else g
+            elif fallback is None:  # the graft direction itself failed: no update this step
+                fallback = torch.zeros(it.p.shape, dtype=torch.float32, device=it.p.device)
             if layout is None or not preconditioned:
                 return fallback
             return [layout.local(it.key, c, x).float() for c, x in enumerate(plan.split(fallback))]
