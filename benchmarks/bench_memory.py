@@ -46,10 +46,10 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
-def gpt2_small():
+def gpt2_small(n_layer: int = 12):
     from torch import nn
 
-    v, d, n_layer, n_pos = 50257, 768, 12, 1024
+    v, d, n_pos = 50257, 768, 1024
     layers = [nn.Embedding(v, d), nn.Embedding(n_pos, d)]
     for _ in range(n_layer):
         layers += [
@@ -64,12 +64,12 @@ def gpt2_small():
     return nn.ModuleList(layers)  # the output projection is tied to the token embedding
 
 
-def run_one(name: str, block_size: int, state_only: bool = False) -> dict:
+def run_one(name: str, block_size: int, state_only: bool = False, layers: int = 12) -> dict:
     import torch
 
     torch.manual_seed(0)
     rss0 = _status("VmRSS")
-    model = gpt2_small()
+    model = gpt2_small(layers)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(1)
     for p in params:
@@ -116,6 +116,7 @@ def run_one(name: str, block_size: int, state_only: bool = False) -> dict:
         params=n,
         block_size=block_size,
         state_only=state_only,
+        layers=layers,
         model_bytes=model_bytes,
         state_bytes=state,
         peak_rss_bytes=_status("VmHWM") - rss0,
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--src", default=str(Path(__file__).resolve().parents[1] / "src"))
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--layers", type=int, default=12, help="transformer layers (GPT-2: 12)")
     ap.add_argument(
         "--state-only",
         action="store_true",
@@ -177,13 +179,14 @@ def main() -> None:
         print(json.dumps(accuracy(), indent=1))
         return
     if args.run:
-        print(json.dumps(run_one(args.run, args.block_size, args.state_only)))
+        print(json.dumps(run_one(args.run, args.block_size, args.state_only, args.layers)))
         return
     results = []
     env = dict(os.environ, PYTHONPATH=args.src)
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--run", name, "--block-size", str(args.block_size)]
         cmd += ["--state-only"] if args.state_only else []
+        cmd += ["--layers", str(args.layers)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
             print(f"{name}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
