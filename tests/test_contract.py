@@ -92,6 +92,8 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("async_staleness", 0), ("async_staleness", 1.5), ("async_deterministic_delay", 0),
         ("async_workers", 0), ("distributed", 1), ("communication_dtype", torch.float16),
         ("process_group", "gloo"),
+        ("max_consecutive_root_failures", 0), ("on_root_failure", "ignore"),
+        ("root_memory_budget", 0), ("root_memory_budget", 1.5), ("packed_statistics", "yes"),
     ],
     "SONew": [
         ("lr", -1.0), ("lr", NAN), ("lr", INF), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)),
@@ -153,6 +155,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(graft="adagrad", block_size=3, betas=(0.5, 0.9), matmul_dtype=torch.bfloat16),
         dict(async_roots=True, async_deterministic_delay=1, precondition_frequency=2),
         dict(distributed=True, communication_dtype=torch.bfloat16),  # no process group: 1 rank
+        dict(root_memory_budget=1, on_root_failure="graft", max_consecutive_root_failures=1,
+             packed_statistics=True),
     ],
     "SONew": [
         dict(band=0, precondition_1d=False, betas=(0.8, 0.99)),

@@ -183,7 +183,7 @@ def _check_identical_grads(world, rank, report):
     report["owned_blocks"] = sum(len(d["blocks"]) for d in diag if d["axis"] == 0)
 
     # checkpoints: distributed -> single-process format, and both ways
-    sd, rsd = opt.state_dict(), ropt.state_dict()
+    sd, rsd = opt.full_state_dict(), ropt.state_dict()
     for k, st in rsd["state"].items():
         for name, v in st.items():
             got = sd["state"][k][name]
@@ -277,7 +277,7 @@ def _check_async(world, rank, report):
     for step in range(9):
         _step(model, opt, *_batch(step))
         _step(ref, ropt, *_batch(step))
-    sd = opt.state_dict()  # gathers pending jobs of every rank
+    sd = opt.full_state_dict()  # gathers pending jobs of every rank
     assert len(sd["async_roots"]["pending"]) == len(ropt.state_dict()["async_roots"]["pending"])
     m2 = _model()
     m2.load_state_dict(model.state_dict())

@@ -74,3 +74,35 @@ def test_graft_norm_equals_norm_of_graft_direction(kind, step):
     m, v = torch.randn(50, dtype=torch.float64), torch.rand(50, dtype=torch.float64)
     want = torch.linalg.vector_norm(graft_direction(kind, m, v, step, 0.99, 1e-3))
     torch.testing.assert_close(graft_norm(kind, m, v, step, 0.99, 1e-3), want)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4, 3), (2, 3, 4, 2)])
+@pytest.mark.parametrize("beta2", [0.9, 1.0])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("magnitudes", [(1.0, 1.0, 1.0), (1e25, 1e-3, 1e30), (1e-30, 1e-25, 1.0)])
+def test_scaled_statistics_equal_the_float64_ema(shape, beta2, packed, magnitudes):
+    """``scale^2 * stats`` equals the float64 EMA of the Gram products, for gradients whose
+    magnitude jumps by up to 1e33 between steps (where a float32 ``X X^T`` overflows or
+    underflows). Each entry is a float32 sum of a few products per step, rescaled: the
+    error is a few float32 ulps of the largest entry, relative to each step's contribution
+    that survives the decay, so the comparison is relative to the largest entry."""
+    gen = torch.Generator().manual_seed(4)
+    b, dims = shape[0], shape[1:]
+    stats = [
+        torch.zeros(b, kron.packed_size(n)) if packed else torch.zeros(b, n, n) for n in dims
+    ]
+    scales = [torch.zeros(b) for _ in dims]
+    ref = [torch.zeros(b, n, n, dtype=torch.float64) for n in dims]
+    w = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    for mag in magnitudes:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * mag
+        kron.update_scaled_statistics(stats, scales, x.float(), beta2)
+        xf = x.float().double()
+        ref = [beta2 * r + w * _ref_stats(xf, i) for i, r in enumerate(ref)]
+    eps = torch.finfo(torch.float32).eps
+    for s, sc, r in zip(stats, scales, ref):
+        full = kron.unpack_symmetric(s) if packed else s
+        assert torch.isfinite(full).all() and torch.isfinite(sc).all()
+        got = sc.double()[:, None, None] ** 2 * full.double()
+        tol = 16 * len(magnitudes) * eps * r.abs().amax(dim=(1, 2), keepdim=True)
+        assert ((got - r).abs() <= tol).all()

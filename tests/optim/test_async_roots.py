@@ -38,7 +38,9 @@ class DelayedSync(Shampoo):
         super()._update(work)
 
     def _store_root(self, state, *args):
-        store = Shampoo._store_root
+        def store(*a):
+            return Shampoo._store_root(self, *a)
+
         if int(state["step"]) == self.param_groups[0]["start_preconditioning_step"]:
             store(state, *args)
         else:

@@ -7,6 +7,8 @@ same-size blocks cost one kernel launch, not one per block.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .grafting import ema_weight
@@ -43,6 +45,112 @@ def update_statistics(
             s.mul_(beta2).add_(gram, alpha=w)
         else:
             s.baddbmm_(xi, xi.transpose(1, 2), beta=beta2, alpha=w)
+
+
+def packed_size(n: int) -> int:
+    """Entries of the upper triangle (diagonal included) of an ``n x n`` matrix."""
+    return n * (n + 1) // 2
+
+
+def packed_dim(m: int) -> int:
+    """``n`` such that ``packed_size(n) == m``."""
+    n = (math.isqrt(8 * m + 1) - 1) // 2
+    if packed_size(n) != m:
+        raise ValueError(f"{m} is not the size of a packed triangle")
+    return n
+
+
+_TRI_CACHE: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tri_index(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the upper triangle of an ``n x n`` matrix (row major) and of the
+    mirrored entries (``(i, j) -> (j, i)``)."""
+    key = (n, torch.device(device))
+    if key not in _TRI_CACHE:
+        i, j = torch.triu_indices(n, n, device=device)
+        _TRI_CACHE[key] = (i * n + j, j * n + i)
+    return _TRI_CACHE[key]
+
+
+def pack_symmetric(a: torch.Tensor) -> torch.Tensor:
+    """``(B, n, n)`` symmetric matrices -> ``(B, n (n + 1) / 2)`` upper triangles."""
+    upper, _ = _tri_index(a.shape[-1], a.device)
+    return a.reshape(a.shape[0], -1).index_select(1, upper)
+
+
+def unpack_symmetric(p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, n (n + 1) / 2)`` upper triangles -> full ``(B, n, n)`` symmetric matrices
+    (written into ``out``, a contiguous ``(B, n, n)`` tensor, when given)."""
+    n = packed_dim(p.shape[-1])
+    if out is None:
+        out = torch.empty(p.shape[0], n, n, dtype=p.dtype, device=p.device)
+    upper, lower = _tri_index(n, p.device)
+    flat = out.view(p.shape[0], n * n)
+    flat.index_copy_(1, lower, p)
+    flat.index_copy_(1, upper, p)
+    return out
+
+
+#: bytes of Gram products formed at once when updating packed statistics
+GRAM_CHUNK_BYTES = 32 * 2**20
+
+
+def update_scaled_statistics(
+    stats: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    x: torch.Tensor,
+    beta2: float,
+    matmul_dtype: torch.dtype | None = None,
+) -> None:
+    """In place: statistics kept as ``S_i = s_i^2 * stats[i]`` with per-block scales ``s_i``.
+
+    The true update is ``S_i <- beta2 S_i + w X_(i) X_(i)^T``. With the block's largest
+    entry ``c = max|X|`` the new scale is ``s' = max(c, sqrt(beta2) max_i s_i)`` (it follows
+    the decay of the EMA, so small gradients after large ones are not lost to underflow), and
+
+        ``stats[i] <- beta2 (s_i / s')^2 stats[i] + w (X / s')_(i) (X / s')_(i)^T``.
+
+    ``X / s'`` has entries in ``[-1, 1]`` and ``beta2 (s_i / s')^2 <= 1``, so ``stats`` stay
+    bounded by ``w * (number of columns)`` times the number of accumulated steps for *any*
+    finite gradient: no overflow in float32 even for gradients near its largest value,
+    where the plain products ``X X^T`` would be infinite. ``scales[i]`` (``(B,)``) become
+    ``s'`` (a block that has only seen zeros keeps ``s = 0``), each block together with its
+    statistics, so an interruption never leaves a block's statistics and scale apart.
+
+    ``stats[i]`` is either ``(B, n_i, n_i)`` or packed ``(B, n_i (n_i + 1) / 2)`` (upper
+    triangle, see :func:`pack_symmetric`); packed statistics form their Gram products a few
+    blocks at a time (at most :data:`GRAM_CHUNK_BYTES`).
+    """
+    b = x.shape[0]
+    w = ema_weight(beta2)
+    old_max = torch.stack(list(scales)).amax(dim=0)
+    peak = x.reshape(b, -1).abs().amax(dim=1).float()
+    new = torch.maximum(peak, old_max * math.sqrt(beta2))
+    safe = torch.where(new > 0, new, torch.ones_like(new))
+    xs = x / safe.view(b, *([1] * (x.dim() - 1))).to(x.dtype)
+    low = matmul_dtype is not None and matmul_dtype != stats[0].dtype
+    if low:
+        xs = xs.to(matmul_dtype)
+    for i, (s, sc) in enumerate(zip(stats, scales)):
+        ratio = (sc / safe).square_().mul_(beta2)
+        u = xs.transpose(1, 2) if (i == 1 and xs.dim() == 3) else unfold(xs, i)
+        if s.dim() == 2:  # packed
+            n = u.shape[1]
+            step = max(1, GRAM_CHUNK_BYTES // (4 * n * n))
+            for lo in range(0, b, step):
+                hi = min(b, lo + step)
+                gram = torch.bmm(u[lo:hi], u[lo:hi].transpose(1, 2))
+                packed = pack_symmetric(gram).to(s.dtype)
+                s[lo:hi].mul_(ratio[lo:hi, None]).add_(packed, alpha=w)
+                sc[lo:hi].copy_(new[lo:hi])
+            continue
+        if low:
+            gram = torch.bmm(u, u.transpose(1, 2))
+            s.mul_(ratio[:, None, None]).add_(gram, alpha=w)
+        else:
+            s.mul_(ratio[:, None, None]).baddbmm_(u, u.transpose(1, 2), alpha=w)
+        sc.copy_(new)
 
 
 def precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:

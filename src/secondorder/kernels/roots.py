@@ -41,6 +41,7 @@ __all__ = [
     "inverse_pth_root_scalar",
     "inverse_root_newton",
     "power_iteration",
+    "root_workspace_bytes",
 ]
 
 #: accepted values of ``inverse_root(method=...)``
@@ -112,6 +113,24 @@ def inverse_pth_root_scalar(x: Tensor, p: int) -> Tensor:
     y = torch.where(x64 == float("inf"), torch.zeros_like(y), y)
     y = torch.where(x64 < 0, torch.full_like(y, float("nan")), y)
     return y.to(out_dtype)
+
+
+#: peak number of live ``(n, n)`` work matrices per input matrix in :func:`inverse_root`
+#: (eigh: input copy, eigenvectors, LAPACK's copy, scaled vectors, root; Newton: M, H, T,
+#: T^p, M_new, H_new, identity, ridge-added input), besides the input itself
+_WORKSPACE_MATRICES = {"eigh": 5, "newton": 8}
+
+
+def root_workspace_bytes(
+    n: int, method: str, batch: int = 1, dtype: torch.dtype = torch.float32
+) -> int:
+    """Estimated peak workspace of :func:`inverse_root` on ``batch`` matrices of size ``n``.
+
+    A bound used to cut large refreshes into chunks; it counts the ``(n, n)`` temporaries
+    the pipeline keeps alive at once (plus the input), not LAPACK's O(n) vectors.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    return (_WORKSPACE_MATRICES[method] + 1) * batch * n * n * size
 
 
 def _check_p(p: object) -> int:

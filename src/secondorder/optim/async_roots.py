@@ -15,8 +15,10 @@ Timing, counted in optimizer steps (the worker's ``clock`` is the caller's step 
   Training is then reproducible and equal to a synchronous optimizer that installs every
   root ``k`` steps late.
 
-Failures: a job that raises is reported to the caller as the exception (the caller keeps its
-previous roots and counts a failure); counters in :attr:`AsyncRootWorker.counters`.
+Failures: a job that raises is reported to the caller as the exception (Shampoo keeps the
+previous roots, counts a failure per block, warns once per kind of exception with its text,
+and applies ``on_root_failure`` after ``max_consecutive_root_failures`` in a row); counters
+in :attr:`AsyncRootWorker.counters`.
 
 Snapshots (:func:`snapshot`) are copies: on an accelerator, a non-blocking copy to pinned host
 memory plus an event the worker waits on; on the CPU, a clone.

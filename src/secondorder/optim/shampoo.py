@@ -10,9 +10,12 @@ Step ``t`` (1-based, per parameter) does, for every parameter with a gradient:
 2. statistics: for every block and axis ``i``, ``S_i <- beta2 S_i + w G_(i) G_(i)^T``;
 3. roots, every ``precondition_frequency`` steps from ``start_preconditioning_step`` on:
    ``P_i = (S_i / bc + eps * lambda_max I)^(-1/p)``, all due factors of the same size across
-   all parameters solved in one batched call. A root that fails (non-finite, or residual
-   ``>= inverse_failure_threshold``) is not used: the previous root is kept and the failure
-   counted (see :meth:`Shampoo.diagnostics`);
+   all parameters solved in batched calls, in chunks whose solver workspace fits
+   ``root_memory_budget``. A root that fails (non-finite, residual
+   ``>= inverse_failure_threshold``, or the solver raised) is not used: the previous root is
+   kept, the failure counted (see :meth:`Shampoo.diagnostics`) and warned about once per
+   kind; ``on_root_failure`` decides what happens after ``max_consecutive_root_failures``
+   failures in a row of one factor;
 4. momentum ``m <- beta1 m + (1 - beta1) g`` (an EMA, bias-corrected: the Adam convention;
    ``nesterov=True`` uses the NAdam look-ahead ``beta1 m_hat_{t+1} + (1 - beta1) g_hat_t``);
 5. direction: the graft direction ``a`` (e.g. Adam: ``m_hat / (sqrt(v_hat) + graft_eps)``)
@@ -20,6 +23,23 @@ Step ``t`` (1-based, per parameter) does, for every parameter with a gradient:
    block to ``||a||`` (``graft=None``: ``D`` as is). Before ``start_preconditioning_step`` the
    update is ``a``: with ``graft="adam"`` Shampoo is then exactly AdamW;
 6. ``p <- p * (1 - lr * weight_decay)`` (decoupled, the default) and ``p <- p - lr * D``.
+
+Statistics are stored as ``S_i = s^2 * S_hat_i`` with a per-block scale ``s`` that follows
+the gradient's largest entry (:func:`~secondorder.kernels.kron.update_scaled_statistics`):
+``S_hat_i`` stays bounded for any finite gradient, so gradients of 1e20 or 1e-30 neither
+overflow nor underflow float32. The roots are solved on ``S_hat_i`` and scaled back by
+``s^(-2/p)``. With ``packed_statistics=True`` only the upper triangle of each ``S_hat_i``
+is stored.
+
+A step runs in two stages. Stage 1 does everything that can raise (gradient checks, new
+state for new parameters, the graft direction from out-of-place momentum and accumulator)
+and modifies nothing, so an exception leaves parameters and state bit-identical and the
+step can simply be retried. Stage 2 commits (step counters, statistics, roots, moments,
+parameters); a failure there is contained and warned about once per kind: a statistics
+update that raises leaves that gradient out of the statistics, a root solve that raises is
+a rejected root, an update that cannot be preconditioned takes the graft direction. With
+``distributed=True`` the all-gather of the directions is a collective whose failure is not
+contained (a broken process group cannot be recovered from inside a step).
 
 Shapes: size-1 dims are dropped and adjacent dims merged while their product stays
 ``<= block_size`` (a conv kernel (64, 32, 3, 3) becomes (64, 288)); dims larger than
@@ -39,7 +59,10 @@ computes its direction in steps 2-5; the directions are all-gathered before step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,12 +92,21 @@ from ..kernels.grafting import (
     graft_rescale,
     update_second_moment,
 )
-from ..kernels.roots import RootResult, inverse_root
-from .async_roots import AsyncRootWorker, snapshot
+from ..kernels.roots import RootResult, inverse_root, root_workspace_bytes
+from .async_roots import AsyncRootWorker, Snapshot, snapshot
 from .base import SecondOrderOptimizer
 
 ROOT_METHODS = ("auto", "newton", "eigh")
 MATMUL_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+ROOT_FAILURE_POLICIES = ("warn", "graft", "raise")
+#: default ``root_memory_budget``: bytes of solver workspace alive at once during a refresh
+DEFAULT_ROOT_MEMORY_BUDGET = 256 * 2**20
+
+
+class RootFailureError(RuntimeError):
+    """Raised (with ``on_root_failure="raise"``) once a factor's roots failed
+    ``max_consecutive_root_failures`` times in a row. The step that raises has been applied
+    completely (with the previous roots); the optimizer stays usable."""
 
 
 @dataclass
@@ -88,6 +120,31 @@ class _DueFactor:
     exponent: int
     key: int = -1  # index of the parameter over all param groups
     group: dict[str, Any] | None = None  # its param group (root settings)
+    scale: torch.Tensor | None = None  # (B,) statistics scale: true statistics = scale^2 * matrix
+    bc: float = 1.0  # bias correction: the root is of ``scale^2 * matrix / bc``
+
+    @property
+    def size(self) -> int:
+        """``n`` of the factor's ``n x n`` matrices (``matrix`` may be packed)."""
+        m = self.matrix.shape[-1]
+        return m if self.matrix.dim() == 3 else kron.packed_dim(m)
+
+
+@dataclass
+class _Item:
+    """One parameter's share of a step, prepared before anything is modified."""
+
+    group: dict[str, Any]
+    p: torch.Tensor
+    g: torch.Tensor
+    state: dict[str, Any]
+    fresh: bool  # its state is new: installed in self.state when the step commits
+    plan: BlockPlan | None
+    t: int
+    key: int
+    a: torch.Tensor | None  # graft direction, set while stage 2 preconditions this tensor
+    due: bool = False
+    new: dict[str, Any] = field(default_factory=dict)  # state entries created by this step
 
 
 class _Runtime:
@@ -100,6 +157,13 @@ class _Runtime:
         self.comm: Communicator | None = None
         self.layout: BlockLayout | None = None  # None: every block is local
         self.worker: AsyncRootWorker | None = None
+        self.warned: set[tuple[str, ...]] = set()  # kinds of failure already warned about
+        self.peak_root_bytes = 0  # largest solver workspace of one chunk (estimate)
+        self.last_root_bytes = 0
+        self.root_chunks = 0
+        self.escalations: list[tuple[str, int, int]] = []
+        self.failure_counts: dict[str, int] = {}  # contained failures by kind
+        self.loading_shard = False  # load_state_dict of a distributed_shard is in progress
 
 
 class Shampoo(SecondOrderOptimizer):
@@ -133,6 +197,17 @@ class Shampoo(SecondOrderOptimizer):
         decoupled_weight_decay: see ``weight_decay``.
         precondition_1d: also precondition 1-d tensors (one factor) instead of graft-only.
         inverse_failure_threshold: a root whose residual is at least this is rejected.
+        packed_statistics: store each factor's statistics as its upper triangle
+            (``n (n + 1) / 2`` numbers instead of ``n^2``: about half the statistics'
+            memory, identical values). Each step then forms the Gram products a few blocks
+            at a time and packs them; a refresh unpacks one chunk at a time.
+        max_consecutive_root_failures: after this many consecutive failed root computations
+            of the same factor (rejected roots or solver exceptions; >= 1) apply
+            ``on_root_failure``. Every kind of failure is also warned about once.
+        on_root_failure: ``"warn"`` (default: warn once and go on with the last good root),
+            ``"graft"`` (the blocks of such a factor take the graft direction until one of
+            its roots succeeds again) or ``"raise"`` (raise :class:`RootFailureError` at the
+            end of the step, which has been applied completely).
         nonfinite: ``"skip"`` or ``"raise"`` for steps with NaN/Inf gradients (see base).
         async_roots: compute the roots in a background thread pool from a snapshot of the
             statistics (a pinned host copy on accelerators; roots are then solved on the
@@ -157,6 +232,18 @@ class Shampoo(SecondOrderOptimizer):
         process_group: the group for ``distributed`` (``None``: the default group).
         communication_dtype: dtype of the all-gathered directions: ``torch.float32``
             (default, exact) or ``torch.bfloat16`` (half the traffic).
+        root_memory_budget: bytes of solver workspace allowed at once while roots are
+            refreshed (>= 1; default 256 MiB). Due factors are solved in chunks whose
+            estimated workspace fits (at least one matrix per chunk); peaks are reported by
+            :meth:`memory_diagnostics`. ``None``: one chunk per bucket (fastest, unbounded).
+
+    Failures never leave a half-done step: everything that can raise (gradient checks, new
+    state, the graft direction) runs before anything is modified; after that point failures
+    are contained and warned about once per kind (a root solve that raises is a rejected
+    root; a failed statistics update skips that update; a failed preconditioning takes the
+    graft direction), so a step either happens or leaves parameters and state untouched.
+    Statistics are kept as ``scale^2 * S_hat`` with a per-block scale, so huge but finite
+    gradients cannot overflow them (see :meth:`diagnostics`).
     """
 
     _param_shaped_keys = ("exp_avg", "graft_v")
@@ -183,6 +270,9 @@ class Shampoo(SecondOrderOptimizer):
         decoupled_weight_decay: bool = True,
         precondition_1d: bool = False,
         inverse_failure_threshold: float = 0.1,
+        packed_statistics: bool = False,
+        max_consecutive_root_failures: int = 10,
+        on_root_failure: str = "warn",
         nonfinite: str = "skip",
         async_roots: bool = False,
         async_staleness: int | None = None,
@@ -191,7 +281,11 @@ class Shampoo(SecondOrderOptimizer):
         distributed: bool = False,
         process_group: Any = None,
         communication_dtype: torch.dtype = torch.float32,
+        root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
     ) -> None:
+        if root_memory_budget is not None:
+            check_int("root_memory_budget", root_memory_budget, low=1)
+        self.root_memory_budget = root_memory_budget
         self.async_roots = check_bool("async_roots", async_roots)
         if async_staleness is not None:
             check_int("async_staleness", async_staleness, low=1)
@@ -224,6 +318,9 @@ class Shampoo(SecondOrderOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             precondition_1d=precondition_1d,
             inverse_failure_threshold=inverse_failure_threshold,
+            packed_statistics=packed_statistics,
+            max_consecutive_root_failures=max_consecutive_root_failures,
+            on_root_failure=on_root_failure,
         )
         self._plans: dict[tuple[Any, ...], BlockPlan] = {}
         super().__init__(params, defaults, nonfinite=nonfinite)
@@ -246,6 +343,9 @@ class Shampoo(SecondOrderOptimizer):
         check_float(
             "inverse_failure_threshold", group["inverse_failure_threshold"], low=0.0, low_open=True
         )
+        check_bool("packed_statistics", group["packed_statistics"])
+        check_int("max_consecutive_root_failures", group["max_consecutive_root_failures"], low=1)
+        check_choice("on_root_failure", group["on_root_failure"], ROOT_FAILURE_POLICIES)
 
     # ------------------------------------------------------------------- shapes
     def _plan(self, p: torch.Tensor, group: dict[str, Any]) -> BlockPlan | None:
@@ -277,7 +377,13 @@ class Shampoo(SecondOrderOptimizer):
 
     # -------------------------------------------------------------------- state
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = self.state[p]
+        """A new state for ``p`` (not installed in ``self.state``).
+
+        ``stats`` hold ``S_hat = S / scale^2`` with ``stat_scale`` the per-block scale
+        (``0`` until the first nonzero gradient); ``lambda_max`` is in true units (float64,
+        finite for any finite gradient); ``root_streak`` counts consecutive failed roots.
+        """
+        state: dict[str, Any] = {}
         plan = self._plan(p, group)
         state["step"] = torch.tensor(0.0)
         f32 = dict(dtype=torch.float32, device=p.device)
@@ -287,17 +393,27 @@ class Shampoo(SecondOrderOptimizer):
             state["graft_v"] = torch.zeros(p.shape, **f32)
         if plan is not None:
             shapes = list(zip(plan.block_shapes, plan.counts))
-            state["stats"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
+            if group["packed_statistics"]:
+                state["stats"] = [
+                    [torch.zeros(c, kron.packed_size(n), **f32) for n in bs] for bs, c in shapes
+                ]
+            else:
+                state["stats"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
             # Roots are only ever used in the per-step matmuls: keep them in that dtype.
             rdt = dict(dtype=group["matmul_dtype"] or torch.float32, device=p.device)
             state["roots"] = [
                 [torch.eye(n, **rdt).expand(c, n, n).clone() for n in bs] for bs, c in shapes
             ]
             state["root_error"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
-            state["lambda_max"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
+            f64 = dict(dtype=torch.float64, device=p.device)
+            state["lambda_max"] = [[torch.zeros(c, **f64) for _ in bs] for bs, c in shapes]
             state["root_failures"] = [
                 [torch.zeros(c, dtype=torch.int64, device=p.device) for _ in bs] for bs, c in shapes
             ]
+            state["root_streak"] = [
+                [torch.zeros(c, dtype=torch.int64, device=p.device) for _ in bs] for bs, c in shapes
+            ]
+            state["stat_scale"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
         return state
 
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
@@ -317,17 +433,23 @@ class Shampoo(SecondOrderOptimizer):
             )
         if plan is None:
             return
-        expected = (
-            None
-            if plan is None
-            else [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, plan.counts)]
-        )
+        counts = plan.counts
+        rt = self._rt
+        if rt.loading_shard and rt.layout is not None:  # a rank's shard: its own blocks only
+            key = rt.keys[id(p)]
+            counts = [len(rt.layout.owned(key, c)) for c in range(len(counts))]
+        if group["packed_statistics"]:
+            expected = [
+                [(c, kron.packed_size(n)) for n in bs] for bs, c in zip(plan.block_shapes, counts)
+            ]
+        else:
+            expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, counts)]
         got = [[tuple(s.shape) for s in cls] for cls in st["stats"]]
         if expected != got:
             raise ValueError(
                 f"Shampoo state for a parameter of shape {tuple(p.shape)} has statistics of "
                 f"shapes {got}, expected {expected}: the state dict does not match these "
-                "parameters or this block_size"
+                "parameters or this block_size / packed_statistics"
             )
 
     # ----------------------------------------------------------------- runtime
@@ -371,59 +493,146 @@ class Shampoo(SecondOrderOptimizer):
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         rt = self._runtime()
         layout = rt.layout
+        # Stage 1: everything that can raise. Nothing persistent is modified before it ends.
+        items = [self._prepare(rt, group, p) for group, params in work for p in params]
+        # Stage 2: commit. From here on failures are contained (warned once, counted): the
+        # step completes with the failed part degraded (see the class docstring).
         self._clock += 1
+        for it in items:
+            if it.fresh:
+                self.state[it.p] = it.state
+            it.state.update(it.new)
+            it.state["step"] += 1
+            if it.plan is not None:
+                self._accumulate(it, layout)
         if rt.worker is not None and len(rt.worker):
-            self._install(rt.worker.collect(self._clock))
-        items = []
+            with self._contained("install", "finished async roots were not installed"):
+                self._install(rt.worker.collect(self._clock))
         due: list[_DueFactor] = []
         first: list[_DueFactor] = []  # async: a tensor's first roots are computed now
-        for group, params in work:
-            beta2 = group["betas"][1]
-            start = self._start(group)
-            freq = group["precondition_frequency"]
-            for p in params:
-                key = rt.keys[id(p)]
-                if not self.state[p]:
-                    self._init_state(p, group)
-                    if layout is not None:
-                        self.state[p] = localize_state(self.state[p], layout, key)
-                state = self.state[p]
-                state["step"] += 1
-                t = int(state["step"].item())
-                g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
-                wd = group["weight_decay"]
-                if wd != 0 and not group["decoupled_weight_decay"]:
-                    g = g.add(p.float() if p.dtype != torch.float32 else p, alpha=wd)
-                plan = self._plan(p, group)
-                if plan is not None:
-                    blocks = plan.split(g)
-                    for c, (stack, stats) in enumerate(zip(blocks, state["stats"])):
-                        if layout is not None:
-                            stack = layout.local(key, c, stack)
-                        if stack.shape[0]:
-                            kron.update_statistics(stats, stack, beta2, group["matmul_dtype"])
-                    if t >= start and (t - start) % freq == 0:
-                        factors = self._due_factors(state, plan, group, t, key)
-                        (due if self.async_roots and t > start else first).extend(factors)
-                items.append((group, p, g, state, plan, t, key))
+        for it in items:
+            if it.due:
+                with self._contained("roots", "a tensor's roots were not refreshed this step"):
+                    factors = self._due_factors(it.state, it.plan, it.group, it.t, it.key)
+                    late = self.async_roots and it.t > self._start(it.group)
+                    (due if late else first).extend(factors)
         if first:
             self._refresh_roots(first)
         if due:
-            self._submit_roots(due)
-        directions = [self._direction(*item, layout) for item in items]
-        if layout is not None:
+            with self._contained("async-submit", "this step's async root job was not started"):
+                self._submit_roots(due)
+        directions = []
+        for it in items:
+            d = self._direction(it, layout)
+            if layout is None:  # apply at once: no direction is held longer than needed
+                self._apply_direction(it.group, it.p, d)
+            else:
+                directions.append(d)
+        if layout is not None:  # a collective: a failure here is not contained
             exchange = [
-                (key, c, d, plan.counts[c])
-                for (_, _, _, _, plan, _, key), ds in zip(items, directions)
+                (it.key, c, d, it.plan.counts[c])
+                for it, ds in zip(items, directions)
                 if isinstance(ds, list)
                 for c, d in enumerate(ds)
             ]
             full = iter(rt.comm.exchange(layout, exchange))
             directions = [
-                [next(full) for _ in ds] if isinstance(ds, list) else ds for ds in directions
+                it.plan.merge([next(full) for _ in ds]) if isinstance(ds, list) else ds
+                for it, ds in zip(items, directions)
             ]
-        for (group, p, _, _, plan, _, _), d in zip(items, directions):
-            self._apply_direction(group, p, plan.merge(d) if isinstance(d, list) else d)
+            for it, d in zip(items, directions):
+                self._apply_direction(it.group, it.p, d)
+        self._escalate()
+
+    @contextmanager
+    def _contained(self, kind: str, consequence: str) -> Iterator[None]:
+        """Catch an exception after the commit point: warn once per kind, count, go on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - contained: the step must complete
+            self._warn_once(
+                (kind, type(e).__name__),
+                f"Shampoo: {type(e).__name__}: {e} ({kind}); {consequence}. The step itself "
+                "was applied.",
+            )
+
+    def _prepare(self, rt: _Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
+        """Stage 1 for one parameter: gradient, new state, graft direction. Modifies nothing.
+
+        Momentum, graft accumulator and graft direction are computed out of place here (so
+        that whatever raises, raises before the commit) and again, in place, at commit with
+        the same operations; nothing parameter-sized is kept between the two stages.
+        """
+        key = rt.keys[id(p)]
+        state = self.state[p]
+        fresh = not state
+        if fresh:
+            state = self._init_state(p, group)
+            if rt.layout is not None:
+                state = localize_state(state, rt.layout, key)
+        t = int(state["step"].item()) + 1
+        g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
+        wd = group["weight_decay"]
+        if wd != 0 and not group["decoupled_weight_decay"]:
+            g = g.add(p.float() if p.dtype != torch.float32 else p, alpha=wd)
+        plan = self._plan(p, group)
+        start, freq = self._start(group), group["precondition_frequency"]
+        preconditioned = plan is not None and t >= start
+        kind = self._graft_kind(group, preconditioned)
+        beta1, beta2 = group["betas"]
+        new: dict[str, Any] = {}
+        # Created lazily too, so that momentum (or a stateful graft) can be switched on mid-run.
+        if beta1 > 0 and "exp_avg" not in state:
+            new["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if kind in GRAFTS_WITH_STATE and "graft_v" not in state:
+            new["graft_v"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if kind is not None:
+            m = new.get("exp_avg", state.get("exp_avg"))
+            mhat = self._momentum_hat(group, torch.lerp(m, g, 1.0 - beta1), g, t) if beta1 else g
+            v = new.get("graft_v", state.get("graft_v"))
+            if v is not None:
+                v = v.clone()
+                update_second_moment(kind, v, g, beta2)
+            graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
+            del mhat, v
+        if plan is not None:
+            plan.split(g)  # shape checks before anything is modified
+        due = plan is not None and t >= start and (t - start) % freq == 0
+        return _Item(group, p, g, state, fresh, plan, t, key, None, due, new=new)
+
+    @staticmethod
+    def _momentum_hat(group: dict[str, Any], m: torch.Tensor, g: torch.Tensor, t: int):
+        """Bias-corrected momentum (Nesterov look-ahead with ``nesterov``) from the new EMA."""
+        beta1 = group["betas"][0]
+        if group["nesterov"]:
+            mhat = m * (beta1 / bias_correction(beta1, t + 1))
+            return mhat.add_(g, alpha=(1.0 - beta1) / bias_correction(beta1, t))
+        return m / bias_correction(beta1, t)
+
+    def _accumulate(self, it: _Item, layout: BlockLayout | None) -> None:
+        """Add the gradient to the (scaled) statistics; a failure skips this update, warned."""
+        state = it.state
+        scales = state.get("stat_scale")
+        if scales is None:  # checkpoint from before scaled statistics: scale 1 is exact
+            scales = state["stat_scale"] = [
+                [torch.ones(s.shape[0], dtype=torch.float32, device=s.device) for s in cls]
+                for cls in state["stats"]
+            ]
+        try:
+            for c, (stack, stats) in enumerate(zip(it.plan.split(it.g), state["stats"])):
+                if layout is not None:
+                    stack = layout.local(it.key, c, stack)
+                if stack.shape[0]:
+                    kron.update_scaled_statistics(
+                        stats, scales[c], stack, it.group["betas"][1], it.group["matmul_dtype"]
+                    )
+        except Exception as e:  # noqa: BLE001 - contained: the step must complete
+            self._warn_once(
+                ("statistics", type(e).__name__),
+                f"Shampoo: the statistics update raised {type(e).__name__}: {e}. This step's "
+                "gradient was left out of the statistics of the affected tensor (the step "
+                "itself was applied).",
+            )
 
     def _due_factors(
         self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int, key: int = -1
@@ -435,18 +644,14 @@ class Shampoo(SecondOrderOptimizer):
             exponent = group["exponent_override"] or 2 * order
             for i, s in enumerate(stats):
                 if s.shape[0]:  # distributed: classes without local blocks have nothing due
-                    m = s / bc if bc != 1.0 else s
-                    out.append(_DueFactor(state, c, i, m, exponent, key, group))
+                    scale = state["stat_scale"][c][i].clone()
+                    out.append(_DueFactor(state, c, i, s, exponent, key, group, scale, bc))
         return out
 
     def _root_buckets(
         self, due: list[_DueFactor]
-    ) -> list[tuple[tuple[Any, ...], list[_DueFactor], torch.Tensor]]:
-        """Group due factors of equal size, exponent and settings (one batched solve each).
-
-        Returns ``(spec, factors, stacked)`` per bucket, ``stacked`` the factors' statistics
-        concatenated into one ``(B, n, n)`` batch.
-        """
+    ) -> list[tuple[tuple[Any, ...], list[_DueFactor]]]:
+        """Group due factors of equal size, exponent and settings (one batched solve each)."""
         buckets: dict[tuple[Any, ...], list[_DueFactor]] = {}
         for f in due:
             group = f.group
@@ -456,7 +661,7 @@ class Shampoo(SecondOrderOptimizer):
                 on_host = f.matrix.device.type == "cpu" or self.async_roots
                 method = "eigh" if on_host else "newton"
             key = (
-                f.matrix.shape[-1],
+                f.size,
                 f.exponent,
                 f.matrix.device,
                 method,
@@ -464,118 +669,250 @@ class Shampoo(SecondOrderOptimizer):
                 group["inverse_failure_threshold"],
             )
             buckets.setdefault(key, []).append(f)
-        return [
-            (spec, fs, torch.cat([f.matrix for f in fs]) if len(fs) > 1 else fs[0].matrix)
-            for spec, fs in buckets.items()
-        ]
+        return list(buckets.items())
+
+    def _chunk_rows(self, spec: tuple[Any, ...]) -> int | None:
+        """Matrices per solver call under ``root_memory_budget`` (None: unbounded)."""
+        if self.root_memory_budget is None:
+            return None
+        n, method = spec[0], spec[3]
+        return max(1, self.root_memory_budget // root_workspace_bytes(n, method))
 
     def _refresh_roots(self, due: list[_DueFactor]) -> None:
-        """Compute all due roots now, batching factors of equal size, exponent and settings."""
-        for spec, factors, stacked in self._root_buckets(due):
-            self._store_results(factors, _solve_bucket(spec[1:], stacked))
+        """Compute all due roots now, batching factors of equal size, exponent and settings.
+
+        Each bucket is solved in chunks that fit ``root_memory_budget``; a chunk's
+        workspace is freed before the next one starts. A solver exception rejects the
+        chunk's roots (previous roots kept, warned once, counted) instead of propagating.
+        """
+        rt = self._rt
+        for spec, factors in self._root_buckets(due):
+            rows = self._chunk_rows(spec)
+            for pieces in _chunks(factors, rows):
+                rows_here = sum(hi - lo for _, lo, hi in pieces)
+                ws = root_workspace_bytes(spec[0], spec[3], rows_here)
+                rt.peak_root_bytes = max(rt.peak_root_bytes, ws)
+                rt.last_root_bytes = ws
+                rt.root_chunks += 1
+                try:
+                    stacked = _stack_pieces(pieces)
+                    scale = torch.cat([f.scale[lo:hi] for f, lo, hi in pieces])
+                    res = _solve_bucket(spec[1:], stacked, scale)
+                    del stacked
+                except Exception as e:  # noqa: BLE001 - contained: a rejected root
+                    self._warn_once(
+                        ("root-exception", type(e).__name__),
+                        f"Shampoo: a root computation raised {type(e).__name__}: {e}. The "
+                        "affected factors keep their previous roots (counted as failures).",
+                    )
+                    res = None
+                with self._contained("roots", "new roots were not stored"):
+                    self._store_pieces(pieces, res)
 
     def _submit_roots(self, due: list[_DueFactor]) -> None:
         """Snapshot the due statistics and hand them to the root worker (async_roots)."""
         payload, meta = [], []
-        for spec, factors, stacked in self._root_buckets(due):
-            payload.append((spec[1:], snapshot(stacked)))
+        for spec, factors in self._root_buckets(due):
+            pieces = [(f, 0, f.matrix.shape[0]) for f in factors]
+            stacked = _stack_pieces(pieces)  # a fresh copy: the live statistics go on changing
+            scale = torch.cat([f.scale for f in factors])
+            snap = Snapshot(stacked) if stacked.device.type == "cpu" else snapshot(stacked)
+            payload.append((spec[1:], snap, scale.cpu(), self._chunk_rows(spec)))
             meta.append([(f.key, f.cls, f.axis, f.matrix.shape[0]) for f in factors])
         self._rt.worker.submit(self._clock, _solve_snapshots, payload, meta=meta)
 
     def _store_results(self, factors: list[_DueFactor], res: Any) -> None:
-        sizes = [f.matrix.shape[0] for f in factors]
-        for f, root, err, lam, ok in zip(
-            factors,
-            res.root.split(sizes),
-            res.error.split(sizes),
-            res.lambda_max.split(sizes),
-            res.ok.split(sizes),
-        ):
-            self._store_root(f.state, f.cls, f.axis, root, err, lam, ok)
+        self._store_pieces([(f, 0, f.matrix.shape[0]) for f in factors], res)
+
+    def _store_pieces(self, pieces: list[tuple[_DueFactor, int, int]], res: Any) -> None:
+        """Install a solved chunk; ``res=None`` (the solver raised) rejects all its roots."""
+        offset = 0
+        for f, lo, hi in pieces:
+            n = hi - lo
+            if res is None:
+                ok = torch.zeros(n, dtype=torch.bool, device=f.matrix.device)
+                self._store_root(f.state, f.cls, f.axis, None, None, None, ok, lo, hi, f.group)
+            else:
+                part = [x[offset : offset + n] for x in res]
+                self._store_root(f.state, f.cls, f.axis, *part, lo, hi, f.group)
+            offset += n
 
     def _install(self, finished: list[tuple[Any, Any]]) -> None:
         """Install finished root jobs; a job that raised counts a failure for its blocks."""
         params = self._rt.params
         for meta, result in finished:
             failed = isinstance(result, BaseException)
+            if failed:
+                self._warn_once(
+                    ("async-exception", type(result).__name__),
+                    f"Shampoo: an async root job raised {type(result).__name__}: {result}. "
+                    "The affected factors keep their previous roots (counted as failures).",
+                )
             for b, bucket in enumerate(meta):
                 if failed:
-                    for key, c, i, _ in bucket:
+                    for key, c, i, n in bucket:
                         st = self.state[params[key]]
-                        st["root_failures"][c][i].add_(1)
-                        st["root_error"][c][i].fill_(float("inf"))
+                        device = st["roots"][c][i].device
+                        ok = torch.zeros(n, dtype=torch.bool, device=device)
+                        group = self._group_of(params[key])
+                        self._store_root(st, c, i, None, None, None, ok, 0, n, group)
                     continue
                 res = result[b]
                 device = self.state[params[bucket[0][0]]]["roots"][bucket[0][1]][0].device
                 res = type(res)(*(x.to(device, non_blocking=True) for x in res))
-                factors = [
-                    _DueFactor(self.state[params[key]], c, i, res.root[:n], 0, key)
-                    for key, c, i, n in bucket
-                ]
-                self._store_results(factors, res)
+                offset = 0
+                for key, c, i, n in bucket:
+                    st = self.state[params[key]]
+                    part = [x[offset : offset + n] for x in res]
+                    offset += n
+                    self._store_root(st, c, i, *part, 0, n, self._group_of(params[key]))
 
-    @staticmethod
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
     def _store_root(
+        self,
         state: dict[str, Any],
         cls: int,
         axis: int,
-        root: torch.Tensor,
-        err: torch.Tensor,
-        lam: torch.Tensor,
+        root: torch.Tensor | None,
+        err: torch.Tensor | None,
+        lam: torch.Tensor | None,
         ok: torch.Tensor,
+        lo: int = 0,
+        hi: int | None = None,
+        group: dict[str, Any] | None = None,
     ) -> None:
-        """Swap in new roots where ``ok``; elsewhere keep the old ones and count a failure."""
-        old = state["roots"][cls][axis]
-        old.copy_(torch.where(ok[:, None, None], root.to(old.dtype), old))
-        state["root_error"][cls][axis].copy_(err.float())
-        state["lambda_max"][cls][axis].copy_(lam.float())
-        state["root_failures"][cls][axis].add_((~ok).long())
+        """Swap in new roots of blocks ``lo:hi`` where ``ok``; elsewhere keep the old ones,
+        count a failure, and warn once per kind of failure (one host read per call)."""
+        sl = slice(lo, hi)
+        old = state["roots"][cls][axis][sl]
+        if root is not None:
+            finite_root = torch.isfinite(root).flatten(1).all(1)
+            ok = ok & finite_root
+            old.copy_(torch.where(ok[:, None, None], root.to(old.dtype), old))
+            state["root_error"][cls][axis][sl].copy_(err.float())
+            lam_old = state["lambda_max"][cls][axis][sl]
+            lam = lam.to(lam_old.dtype)
+            lam_old.copy_(torch.where(torch.isfinite(lam), lam, lam_old))
+        else:
+            state["root_error"][cls][axis][sl].fill_(float("inf"))
+        state["root_failures"][cls][axis][sl].add_((~ok).long())
+        streaks = state.get("root_streak")
+        if streaks is None:  # checkpoint from before streaks were kept
+            streaks = state["root_streak"] = [
+                [torch.zeros_like(f) for f in cls_] for cls_ in state["root_failures"]
+            ]
+        streak = streaks[cls][axis][sl]
+        streak.copy_(torch.where(ok, torch.zeros_like(streak), streak + 1))
+        if bool(ok.all()):
+            return
+        if root is not None:  # (a solver exception was warned about where it was caught)
+            if not bool(finite_root.all()):
+                kind, why = "non-finite", "is not finite"
+            else:
+                kind = "residual"
+                threshold = group["inverse_failure_threshold"] if group else "?"
+                why = (
+                    f"has a residual of {err.float().max().item():.3g} >= "
+                    f"inverse_failure_threshold ({threshold})"
+                )
+            self._warn_once(
+                ("root-rejected", kind),
+                f"Shampoo: a computed inverse root {why}; it was rejected and the previous "
+                "root kept (counted in diagnostics()['failures']).",
+            )
+        if group is not None:
+            limit = group["max_consecutive_root_failures"]
+            worst = int(streak.max().item())
+            if worst >= limit:
+                self._rt.escalations.append((group["on_root_failure"], worst, limit))
+
+    def _escalate(self) -> None:
+        """Act on factors whose roots failed ``max_consecutive_root_failures`` times in a row."""
+        rt = self._rt
+        if not rt.escalations:
+            return
+        found, rt.escalations = rt.escalations, []
+        for policy, worst, limit in found:
+            msg = (
+                f"Shampoo: a factor's inverse root failed {worst} times in a row "
+                f"(max_consecutive_root_failures={limit}); "
+            )
+            if policy == "raise":
+                raise RootFailureError(
+                    msg + "on_root_failure='raise'. The step was applied completely (with the "
+                    "previous roots). Set on_root_failure='warn' or 'graft' to train on."
+                )
+            what = (
+                "its blocks now take the graft direction until a root succeeds"
+                if policy == "graft"
+                else "training goes on with its last good root"
+            )
+            self._warn_once(("escalation", policy), msg + what + f" (on_root_failure={policy!r}).")
+
+    def _warn_once(self, kind: tuple[str, ...], message: str) -> None:
+        rt = self._rt
+        if kind not in rt.warned:
+            rt.warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+        rt.failure_counts[kind[0]] = rt.failure_counts.get(kind[0], 0) + 1
 
     def _direction(
-        self,
-        group: dict[str, Any],
-        p: torch.Tensor,
-        g: torch.Tensor,
-        state: dict[str, Any],
-        plan: BlockPlan | None,
-        t: int,
-        key: int,
-        layout: BlockLayout | None,
+        self, it: _Item, layout: BlockLayout | None
     ) -> torch.Tensor | list[torch.Tensor]:
-        """Momentum, graft and preconditioning: the update direction of ``p``.
+        """Commit momentum and graft accumulator; return the update direction of ``it.p``.
 
         Returns a tensor of ``p``'s shape or, for a preconditioned tensor, the block stacks of
         the direction (one per size class; only the rank's own blocks when distributed).
+        A preconditioning failure falls back to the graft direction (warned once).
         """
+        group, state, g, plan, t = it.group, it.state, it.g, it.plan, it.t
         beta1, beta2 = group["betas"]
         preconditioned = plan is not None and t >= self._start(group)
         kind = self._graft_kind(group, preconditioned)
-
-        # Momentum (EMA of the gradient, bias-corrected). Created lazily too, so that momentum
-        # can be switched on mid-run (e.g. by a scheduler cycling beta1).
-        if beta1 > 0:
-            m = state.get("exp_avg")
-            if m is None:
-                m = state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            m.lerp_(g, 1.0 - beta1)
-            if group["nesterov"]:
-                mhat = m * (beta1 / bias_correction(beta1, t + 1))
-                mhat.add_(g, alpha=(1.0 - beta1) / bias_correction(beta1, t))
+        try:
+            if beta1 > 0:
+                m = state["exp_avg"]
+                m.lerp_(g, 1.0 - beta1)
+                mhat = self._momentum_hat(group, m, g, t)
             else:
-                mhat = m / bias_correction(beta1, t)
-        else:
-            mhat = g
+                mhat = g
+            v = state.get("graft_v")
+            if v is not None and kind is not None:
+                update_second_moment(kind, v, g, beta2)
+            a = (
+                None
+                if kind is None
+                else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
+            )
+            if not preconditioned:
+                return a
+            it.a = a
+            d = self._precondition(it, mhat, kind, layout)
+            it.a = None
+            return d if layout is not None else plan.merge(d)
+        except Exception as e:  # noqa: BLE001 - contained: the graft direction is used
+            self._warn_once(
+                ("direction", type(e).__name__),
+                f"Shampoo: computing a tensor's update raised {type(e).__name__}: {e}. It took "
+                "the graft direction for this step (the step itself was applied).",
+            )
+            fallback, it.a = it.a, None
+            if fallback is None and kind is None:  # no graft: the momentum, or the gradient
+                fallback = state["exp_avg"] if beta1 > 0 else g
+            elif fallback is None:  # the graft direction itself failed: no update this step
+                fallback = torch.zeros(it.p.shape, dtype=torch.float32, device=it.p.device)
+            if layout is None or not preconditioned:
+                return fallback
+            return [layout.local(it.key, c, x).float() for c, x in enumerate(plan.split(fallback))]
 
-        v = state.get("graft_v")
-        if v is None and kind in GRAFTS_WITH_STATE:  # graft changed to a stateful one
-            v = state["graft_v"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if v is not None and kind is not None:
-            update_second_moment(kind, v, g, beta2)
-        a = None if kind is None else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
-
-        if not preconditioned:
-            return a
-        a_blocks = plan.split(a) if kind is not None else None
+    def _precondition(
+        self, it: _Item, mhat: torch.Tensor, kind: str | None, layout: BlockLayout | None
+    ) -> list[torch.Tensor]:
+        group, state, plan, key = it.group, it.state, it.plan, it.key
+        a_blocks = plan.split(it.a) if kind is not None else None
+        graft_failed = group["on_root_failure"] == "graft" and "root_streak" in state
         d_blocks = []
         for c, (x, roots) in enumerate(zip(plan.split(mhat), state["roots"])):
             if layout is not None:
@@ -584,9 +921,15 @@ class Shampoo(SecondOrderOptimizer):
                 d_blocks.append(torch.zeros(x.shape, dtype=torch.float32, device=x.device))
                 continue
             d = kron.precondition(x, roots).float()
+            ab = None
             if kind is not None:
                 ab = a_blocks[c] if layout is None else layout.local(key, c, a_blocks[c])
                 graft_rescale(d, ab)
+            if graft_failed:  # blocks whose roots keep failing take the graft direction
+                limit = group["max_consecutive_root_failures"]
+                bad = torch.stack([s >= limit for s in state["root_streak"][c]]).any(0)
+                fallback = ab if ab is not None else x.float()
+                d = torch.where(bad.view(-1, *([1] * (d.dim() - 1))), fallback, d)
             d_blocks.append(d)
         return d_blocks
 
@@ -599,29 +942,51 @@ class Shampoo(SecondOrderOptimizer):
 
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
-        """The state dict, in the same format for single-process and distributed runs.
+        """The state dict. Never a collective: safe to call on one rank only.
 
-        Distributed: per-block state is gathered from all ranks (a collective: call it on
-        every rank), so every rank returns the full single-process state dict. With
+        Single process (or one rank): the full state. With ``distributed=True`` on several
+        ranks every rank holds only its own blocks' statistics and roots, and that is what it
+        returns: a *shard*, marked by ``"distributed_shard": {"rank", "world_size"}``, which
+        loads back on the same rank of a run with the same world size and settings. So
+        ``if rank == 0: torch.save(opt.state_dict(), path)`` never blocks the other ranks
+        (but saves only rank 0's shard); for one file holding everything, in the
+        single-process format, call :meth:`full_state_dict` on every rank. With
         ``async_roots`` the pending root jobs are waited for (not installed) and saved under
         ``"async_roots"`` with the step counter, so that a loaded optimizer installs them at
         the same step as the original would have.
         """
+        return self._state_dict(gather=False)
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The complete state in the single-process format, gathered from every rank.
+
+        A collective with ``distributed=True`` on several ranks: call it on **every** rank
+        (each gets the same dict), e.g. ``sd = opt.full_state_dict(); if rank == 0:
+        torch.save(sd, path)``. It loads into single-process and distributed runs of any
+        world size. Without a process group it equals :meth:`state_dict`.
+        """
+        return self._state_dict(gather=True)
+
+    def _state_dict(self, gather: bool) -> dict[str, Any]:
         sd = super().state_dict()
         rt = self._runtime()
-        if rt.layout is not None:
+        if rt.layout is not None and gather:
             blocked = {
                 k: st
                 for k, st in sd["state"].items()
                 if any(is_block_state(v) for v in st.values())
             }
             sd["state"] = {**sd["state"], **rt.comm.gather_state(rt.layout, blocked)}
+        elif rt.layout is not None:
+            sd["distributed_shard"] = dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
         if self.async_roots:
-            sd["async_roots"] = dict(clock=self._clock, pending=self._pending_records(rt))
+            pending = self._pending_records(rt, gather)
+            sd["async_roots"] = dict(clock=self._clock, pending=pending)
         return sd
 
-    def _pending_records(self, rt: _Runtime) -> list[dict[str, Any]]:
-        """Pending root jobs, one record per factor, with full (all-rank) block stacks."""
+    def _pending_records(self, rt: _Runtime, gather: bool = True) -> list[dict[str, Any]]:
+        """Pending root jobs, one record per factor, with full (all-rank) block stacks
+        (``gather``, a collective when distributed) or this rank's blocks only."""
         records = []
         for step, meta, result in rt.worker.pending() if rt.worker is not None else []:
             for b, bucket in enumerate(meta):
@@ -643,7 +1008,7 @@ class Shampoo(SecondOrderOptimizer):
                     offset += n
                     blocks = list(range(n)) if rt.layout is None else rt.layout.owned(key, c)
                     records.append(dict(step=step, param=key, cls=c, axis=i, blocks=blocks, **part))
-        if rt.layout is not None:  # merge the ranks' parts of each factor
+        if rt.layout is not None and gather:  # merge the ranks' parts of each factor
             merged: dict[tuple[int, ...], dict[str, Any]] = {}
             for part in (r for rank in rt.comm.all_gather_object(records) for r in rank):
                 k = (part["step"], part["param"], part["cls"], part["axis"])
@@ -669,9 +1034,32 @@ class Shampoo(SecondOrderOptimizer):
         """
         state_dict = dict(state_dict)
         saved_async = state_dict.pop("async_roots", None)
-        super().load_state_dict(state_dict)
+        shard = state_dict.pop("distributed_shard", None)
         rt = self._runtime()
-        if rt.layout is not None:
+        if shard is not None:
+            here = (
+                None
+                if rt.layout is None
+                else dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
+            )
+            if here != {k: shard[k] for k in ("rank", "world_size")}:
+                where = (
+                    "a single process"
+                    if here is None
+                    else f"rank {here['rank']} of {here['world_size']}"
+                )
+                raise ValueError(
+                    f"this state dict is rank {shard['rank']}'s shard of a distributed Shampoo run "
+                    f"with {shard['world_size']} ranks (from state_dict()); it cannot be loaded on "
+                    f"{where}. Load it on the same rank of a run with the same world size, or save "
+                    "the full state with full_state_dict() (a collective: call it on every rank)"
+                )
+        rt.loading_shard = shard is not None
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            rt.loading_shard = False
+        if rt.layout is not None and shard is None:
             for key, p in enumerate(rt.params):
                 st = self.state.get(p)
                 if st and any(is_block_state(v) for v in st.values()):
@@ -685,7 +1073,7 @@ class Shampoo(SecondOrderOptimizer):
         for rec in saved_async["pending"]:
             key, c, i = rec["param"], rec["cls"], rec["axis"]
             parts = [rec[name] for name in ("root", "error", "lambda_max", "ok")]
-            if rt.layout is not None:
+            if rt.layout is not None and shard is None:
                 parts = [rt.layout.local(key, c, x) for x in parts]
             n = parts[0].shape[0]
             if n == 0:
@@ -710,6 +1098,7 @@ class Shampoo(SecondOrderOptimizer):
             ("async_workers", 1),
             ("distributed", False),
             ("communication_dtype", torch.float32),
+            ("root_memory_budget", DEFAULT_ROOT_MEMORY_BUDGET),
         ):
             self.__dict__.setdefault(name, value)
 
@@ -746,11 +1135,13 @@ class Shampoo(SecondOrderOptimizer):
 
         Each record has ``param`` (index over all param groups), ``shape``, ``block_shape``,
         ``axis``, ``num_blocks``, ``step``, ``root_error`` / ``lambda_max`` (lists, one
-        value per block, from the last root computation) and ``failures`` (list, number of
-        rejected roots per block so far; an async root job that raised counts one for each
-        of its blocks). With ``distributed=True`` the lists cover this rank's blocks only,
-        whose indices (within the size class) are in ``blocks``. This reads device values:
-        call it off the hot path.
+        value per block, from the last root computation; ``lambda_max`` is the largest
+        eigenvalue of the true statistics, finite for any finite gradients), ``failures``
+        (list, number of rejected roots per block so far; a root solve that raised counts
+        one for each of its blocks) and ``streak`` (consecutive failures per block). With
+        ``distributed=True`` the lists cover this rank's blocks only, whose indices (within
+        the size class) are in ``blocks``. This reads device values: call it off the hot
+        path. Memory figures are in :meth:`memory_diagnostics`.
         """
         layout = self._runtime().layout
         out = []
@@ -779,10 +1170,43 @@ class Shampoo(SecondOrderOptimizer):
                                     root_error=st["root_error"][c][i].tolist(),
                                     lambda_max=st["lambda_max"][c][i].tolist(),
                                     failures=st["root_failures"][c][i].tolist(),
+                                    streak=(
+                                        st["root_streak"][c][i].tolist()
+                                        if "root_streak" in st
+                                        else [0] * len(st["root_failures"][c][i])
+                                    ),
                                 )
                             )
                 idx += 1
         return out
+
+    def memory_diagnostics(self) -> dict[str, Any]:
+        """Memory of this optimizer (this rank's, when distributed), in bytes.
+
+        ``state_bytes`` (all state tensors) and its parts ``statistics``, ``roots``,
+        ``moments`` (momentum and graft accumulator) and ``other``; ``root_memory_budget``;
+        ``peak_root_workspace_bytes`` / ``last_root_workspace_bytes``: the largest (and the
+        latest) solver workspace of one chunk of a synchronous root refresh, estimated from
+        the chunk's size by :func:`~secondorder.kernels.roots.root_workspace_bytes`;
+        ``root_chunks``: solver calls so far. Async root jobs also hold a snapshot of the
+        due statistics (``statistics``-sized at most) while they run.
+        ``contained_failures``: failures after the commit point of a step, by kind.
+        """
+        parts = dict(statistics=0, roots=0, moments=0, other=0)
+        names = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
+        for st in self.state.values():
+            for k, v in st.items():
+                parts[names.get(k, "other")] += _tree_bytes(v)
+        rt = self._rt
+        return dict(
+            state_bytes=sum(parts.values()),
+            **parts,
+            root_memory_budget=self.root_memory_budget,
+            peak_root_workspace_bytes=rt.peak_root_bytes,
+            last_root_workspace_bytes=rt.last_root_bytes,
+            root_chunks=rt.root_chunks,
+            contained_failures=dict(rt.failure_counts),
+        )
 
     def state_bytes(self) -> int:
         """Total bytes of tensors held in the optimizer state (this rank's, when distributed)."""
@@ -802,22 +1226,82 @@ def _tree_bytes(x: Any) -> int:
     return 0
 
 
-def _solve_bucket(spec: tuple[Any, ...], matrix: torch.Tensor) -> RootResult:
+def _chunks(factors: list[_DueFactor], rows: int | None) -> list[list[tuple[_DueFactor, int, int]]]:
+    """Cut the blocks of ``factors`` into chunks of at most ``rows`` matrices (None: one
+    chunk): each chunk is a list of ``(factor, lo, hi)`` block ranges."""
+    out: list[list[tuple[_DueFactor, int, int]]] = [[]]
+    room = rows
+    for f in factors:
+        lo, n = 0, f.matrix.shape[0]
+        while lo < n:
+            if room == 0:
+                out.append([])
+                room = rows
+            hi = n if room is None else min(n, lo + room)
+            out[-1].append((f, lo, hi))
+            if room is not None:
+                room -= hi - lo
+            lo = hi
+    return [c for c in out if c]
+
+
+def _stack_pieces(pieces: list[tuple[_DueFactor, int, int]]) -> torch.Tensor:
+    """The bias-corrected (scaled) statistics of a chunk, as one new ``(B, n, n)`` tensor."""
+    f0 = pieces[0][0]
+    rows = sum(hi - lo for _, lo, hi in pieces)
+    n = f0.size
+    out = torch.empty(rows, n, n, dtype=f0.matrix.dtype, device=f0.matrix.device)
+    offset = 0
+    for f, lo, hi in pieces:
+        part = out[offset : offset + hi - lo]
+        if f.matrix.dim() == 2:  # packed statistics
+            kron.unpack_symmetric(f.matrix[lo:hi], out=part)
+            if f.bc != 1.0:
+                part.div_(f.bc)
+        else:
+            torch.div(f.matrix[lo:hi], f.bc, out=part)
+        offset += hi - lo
+    return out
+
+
+def _solve_bucket(
+    spec: tuple[Any, ...], matrix: torch.Tensor, scale: torch.Tensor | None = None
+) -> RootResult:
+    """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2).
+
+    The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
+    magnitude; the root and ``lambda_max`` are brought back to true units
+    (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
+    """
     exponent, _, method, eps, threshold = spec
-    return inverse_root(
+    res = inverse_root(
         matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
     )
+    if scale is None:
+        return res
+    s = scale.to(device=res.root.device, dtype=torch.float64)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
+    lam = res.lambda_max.double() * s.square()
+    return res._replace(root=root, lambda_max=lam)
 
 
-def _solve_snapshots(payload: list[tuple[tuple[Any, ...], Any]]) -> list[RootResult]:
-    """Worker side of ``async_roots``: solve each snapshotted bucket; reject non-finite roots.
+def _solve_snapshots(payload: list[tuple[Any, ...]]) -> list[RootResult]:
+    """Worker side of ``async_roots``: solve each snapshotted bucket (in chunks of at most
+    ``rows`` matrices); reject non-finite roots.
 
     A module function that sees only the snapshots, so the optimizer can be collected while
     it runs.
     """
     out = []
-    for spec, snap in payload:
-        res = _solve_bucket(spec, snap.get())
+    for spec, snap, scale, rows in payload:
+        matrix = snap.get()
+        step = matrix.shape[0] if rows is None else rows
+        parts = [
+            _solve_bucket(spec, matrix[lo : lo + step], scale[lo : lo + step])
+            for lo in range(0, matrix.shape[0], step)
+        ]
+        res = RootResult(*(torch.cat(x) for x in zip(*parts))) if len(parts) > 1 else parts[0]
         finite = torch.isfinite(res.root).flatten(1).all(1)
         out.append(res._replace(ok=res.ok & finite))
     return out
