@@ -47,13 +47,14 @@ def bias_correction(beta: float, step: int) -> float:
 
 def update_second_moment(kind: str | None, v: torch.Tensor, g: torch.Tensor, beta2: float) -> None:
     """Update the graft accumulator ``v`` in place with gradient ``g`` (no-op for sgd/None)."""
-    if kind == "adagrad":
-        v.addcmul_(g, g)
-    elif kind in ("rmsprop", "adam"):
-        if beta2 == 1.0:
-            v.addcmul_(g, g)
-        else:
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    if kind not in ("adagrad", "rmsprop", "adam"):
+        return
+    # Running sums are kept below the dtype's largest value: a long run of huge (callers
+    # clamp entries at 2**63, see Shampoo) but finite gradients saturates instead of inf.
+    if kind == "adagrad" or beta2 == 1.0:
+        v.addcmul_(g, g).clamp_(max=torch.finfo(v.dtype).max)
+    else:
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
 
 def robust_norm(x: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,9 @@ from ..kernels.roots import RootResult, inverse_root, root_workspace_bytes
 from .async_roots import AsyncRootWorker, Snapshot, snapshot
 from .base import SecondOrderOptimizer
 
+#: gradient entries are saturated at this magnitude (see the step)
+_GRAD_LIMIT = 2.0**63
+
 ROOT_METHODS = ("auto", "newton", "eigh")
 MATMUL_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 ROOT_FAILURE_POLICIES = ("warn", "graft", "raise")
@@ -572,6 +575,10 @@ class Shampoo(SecondOrderOptimizer):
                 state = localize_state(state, rt.layout, key)
         t = int(state["step"].item()) + 1
         g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
+        # Entries beyond 2**63 (~9.2e18) saturate: their squares (graft second moment) would
+        # overflow float32, and momentum and graft must see the same gradient so that the
+        # graft's ratio m / sqrt(v) stays bounded. Finite gradients never make inf state.
+        g = g.clamp(-_GRAD_LIMIT, _GRAD_LIMIT)
         wd = group["weight_decay"]
         if wd != 0 and not group["decoupled_weight_decay"]:
             g = g.add(p.float() if p.dtype != torch.float32 else p, alpha=wd)
