@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ContractSGD": dict(lr=0.02, momentum=0.9, weight_decay=0.01),  # base.py on its own
     "Shampoo": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
     "SONew": dict(lr=0.02, weight_decay=0.01, band=1, eps=3e-2),  # eps: see contract-findings
+    "SOAP": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -95,6 +96,13 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
     ],
+    "SOAP": [
+        ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)), ("eps", 0.0),
+        ("weight_decay", -1e-2), ("block_size", 0), ("precondition_frequency", 0),
+        ("start_preconditioning_step", 1), ("start_preconditioning_step", 2.5),
+        ("shampoo_beta", 1.5), ("shampoo_beta", NAN), ("basis_method", "svd"),
+        ("precondition_1d", "no"), ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -118,6 +126,11 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(band=3, state_dtype=torch.float32, graft=None, damping="absolute", eps=1e-2,
              lr=0.05),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
+    ],
+    "SOAP": [
+        dict(block_size=4, precondition_frequency=2, start_preconditioning_step=3,
+             precondition_1d=True, basis_method="eigh", betas=(0.9, 0.99)),
+        dict(betas=(0.0, 1.0), shampoo_beta=0.9, weight_decay=0.0, precondition_frequency=1),
     ],
 }
 # fmt: on

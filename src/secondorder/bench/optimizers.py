@@ -70,6 +70,7 @@ OPTIMIZERS: dict[str, _Entry] = {
     "rmsprop": _Entry(_torch("RMSprop"), doc="torch.optim.RMSprop"),
     "shampoo": _Entry(_secondorder("Shampoo"), doc="secondorder.Shampoo"),
     "sonew": _Entry(_secondorder("SONew"), doc="secondorder.SONew"),
+    "soap": _Entry(_secondorder("SOAP"), doc="secondorder.SOAP"),
 }
 
 
