@@ -45,6 +45,15 @@ def mode(x, mat, axis):
     return torch.movedim(torch.tensordot(mat, x, dims=([1], [axis])), 0, axis)
 
 
+TIE_BREAK = 1e-4  # the documented graded diagonal added to a factor for its refresh
+
+
+def tie_broken(L):
+    n = L.shape[0]
+    ramp = 1.0 + torch.arange(n, dtype=L.dtype) / n
+    return L + torch.diag(torch.trace(L) * TIE_BREAK / n * ramp)
+
+
 def unfold(x, axis):
     return torch.movedim(x, axis, 0).reshape(x.shape[axis], -1)
 
@@ -115,6 +124,7 @@ class RefSOAP:
             if not due:
                 continue
             for i, (L, Q) in enumerate(zip(b["L"], b["Q"])):
+                L = tie_broken(L)
                 est = torch.diag(Q.T @ L @ Q)
                 perm = torch.argsort(est, descending=True, stable=True)
                 b["v"] = b["v"].index_select(i, perm)
@@ -164,7 +174,7 @@ def run_both(shape, block_size, start, p1d, *, steps=9, method="eigh", freq=1, w
 
 def tolerance(ref, steps, n_max):
     """float32 rounding x block size x steps, amplified by the eigenvector conditioning."""
-    return ref.lr * steps * 5 * EPS32 * n_max / min(ref.min_gap, 1.0)
+    return ref.lr * steps * 10 * EPS32 * n_max / min(ref.min_gap, 1.0)
 
 
 @pytest.mark.parametrize("method,freq", [("eigh", 1), ("qr", 1), ("qr", 2), ("eigh", 3)])
@@ -265,7 +275,7 @@ def test_zero_gradients_only_decay_the_weights():
 
 def test_diagnostics_and_state_bytes():
     shape, block_size, start, p1d = CASES["blocked"]
-    steps, freq = 9, 3
+    steps, freq = 8, 3  # the last step refreshes: the eigenvalues are of the current factors
     p, ref, opt = run_both(shape, block_size, start, p1d, steps=steps, method="eigh", freq=freq)
     recs = opt.diagnostics()
     # classes (4,4) (4,3) (2,4) (2,3): two factors each
@@ -284,14 +294,12 @@ def test_diagnostics_and_state_bytes():
     st = opt.state[p]
     for c, stack in enumerate(st["factors"]):
         for i, f in enumerate(stack):
-            w = torch.linalg.eigvalsh(f.double())
+            w = torch.stack([torch.linalg.eigvalsh(tie_broken(x.double())) for x in f])
             lam = st["eigenvalues"][c][i].double()
-            # at the last refresh the factors were the current ones (refresh at the last step)
-            if last_refresh == steps:
-                torch.testing.assert_close(
-                    lam, w.flip(-1), rtol=0, atol=50 * EPS32 * w.abs().max().item() * f.shape[-1]
-                )
+            atol = 10 * EPS32 * w.abs().max().item() * f.shape[-1]
+            torch.testing.assert_close(lam, w.flip(-1), rtol=0, atol=atol)
     # state_bytes: the closed-form count of every state tensor
+    assert opt.state[p]["factors"][0][0].shape[0] == 2
     n = 10 * 7
     classes = [((4, 4), 2), ((4, 3), 2), ((2, 4), 1), ((2, 3), 1)]
     floats = 2 * n + 2  # exp_avg, rotated v (same number of elements), step, basis_step

@@ -95,6 +95,22 @@ class BasisRefresh(NamedTuple):
     ok: torch.Tensor
 
 
+def tie_break(factors: torch.Tensor, rel: float) -> torch.Tensor:
+    """``L + rel * (tr L / n) * diag(1, 1 + 1/n, ..., 2 - 1/n)`` for each factor.
+
+    Directions no gradient has reached yet span a repeated (zero) eigenvalue, where the
+    eigenvectors are whatever rounding makes them, so the basis, and Adam's per-coordinate
+    step in it, would jump with the last bit of the gradients. A small, graded diagonal
+    makes the choice definite (the unseen directions lean towards the coordinate axes, in
+    order) and continuous in the factors; directions whose eigenvalues differ by much more
+    than ``rel * tr L / n`` barely move.
+    """
+    n = factors.shape[-1]
+    scale = torch.diagonal(factors, dim1=-2, dim2=-1).sum(-1) * (rel / n)
+    ramp = 1.0 + torch.arange(n, dtype=factors.dtype, device=factors.device) / n
+    return factors + torch.diag_embed(scale[:, None] * ramp)
+
+
 def refresh_bases(
     factors: torch.Tensor, bases: torch.Tensor, method: str = "qr"
 ) -> BasisRefresh:

@@ -24,7 +24,11 @@ Step ``t`` (1-based, per parameter), for every parameter with a gradient ``g``:
    are sorted by their current Rayleigh quotients ``diag(Q^T L Q)`` and ``v`` is permuted
    the same way, so each coordinate of ``v`` keeps following the same direction; ``v`` is
    not otherwise transformed. The bases of all due factors of one size, across all
-   parameters, are refreshed in one batched call.
+   parameters, are refreshed in one batched call. A graded diagonal of relative size
+   ``TIE_BREAK`` (``1e-4`` of the mean eigenvalue) is added to each factor for the refresh
+   only: directions no gradient has reached yet have a repeated zero eigenvalue, whose
+   eigenvectors rounding alone would pick; the diagonal picks them (towards the coordinate
+   axes) continuously in the gradients.
 
 The basis used at step ``t`` is built from gradients of steps ``< t`` only, never from the
 gradient it rotates. There is no grafting: the step size is Adam's, in the rotated basis.
@@ -53,12 +57,17 @@ from ..kernels.eigenbasis import (
     permute_axis,
     refresh_bases,
     rotate,
+    tie_break,
     unrotate,
 )
 from ..kernels.grafting import bias_correction, graft_direction, update_second_moment
 from .base import SecondOrderOptimizer
 
 __all__ = ["SOAP"]
+
+#: relative size of the graded diagonal added to each factor before a basis refresh
+#: (:func:`secondorder.kernels.eigenbasis.tie_break`)
+TIE_BREAK = 1e-4
 
 
 class SOAP(SecondOrderOptimizer):
@@ -293,7 +302,7 @@ class SOAP(SecondOrderOptimizer):
             factors = [st["factors"][c][i] for st, c, i in items]
             bases = [st["bases"][c][i] for st, c, i in items]
             cat = (lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0])  # noqa: E731
-            res = refresh_bases(cat(factors), cat(bases), method)
+            res = refresh_bases(tie_break(cat(factors), TIE_BREAK), cat(bases), method)
             sizes = [f.shape[0] for f in factors]
             parts = zip(*(x.split(sizes) for x in res))
             for (st, c, i), (basis, perm, eig, ok) in zip(items, parts):
