@@ -317,7 +317,7 @@ def test_basis_refresh_schedule():
     opt = SOAP([p], block_size=8, precondition_frequency=3, start_preconditioning_step=4)
     g = torch.Generator().manual_seed(2)
     changed = []
-    for t in range(1, 12):
+    for _ in range(11):
         before = opt.state[p]["bases"][0][0].clone() if opt.state.get(p) else None
         p.grad = torch.randn(6, 5, generator=g)
         opt.step()
@@ -344,6 +344,12 @@ def test_nonfinite_factors_keep_the_old_basis_and_warn():
 
 
 def test_exported_and_in_bench_registry():
-    from secondorder.bench.optimizers import resolve
+    from secondorder.bench.errors import BenchUsageError
+    from secondorder.bench.optimizers import build_optimizer, parse_spec, resolve
 
     assert "SOAP" in secondorder.__all__ and resolve("soap") is SOAP
+    model = torch.nn.Linear(4, 3)
+    built = build_optimizer(parse_spec("soap:basis_method='eigh',block_size=2"), model)
+    assert isinstance(built.optimizer, SOAP) and built.optimizer.defaults["block_size"] == 2
+    with pytest.raises(BenchUsageError, match="basis_method"):
+        build_optimizer(parse_spec("soap:basis_method='svd'"), model)
