@@ -216,8 +216,10 @@ def test_1d_and_0d_tensors_run_adamw(beta1):
             opt.step()
             ref.step()
         assert "factors" not in opt.state[a]
-        # elementwise float32 Adam; the two differ only in rounding order
-        torch.testing.assert_close(a, b, rtol=0, atol=6 * 10 * EPS32 * kw["lr"] * 20)
+        # elementwise float32 Adam: the two differ only in rounding order, a few float32
+        # roundings of |p| (+ lr * |direction| <= lr / sqrt(1 - beta2)) per step
+        scale = init.abs().max().item() + kw["lr"] / (1 - 0.95) ** 0.5
+        torch.testing.assert_close(a, b, rtol=0, atol=6 * 4 * EPS32 * scale)
 
 
 def test_shampoo_beta_and_running_sums():
