@@ -28,6 +28,7 @@ from .roots import _eigh as _robust_eigh
 __all__ = [
     "BASIS_METHODS",
     "BasisRefresh",
+    "mode_product",
     "orthogonality_error",
     "permute_axis",
     "refresh_bases",
@@ -60,6 +61,15 @@ def rotate(x: torch.Tensor, bases: list[torch.Tensor]) -> torch.Tensor:
 def unrotate(y: torch.Tensor, bases: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`rotate` for orthogonal bases: ``y x_1 Q_1 ... x_k Q_k``."""
     return _mode_products(y, list(bases))
+
+
+def mode_product(x: torch.Tensor, axis: int, mat: torch.Tensor) -> torch.Tensor:
+    """``x x_axis mat`` for a stack: ``mat[b]`` (``(B, r, n_axis)``) multiplies every
+    mode-``axis`` fibre of block ``b`` from the left. Returns a new contiguous tensor."""
+    y = x.movedim(axis + 1, 1)
+    shape = y.shape
+    z = torch.bmm(mat, y.reshape(shape[0], shape[1], -1))
+    return z.reshape(shape[0], mat.shape[1], *shape[2:]).movedim(1, axis + 1).contiguous()
 
 
 def permute_axis(x: torch.Tensor, axis: int, perm: torch.Tensor) -> torch.Tensor:

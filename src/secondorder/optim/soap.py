@@ -7,23 +7,24 @@ Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam". The math
 
 Step ``t`` (1-based, per parameter), for every parameter with a gradient ``g``:
 
-1. momentum ``m <- beta1 m + (1 - beta1) g``, kept in the parameter's own coordinates, so
-   it needs no care when the basis changes;
-2. per block, with the current bases ``Q_1..Q_k`` (identity before
-   ``start_preconditioning_step``): ``g' = g x_1 Q_1^T ... x_k Q_k^T``, likewise ``m'``;
-   the second moment lives in these rotated coordinates: ``v <- beta2 v + (1 - beta2) g'^2``;
-3. the Adam direction in the rotated coordinates, bias-corrected,
+1. per block, with the current bases ``Q_1..Q_k`` (identity before
+   ``start_preconditioning_step``): ``g' = g x_1 Q_1^T ... x_k Q_k^T``; the momentum and
+   the second moment live in these rotated coordinates:
+   ``m' <- beta1 m' + (1 - beta1) g'`` and ``v <- beta2 v + (1 - beta2) g'^2``;
+2. the Adam direction in the rotated coordinates, bias-corrected,
    ``n' = (m' / bc1) / (sqrt(v / bc2) + eps)``, rotated back: ``n = n' x_1 Q_1 ... x_k Q_k``;
-4. ``p <- p (1 - lr weight_decay) - lr n`` (decoupled weight decay);
-5. factors, with this step's gradient: ``L_i <- b L_i + (1 - b) G_(i) G_(i)^T`` per axis,
+3. ``p <- p (1 - lr weight_decay) - lr n`` (decoupled weight decay);
+4. factors, with this step's gradient: ``L_i <- b L_i + (1 - b) G_(i) G_(i)^T`` per axis,
    ``b = shampoo_beta`` (``beta2`` when ``None``);
-6. after step ``start_preconditioning_step - 1`` and every ``precondition_frequency`` steps
+5. after step ``start_preconditioning_step - 1`` and every ``precondition_frequency`` steps
    after it, new bases: the first by a full eigendecomposition, later ones by
    ``basis_method`` (``"qr"``: one step of subspace iteration ``Q <- qr(L Q)`` from the
    previous basis; ``"eigh"``: a fresh eigendecomposition). Before either, the old columns
    are sorted by their current Rayleigh quotients ``diag(Q^T L Q)`` and ``v`` is permuted
    the same way, so each coordinate of ``v`` keeps following the same direction; ``v`` is
-   not otherwise transformed. The bases of all due factors of one size, across all
+   not otherwise transformed. The momentum is linear in the gradients, so it is carried into
+   the new basis exactly, ``m' <- m' x_i (Q_new^T Q_old)``: the same as keeping it in the
+   parameter's coordinates and rotating it every step, one rotation per step cheaper. The bases of all due factors of one size, across all
    parameters, are refreshed in one batched call. A graded diagonal of relative size
    ``TIE_BREAK`` (``1e-4`` of the mean eigenvalue) is added to each factor for the refresh
    only: directions no gradient has reached yet have a repeated zero eigenvalue, whose
@@ -53,6 +54,7 @@ from ..blocking import BlockPlan
 from ..kernels import kron
 from ..kernels.eigenbasis import (
     BASIS_METHODS,
+    mode_product,
     orthogonality_error,
     permute_axis,
     refresh_bases,
@@ -160,12 +162,15 @@ class SOAP(SecondOrderOptimizer):
         plan = self._plan(p, group)
         f32 = dict(dtype=torch.float32, device=p.device)
         state["step"] = torch.tensor(0.0)
-        if group["betas"][0] > 0:
-            state["exp_avg"] = torch.zeros(p.shape, **f32)
+        momentum = group["betas"][0] > 0
         if plan is None:
+            if momentum:
+                state["exp_avg"] = torch.zeros(p.shape, **f32)
             state["exp_avg_sq"] = torch.zeros(p.shape, **f32)
             return state
         shapes = list(zip(plan.block_shapes, plan.counts))
+        if momentum:
+            state["rotated_exp_avg"] = [torch.zeros(c, *bs, **f32) for bs, c in shapes]
         state["rotated_exp_avg_sq"] = [torch.zeros(c, *bs, **f32) for bs, c in shapes]
         state["factors"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
         state["bases"] = [
@@ -242,28 +247,33 @@ class SOAP(SecondOrderOptimizer):
     ) -> torch.Tensor:
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        if beta1 > 0:
-            m = state.get("exp_avg")
-            if m is None:  # momentum switched on mid-run (e.g. a cycling scheduler)
-                m = state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            m.lerp_(g, 1.0 - beta1)
-            scale = 1.0 / bias_correction(beta1, t)
-        else:
-            m, scale = None, 1.0
+        scale = 1.0 / bias_correction(beta1, t) if beta1 > 0 else 1.0
+        f32 = dict(dtype=torch.float32, device=p.device)
         if plan is None:  # plain Adam
+            m = g
+            if beta1 > 0:
+                m = state.get("exp_avg")
+                if m is None:  # momentum switched on mid-run (e.g. a cycling scheduler)
+                    m = state["exp_avg"] = torch.zeros(p.shape, **f32)
+                m.lerp_(g, 1.0 - beta1)
             v = state["exp_avg_sq"]
             update_second_moment("adam", v, g, beta2)
-            d = graft_direction("adam", g if m is None else m, v, t, beta2, eps)
+            d = graft_direction("adam", m, v, t, beta2, eps)
             return d.mul_(scale) if scale != 1.0 else d
         rotated = t >= group["start_preconditioning_step"]
         g_blocks = plan.split(g)
-        m_blocks = g_blocks if m is None else plan.split(m)
+        moms: list[torch.Tensor | None] = [None] * len(g_blocks)
+        if beta1 > 0:
+            moms = state.get("rotated_exp_avg")
+            if moms is None:  # momentum switched on mid-run
+                moms = state["rotated_exp_avg"] = [torch.zeros(x.shape, **f32) for x in g_blocks]
         out = []
-        for gb, mb, v, bases in zip(
-            g_blocks, m_blocks, state["rotated_exp_avg_sq"], state["bases"]
-        ):
+        for gb, mr, v, bases in zip(g_blocks, moms, state["rotated_exp_avg_sq"], state["bases"]):
             gr = rotate(gb, bases) if rotated else gb
-            mr = gr if m is None else (rotate(mb, bases) if rotated else mb)
+            if mr is None:
+                mr = gr
+            else:
+                mr.lerp_(gr, 1.0 - beta1)
             update_second_moment("adam", v, gr, beta2)
             n = graft_direction("adam", mr, v, t, beta2, eps)
             if scale != 1.0:
@@ -306,7 +316,11 @@ class SOAP(SecondOrderOptimizer):
             sizes = [f.shape[0] for f in factors]
             parts = zip(*(x.split(sizes) for x in res))
             for (st, c, i), (basis, perm, eig, ok) in zip(items, parts):
-                st["bases"][c][i].copy_(basis)
+                old = st["bases"][c][i]
+                m = st.get("rotated_exp_avg")
+                if m is not None:  # re-express the momentum in the new basis (exact)
+                    m[c].copy_(mode_product(m[c], i, torch.bmm(basis.mT, old)))
+                old.copy_(basis)
                 st["eigenvalues"][c][i].copy_(eig)
                 st["basis_failures"][c][i].add_((~ok).long())
                 v = st["rotated_exp_avg_sq"][c]
