@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secondorder.kernels.eigenbasis import (
+    mode_product,
     orthogonality_error,
     permute_axis,
     refresh_bases,
@@ -55,6 +56,17 @@ def test_rotate_and_unrotate_match_explicit_mode_products(block, count, seed):
     torch.testing.assert_close(u.double(), ref_rotate(x, bases, False), rtol=0, atol=tol)
     # orthogonal bases: unrotate undoes rotate (exactly, in float64)
     torch.testing.assert_close(unrotate(rotate(x, bases), bases), x, rtol=0, atol=1e-12)
+
+
+def test_mode_product_matches_tensordot_per_block():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    for axis, n in enumerate(x.shape[1:]):
+        mat = torch.randn(2, 6, n, generator=g, dtype=torch.float64)  # may change the size
+        y = mode_product(x, axis, mat)
+        for b in range(2):
+            ref = torch.movedim(torch.tensordot(mat[b], x[b], dims=([1], [axis])), 0, axis)
+            torch.testing.assert_close(y[b], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_permute_axis_matches_loops():

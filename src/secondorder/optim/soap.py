@@ -24,8 +24,9 @@ Step ``t`` (1-based, per parameter), for every parameter with a gradient ``g``:
    the same way, so each coordinate of ``v`` keeps following the same direction; ``v`` is
    not otherwise transformed. The momentum is linear in the gradients, so it is carried into
    the new basis exactly, ``m' <- m' x_i (Q_new^T Q_old)``: the same as keeping it in the
-   parameter's coordinates and rotating it every step, one rotation per step cheaper. The bases of all due factors of one size, across all
-   parameters, are refreshed in one batched call. A graded diagonal of relative size
+   parameter's coordinates and rotating it every step, one rotation per step cheaper.
+   The bases of all due factors of one size, across all parameters, are refreshed in one
+   batched call. A graded diagonal of relative size
    ``TIE_BREAK`` (``1e-4`` of the mean eigenvalue) is added to each factor for the refresh
    only: directions no gradient has reached yet have a repeated zero eigenvalue, whose
    eigenvectors rounding alone would pick; the diagonal picks them (towards the coordinate
