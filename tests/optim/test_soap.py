@@ -304,7 +304,7 @@ def test_diagnostics_and_state_bytes():
     assert opt.state[p]["factors"][0][0].shape[0] == 2
     n = 10 * 7
     classes = [((4, 4), 2), ((4, 3), 2), ((2, 4), 1), ((2, 3), 1)]
-    floats = 2 * n + 2  # exp_avg, rotated v (same number of elements), step, basis_step
+    floats = 2 * n + 3  # momentum, v (rotated: same sizes), step, basis_step, scale_exp
     ints = 0
     for bs, c in classes:
         for d in bs:
@@ -355,3 +355,44 @@ def test_exported_and_in_bench_registry():
     assert isinstance(built.optimizer, SOAP) and built.optimizer.defaults["block_size"] == 2
     with pytest.raises(BenchUsageError, match="basis_method"):
         build_optimizer(parse_spec("soap:basis_method='svd'"), model)
+
+
+@pytest.mark.parametrize("method", ["qr", "eigh"])
+def test_scale_equivariance_is_exact(method):
+    """Adam's direction is unchanged when gradients and eps are both multiplied by ``s``.
+    With ``s = 2**40`` the gradients' squares would overflow float32; the scale-aware state
+    divides by exact powers of two, so the run is bit-identical to the unscaled one."""
+    shape, block_size = (10, 7), 4
+    g = torch.Generator().manual_seed(6)
+    init = torch.randn(shape, generator=g)
+    grads = [torch.randn(shape, generator=g) * 2.0 ** (k % 3) for k in range(8)]
+    runs = []
+    for s in (1.0, 2.0**40, 2.0**90):
+        p = torch.nn.Parameter(init.clone())
+        opt = SOAP([p], lr=0.01, eps=1e-8 * s, block_size=block_size, precondition_frequency=2,
+                   basis_method=method)  # fmt: skip
+        for grad in grads:
+            p.grad = grad * s
+            opt.step()
+        runs.append(p.detach().clone())
+        if s > 1:
+            assert opt.state[p]["scale_exp"].item() > 0  # the scaled path ran
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_huge_and_tiny_gradients_keep_everything_finite():
+    """1e30 gradients (squares overflow float32), then 1e-30 (squares underflow)."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 10), (10,), ()]]
+    opt = SOAP(params, block_size=8, precondition_frequency=2, precondition_1d=True)
+    g = torch.Generator().manual_seed(7)
+    for decade in [30, 30, 30, -30, -30, 30, 0, 0]:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 10.0**decade
+        opt.step()
+        for p in params:
+            assert torch.isfinite(p).all()
+            for v in opt.state[p].values():
+                for t in v if isinstance(v, list) else [v]:
+                    for u in t if isinstance(t, list) else [t]:
+                        assert not u.is_floating_point() or torch.isfinite(u).all()
+    assert all(r["failures"] == [0] * r["num_blocks"] for r in opt.diagnostics())

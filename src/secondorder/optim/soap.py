@@ -71,6 +71,8 @@ __all__ = ["SOAP"]
 #: relative size of the graded diagonal added to each factor before a basis refresh
 #: (:func:`secondorder.kernels.eigenbasis.tie_break`)
 TIE_BREAK = 1e-4
+#: gradients up to ``2**SAFE_EXP`` in magnitude are used unscaled (see ``SOAP._rescale``)
+SAFE_EXP = 24.0
 
 
 class SOAP(SecondOrderOptimizer):
@@ -163,6 +165,7 @@ class SOAP(SecondOrderOptimizer):
         plan = self._plan(p, group)
         f32 = dict(dtype=torch.float32, device=p.device)
         state["step"] = torch.tensor(0.0)
+        state["scale_exp"] = torch.zeros((), **f32)  # see _rescale
         momentum = group["betas"][0] > 0
         if plan is None:
             if momentum:
@@ -230,24 +233,62 @@ class SOAP(SecondOrderOptimizer):
                 t = int(state["step"].item())  # a CPU tensor: no device sync
                 g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
                 plan = self._plan(p, group)
-                directions.append(self._direction(group, p, g, state, plan, t))
+                g, eps = self._rescale(group, p, g, state, plan)
+                directions.append(self._direction(group, p, g, eps, state, plan, t))
                 if plan is not None:
                     due.extend(self._update_factors(group, g, state, plan, t))
             self._apply(group, params, directions)
         if due:
             self._refresh(due)
 
-    def _direction(
+    def _rescale(
         self,
         group: dict[str, Any],
         p: torch.Tensor,
         g: torch.Tensor,
         state: dict[str, Any],
         plan: BlockPlan | None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Scale-aware state: the gradient divided by ``c = 2**scale_exp`` and the ``eps`` to
+        use with it (``eps / c``).
+
+        Momentum, second moments and factors are stored divided by ``c``, ``c**2`` and
+        ``c**2``: Adam's direction ``m / (sqrt(v) + eps)`` is the same for the stored values
+        with ``eps / c``, and eigenvectors do not see the scale. ``scale_exp`` stays 0 (no
+        scaling, bit for bit) while gradients stay below ``2**SAFE_EXP``; a larger gradient
+        raises it (never lowers it), and the stored values are multiplied by the exact power
+        of two that keeps them consistent, so squares and their sums cannot overflow float32.
+        No host sync: the exponent is a device scalar.
+        """
+        e_old = state.get("scale_exp")
+        if e_old is None:  # a state without one (created by an older version)
+            e_old = state["scale_exp"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        amax = g.abs().amax()
+        e_new = torch.maximum(e_old, (torch.log2(amax).ceil_() - SAFE_EXP).clamp_(min=0.0))
+        ratio = torch.exp2(e_old - e_new)  # <= 1, exactly a power of two
+        sq = ratio * ratio
+        e_old.copy_(e_new)
+        inv_c = torch.exp2(-e_new)
+        for key, r in (("exp_avg", ratio), ("exp_avg_sq", sq), ("rotated_exp_avg", ratio),
+                       ("rotated_exp_avg_sq", sq)):  # fmt: skip
+            x = state.get(key)
+            if x is not None:
+                torch._foreach_mul_(x, r) if isinstance(x, list) else x.mul_(r)
+        for stack in state.get("factors", []):
+            torch._foreach_mul_(stack, sq)
+        return g * inv_c, inv_c * group["eps"]
+
+    def _direction(
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        g: torch.Tensor,
+        eps: Any,
+        state: dict[str, Any],
+        plan: BlockPlan | None,
         t: int,
     ) -> torch.Tensor:
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
         scale = 1.0 / bias_correction(beta1, t) if beta1 > 0 else 1.0
         f32 = dict(dtype=torch.float32, device=p.device)
         if plan is None:  # plain Adam
@@ -322,7 +363,8 @@ class SOAP(SecondOrderOptimizer):
                 if m is not None:  # re-express the momentum in the new basis (exact)
                     m[c].copy_(mode_product(m[c], i, torch.bmm(basis.mT, old)))
                 old.copy_(basis)
-                st["eigenvalues"][c][i].copy_(eig)
+                old_eig = st["eigenvalues"][c][i]
+                old_eig.copy_(torch.where(ok[:, None], eig, old_eig))
                 st["basis_failures"][c][i].add_((~ok).long())
                 v = st["rotated_exp_avg_sq"][c]
                 v.copy_(permute_axis(v, i, perm))
@@ -378,6 +420,7 @@ class SOAP(SecondOrderOptimizer):
                     plan = self._plan(p, group)
                     step = int(st["step"].item())
                     refreshed = int(st["basis_step"].item())
+                    unscale = 4.0 ** float(st["scale_exp"]) if "scale_exp" in st else 1.0
                     for c, bs in enumerate(plan.block_shapes):
                         for i, n in enumerate(bs):
                             eig = st["eigenvalues"][c][i]
@@ -391,8 +434,12 @@ class SOAP(SecondOrderOptimizer):
                                     num_blocks=plan.counts[c],
                                     step=step,
                                     basis_age=step - refreshed if refreshed > 0 else None,
-                                    eigenvalue_min=eig.amin(dim=1).tolist(),
-                                    eigenvalue_max=eig.amax(dim=1).tolist(),
+                                    eigenvalue_min=[
+                                        x * unscale for x in eig.amin(dim=1).tolist()
+                                    ],
+                                    eigenvalue_max=[
+                                        x * unscale for x in eig.amax(dim=1).tolist()
+                                    ],
                                     orthogonality_error=orthogonality_error(
                                         st["bases"][c][i]
                                     ).tolist(),
