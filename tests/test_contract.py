@@ -59,6 +59,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "Muon": dict(lr=0.02, weight_decay=0.01),
     "MKOR": dict(lr=0.02, weight_decay=0.01, base="adam"),  # no model: all go to the base
     "AdaGradNorm": dict(lr=0.5, weight_decay=0.01),
+    "SOAP": dict(lr=0.02, weight_decay=0.01, block_size=8, precondition_frequency=3),
 }
 
 NAN, INF = float("nan"), float("inf")
@@ -138,6 +139,13 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
     ],
     "AdaGradNorm": [("lr", -1.0), ("lr", NAN), ("initial_accumulator", 0.0), ("eps", -1.0),
                     ("weight_decay", -1.0), ("mode", "column"), ("nonfinite", "ignore")],
+    "SOAP": [
+        ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)), ("eps", 0.0),
+        ("weight_decay", -1e-2), ("block_size", 0), ("precondition_frequency", 0),
+        ("start_preconditioning_step", 1), ("start_preconditioning_step", 2.5),
+        ("shampoo_beta", 1.5), ("shampoo_beta", NAN), ("basis_method", "svd"),
+        ("precondition_1d", "no"), ("nonfinite", "ignore"),
+    ],
 }
 
 #: Optional: more settings per optimizer (overrides of CONFIGS) that reach other code paths.
@@ -181,6 +189,11 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(base="sgd", lr=0.005), dict(base="adamw", hybrid_window=2, hybrid_tol=0.5),
     ],
     "AdaGradNorm": [dict(mode="row", lr=1.0, initial_accumulator=1.0)],
+    "SOAP": [
+        dict(block_size=4, precondition_frequency=2, start_preconditioning_step=3,
+             precondition_1d=True, basis_method="eigh", betas=(0.9, 0.99)),
+        dict(betas=(0.0, 1.0), shampoo_beta=0.9, weight_decay=0.0, precondition_frequency=1),
+    ],
 }
 # fmt: on
 

@@ -7,12 +7,14 @@ from .optim.mfac import MFAC
 from .optim.mkor import MKOR
 from .optim.muon import Muon
 from .optim.scale import SCALE
-from .optim.shampoo import Shampoo
+from .optim.shampoo import RootFailureError, Shampoo
+from .optim.soap import SOAP
 from .optim.sonew import SONew
 
 __all__ = [
     "Shampoo",
     "SONew",
+    "SOAP",
     "AdaHessian",
     "MFAC",
     "MKOR",
@@ -20,5 +22,6 @@ __all__ = [
     "Muon",
     "AdaGradNorm",
     "AdaptiveBatchSize",
+    "RootFailureError",
 ]
 __version__ = "0.1.0"

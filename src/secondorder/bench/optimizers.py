@@ -76,6 +76,7 @@ OPTIMIZERS: dict[str, _Entry] = {
     "muon": _Entry(_secondorder("Muon"), doc="secondorder.Muon"),
     "mkor": _Entry(_secondorder("MKOR"), doc="secondorder.MKOR (SGD momentum 0.9 base)"),
     "adagradnorm": _Entry(_secondorder("AdaGradNorm"), doc="secondorder.AdaGradNorm (scalar)"),
+    "soap": _Entry(_secondorder("SOAP"), doc="secondorder.SOAP"),
 }
 
 

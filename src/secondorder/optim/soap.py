@@ -1,0 +1,464 @@
+"""SOAP: Adam run in the eigenbasis of Shampoo's Kronecker factors.
+
+Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using Adam". The math lives in
+:mod:`secondorder.kernels.eigenbasis` (rotations, basis refresh) and
+:mod:`secondorder.kernels.kron` (factor statistics); shapes are cut into blocks by
+:class:`secondorder.blocking.BlockPlan` exactly as in Shampoo. This class orchestrates.
+
+Step ``t`` (1-based, per parameter), for every parameter with a gradient ``g``:
+
+1. per block, with the current bases ``Q_1..Q_k`` (identity before
+   ``start_preconditioning_step``): ``g' = g x_1 Q_1^T ... x_k Q_k^T``; the momentum and
+   the second moment live in these rotated coordinates:
+   ``m' <- beta1 m' + (1 - beta1) g'`` and ``v <- beta2 v + (1 - beta2) g'^2``;
+2. the Adam direction in the rotated coordinates, bias-corrected,
+   ``n' = (m' / bc1) / (sqrt(v / bc2) + eps)``, rotated back: ``n = n' x_1 Q_1 ... x_k Q_k``;
+3. ``p <- p (1 - lr weight_decay) - lr n`` (decoupled weight decay);
+4. factors, with this step's gradient: ``L_i <- b L_i + (1 - b) G_(i) G_(i)^T`` per axis,
+   ``b = shampoo_beta`` (``beta2`` when ``None``);
+5. after step ``start_preconditioning_step - 1`` and every ``precondition_frequency`` steps
+   after it, new bases: the first by a full eigendecomposition, later ones by
+   ``basis_method`` (``"qr"``: one step of subspace iteration ``Q <- qr(L Q)`` from the
+   previous basis; ``"eigh"``: a fresh eigendecomposition). Before either, the old columns
+   are sorted by their current Rayleigh quotients ``diag(Q^T L Q)`` and ``v`` is permuted
+   the same way, so each coordinate of ``v`` keeps following the same direction; ``v`` is
+   not otherwise transformed. The momentum is linear in the gradients, so it is carried into
+   the new basis exactly, ``m' <- m' x_i (Q_new^T Q_old)``: the same as keeping it in the
+   parameter's coordinates and rotating it every step, one rotation per step cheaper.
+   The bases of all due factors of one size, across all parameters, are refreshed in one
+   batched call. A graded diagonal of relative size
+   ``TIE_BREAK`` (``1e-4`` of the mean eigenvalue) is added to each factor for the refresh
+   only: directions no gradient has reached yet have a repeated zero eigenvalue, whose
+   eigenvectors rounding alone would pick; the diagonal picks them (towards the coordinate
+   axes) continuously in the gradients.
+
+The basis used at step ``t`` is built from gradients of steps ``< t`` only, never from the
+gradient it rotates. There is no grafting: the step size is Adam's, in the rotated basis.
+
+Shapes: size-1 dims are dropped and adjacent dims merged while their product stays
+``<= block_size``; longer dims are cut into blocks. A tensor with two or more dims that
+merges into one (a 24x12 matrix with ``block_size >= 288``) gets one factor over the merged
+dim. True 1-d tensors (biases, norms) and 0-d tensors run plain Adam unless
+``precondition_1d=True`` (then one factor per block of the vector). All optimizer state is
+float32 whatever the parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .._validation import check_betas, check_bool, check_choice, check_float, check_int
+from ..blocking import BlockPlan
+from ..kernels import kron
+from ..kernels.eigenbasis import (
+    BASIS_METHODS,
+    mode_product,
+    orthogonality_error,
+    permute_axis,
+    refresh_bases,
+    rotate,
+    tie_break,
+    unrotate,
+)
+from ..kernels.grafting import bias_correction, graft_direction, update_second_moment
+from .base import SecondOrderOptimizer
+
+__all__ = ["SOAP"]
+
+#: relative size of the graded diagonal added to each factor before a basis refresh
+#: (:func:`secondorder.kernels.eigenbasis.tie_break`)
+TIE_BREAK = 1e-4
+#: gradients up to ``2**SAFE_EXP`` in magnitude are used unscaled (see ``SOAP._rescale``)
+SAFE_EXP = 24.0
+
+
+class SOAP(SecondOrderOptimizer):
+    """SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (see the module docstring).
+
+    Args:
+        params: iterable of parameters or param-group dicts.
+        lr: learning rate (>= 0).
+        betas: ``(beta1, beta2)``: momentum EMA in [0, 1) and second-moment EMA in [0, 1]
+            (``1``: running sum).
+        eps: Adam's epsilon, added to ``sqrt(v)`` (> 0).
+        weight_decay: decoupled weight decay (AdamW style, >= 0).
+        block_size: maximum size of a preconditioned dimension (>= 1).
+        precondition_frequency: refresh the bases every this many steps (>= 1).
+        start_preconditioning_step: first step that uses an eigenbasis (>= 2); the first
+            basis is computed after step ``start_preconditioning_step - 1`` from the factors
+            of the steps so far. Earlier steps are plain Adam.
+        shampoo_beta: EMA coefficient of the Kronecker factors in [0, 1] (1: running sums);
+            ``None``: ``beta2``.
+        basis_method: how bases after the first are refreshed: ``"qr"`` (one power/QR step
+            from the previous basis, as the paper does) or ``"eigh"`` (exact).
+        precondition_1d: rotate true 1-d tensors too (one factor per block) instead of Adam.
+        nonfinite: ``"skip"`` or ``"raise"`` for steps with NaN/Inf gradients (see base).
+    """
+
+    _param_shaped_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        block_size: int = 1024,
+        precondition_frequency: int = 10,
+        start_preconditioning_step: int = 2,
+        shampoo_beta: float | None = None,
+        basis_method: str = "qr",
+        precondition_1d: bool = False,
+        *,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            block_size=block_size,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            shampoo_beta=shampoo_beta,
+            basis_method=basis_method,
+            precondition_1d=precondition_1d,
+        )
+        self._plans: dict[tuple[Any, ...], BlockPlan | None] = {}
+        self._warned: set[str] = set()
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # --------------------------------------------------------------- validation
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_float("lr", group["lr"], low=0.0)
+        group["betas"] = check_betas(group["betas"], allow_beta2_one=True)
+        check_float("eps", group["eps"], low=0.0, low_open=True)
+        check_float("weight_decay", group["weight_decay"], low=0.0)
+        check_int("block_size", group["block_size"], low=1)
+        check_int("precondition_frequency", group["precondition_frequency"], low=1)
+        check_int("start_preconditioning_step", group["start_preconditioning_step"], low=2)
+        if group["shampoo_beta"] is not None:
+            check_float("shampoo_beta", group["shampoo_beta"], low=0.0, high=1.0)
+        check_choice("basis_method", group["basis_method"], BASIS_METHODS)
+        check_bool("precondition_1d", group["precondition_1d"])
+
+    # ------------------------------------------------------------------- shapes
+    def _plan(self, p: torch.Tensor, group: dict[str, Any]) -> BlockPlan | None:
+        """The block plan of ``p``, or ``None`` when ``p`` runs plain Adam."""
+        key = (tuple(p.shape), group["block_size"], group["precondition_1d"])
+        if key not in self._plans:
+            plan = BlockPlan(p.shape, group["block_size"])
+            nonunit = sum(1 for d in p.shape if d != 1)
+            use = plan.order >= 2 or (
+                plan.order == 1 and (nonunit >= 2 or group["precondition_1d"])
+            )
+            self._plans[key] = plan if use else None
+        return self._plans[key]
+
+    # -------------------------------------------------------------------- state
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        plan = self._plan(p, group)
+        f32 = dict(dtype=torch.float32, device=p.device)
+        state["step"] = torch.tensor(0.0)
+        state["scale_exp"] = torch.zeros((), **f32)  # see _rescale
+        momentum = group["betas"][0] > 0
+        if plan is None:
+            if momentum:
+                state["exp_avg"] = torch.zeros(p.shape, **f32)
+            state["exp_avg_sq"] = torch.zeros(p.shape, **f32)
+            return state
+        shapes = list(zip(plan.block_shapes, plan.counts))
+        if momentum:
+            state["rotated_exp_avg"] = [torch.zeros(c, *bs, **f32) for bs, c in shapes]
+        state["rotated_exp_avg_sq"] = [torch.zeros(c, *bs, **f32) for bs, c in shapes]
+        state["factors"] = [[torch.zeros(c, n, n, **f32) for n in bs] for bs, c in shapes]
+        state["bases"] = [
+            [torch.eye(n, **f32).expand(c, n, n).clone() for n in bs] for bs, c in shapes
+        ]
+        state["eigenvalues"] = [[torch.zeros(c, n, **f32) for n in bs] for bs, c in shapes]
+        state["basis_failures"] = [
+            [torch.zeros(c, dtype=torch.int64, device=p.device) for _ in bs] for bs, c in shapes
+        ]
+        state["basis_step"] = torch.tensor(0.0)  # step after which the bases were refreshed
+        return state
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        super()._check_loaded_state(p, st)
+        if not st:
+            return
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        plan = self._plan(p, group)
+        need = {"step"}
+        if plan is None:
+            need.add("exp_avg_sq")
+        else:
+            need |= {"rotated_exp_avg_sq", "factors", "bases", "eigenvalues", "basis_failures",
+                     "basis_step"}  # fmt: skip
+        missing = need - st.keys()
+        if missing:
+            raise ValueError(
+                f"SOAP state for a parameter of shape {tuple(p.shape)} lacks {sorted(missing)}: "
+                "not a SOAP state dict for these parameters and settings"
+            )
+        if plan is None:
+            return
+        expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, plan.counts)]
+        got = [[tuple(s.shape) for s in cls] for cls in st["factors"]]
+        got_v = [tuple(v.shape) for v in st["rotated_exp_avg_sq"]]
+        want_v = [(c, *bs) for bs, c in zip(plan.block_shapes, plan.counts)]
+        if expected != got or got_v != want_v:
+            raise ValueError(
+                f"SOAP state for a parameter of shape {tuple(p.shape)} has factors of shapes "
+                f"{got}, expected {expected}: the state dict does not match these parameters "
+                "or this block_size"
+            )
+
+    # --------------------------------------------------------------------- step
+    def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        due: list[tuple[dict[str, Any], int, int, str]] = []  # (state, class, axis, method)
+        for group, params in work:
+            if not params:
+                continue
+            directions = []
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, group)
+                state = self.state[p]
+                state["step"] += 1
+                t = int(state["step"].item())  # a CPU tensor: no device sync
+                g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
+                plan = self._plan(p, group)
+                g, eps = self._rescale(group, p, g, state, plan)
+                directions.append(self._direction(group, p, g, eps, state, plan, t))
+                if plan is not None:
+                    due.extend(self._update_factors(group, g, state, plan, t))
+            self._apply(group, params, directions)
+        if due:
+            self._refresh(due)
+
+    def _rescale(
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        g: torch.Tensor,
+        state: dict[str, Any],
+        plan: BlockPlan | None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Scale-aware state: the gradient divided by ``c = 2**scale_exp`` and the ``eps`` to
+        use with it (``eps / c``).
+
+        Momentum, second moments and factors are stored divided by ``c``, ``c**2`` and
+        ``c**2``: Adam's direction ``m / (sqrt(v) + eps)`` is the same for the stored values
+        with ``eps / c``, and eigenvectors do not see the scale. ``scale_exp`` stays 0 (no
+        scaling, bit for bit) while gradients stay below ``2**SAFE_EXP``; a larger gradient
+        raises it (never lowers it), and the stored values are multiplied by the exact power
+        of two that keeps them consistent, so squares and their sums cannot overflow float32.
+        No host sync: the exponent is a device scalar.
+        """
+        e_old = state.get("scale_exp")
+        if e_old is None:  # a state without one (created by an older version)
+            e_old = state["scale_exp"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        amax = g.abs().amax()
+        e_new = torch.maximum(e_old, (torch.log2(amax).ceil_() - SAFE_EXP).clamp_(min=0.0))
+        ratio = torch.exp2(e_old - e_new)  # <= 1, exactly a power of two
+        sq = ratio * ratio
+        e_old.copy_(e_new)
+        inv_c = torch.exp2(-e_new)
+        for key, r in (("exp_avg", ratio), ("exp_avg_sq", sq), ("rotated_exp_avg", ratio),
+                       ("rotated_exp_avg_sq", sq)):  # fmt: skip
+            x = state.get(key)
+            if x is not None:
+                torch._foreach_mul_(x, r) if isinstance(x, list) else x.mul_(r)
+        for stack in state.get("factors", []):
+            torch._foreach_mul_(stack, sq)
+        return g * inv_c, inv_c * group["eps"]
+
+    def _direction(
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        g: torch.Tensor,
+        eps: Any,
+        state: dict[str, Any],
+        plan: BlockPlan | None,
+        t: int,
+    ) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        scale = 1.0 / bias_correction(beta1, t) if beta1 > 0 else 1.0
+        f32 = dict(dtype=torch.float32, device=p.device)
+        if plan is None:  # plain Adam
+            m = g
+            if beta1 > 0:
+                m = state.get("exp_avg")
+                if m is None:  # momentum switched on mid-run (e.g. a cycling scheduler)
+                    m = state["exp_avg"] = torch.zeros(p.shape, **f32)
+                m.lerp_(g, 1.0 - beta1)
+            v = state["exp_avg_sq"]
+            update_second_moment("adam", v, g, beta2)
+            d = graft_direction("adam", m, v, t, beta2, eps)
+            return d.mul_(scale) if scale != 1.0 else d
+        rotated = t >= group["start_preconditioning_step"]
+        g_blocks = plan.split(g)
+        moms: list[torch.Tensor | None] = [None] * len(g_blocks)
+        if beta1 > 0:
+            moms = state.get("rotated_exp_avg")
+            if moms is None:  # momentum switched on mid-run
+                moms = state["rotated_exp_avg"] = [torch.zeros(x.shape, **f32) for x in g_blocks]
+        out = []
+        for gb, mr, v, bases in zip(g_blocks, moms, state["rotated_exp_avg_sq"], state["bases"]):
+            gr = rotate(gb, bases) if rotated else gb
+            if mr is None:
+                mr = gr
+            else:
+                mr.lerp_(gr, 1.0 - beta1)
+            update_second_moment("adam", v, gr, beta2)
+            n = graft_direction("adam", mr, v, t, beta2, eps)
+            if scale != 1.0:
+                n.mul_(scale)
+            out.append(unrotate(n, bases) if rotated else n)
+        return plan.merge(out)
+
+    @staticmethod
+    def _update_factors(
+        group: dict[str, Any], g: torch.Tensor, state: dict[str, Any], plan: BlockPlan, t: int
+    ) -> list[tuple[dict[str, Any], int, int, str]]:
+        """Accumulate this step's gradient into the factors; return the factors due a new
+        basis after this step."""
+        b = group["shampoo_beta"]
+        b = group["betas"][1] if b is None else b
+        for stack, factors in zip(plan.split(g), state["factors"]):
+            kron.update_statistics(factors, stack, b)
+        first = group["start_preconditioning_step"] - 1
+        if t < first or (t - first) % group["precondition_frequency"] != 0:
+            return []
+        method = "eigh" if float(state["basis_step"]) == 0 else group["basis_method"]
+        state["basis_step"].fill_(t)
+        return [
+            (state, c, i, method)
+            for c, bs in enumerate(plan.block_shapes)
+            for i in range(len(bs))
+        ]
+
+    def _refresh(self, due: list[tuple[dict[str, Any], int, int, str]]) -> None:
+        """New bases for all due factors, one batched call per (size, device, method)."""
+        buckets: dict[tuple[Any, ...], list[tuple[dict[str, Any], int, int]]] = {}
+        for state, c, i, method in due:
+            f = state["factors"][c][i]
+            buckets.setdefault((f.shape[-1], f.device, method), []).append((state, c, i))
+        for (_, _, method), items in buckets.items():
+            factors = [st["factors"][c][i] for st, c, i in items]
+            bases = [st["bases"][c][i] for st, c, i in items]
+            cat = (lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0])  # noqa: E731
+            res = refresh_bases(tie_break(cat(factors), TIE_BREAK), cat(bases), method)
+            sizes = [f.shape[0] for f in factors]
+            parts = zip(*(x.split(sizes) for x in res))
+            for (st, c, i), (basis, perm, eig, ok) in zip(items, parts):
+                old = st["bases"][c][i]
+                m = st.get("rotated_exp_avg")
+                if m is not None:  # re-express the momentum in the new basis (exact)
+                    m[c].copy_(mode_product(m[c], i, torch.bmm(basis.mT, old)))
+                old.copy_(basis)
+                old_eig = st["eigenvalues"][c][i]
+                old_eig.copy_(torch.where(ok[:, None], eig, old_eig))
+                st["basis_failures"][c][i].add_((~ok).long())
+                v = st["rotated_exp_avg_sq"][c]
+                v.copy_(permute_axis(v, i, perm))
+            self._warn_failures(res.ok)
+
+    def _warn_failures(self, ok: torch.Tensor) -> None:
+        """Warn once if a refresh produced a non-finite basis (kept the previous one).
+
+        Reads one flag from the device, but only on refresh steps, not on every step."""
+        if "basis" in self._warned or bool(ok.all()):
+            return
+        self._warned.add("basis")
+        warnings.warn(
+            "SOAP: a basis refresh gave non-finite values (factors out of float32 range?); "
+            "the previous basis was kept for those blocks (counted in diagnostics()['failures'])",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    @staticmethod
+    def _apply(group: dict[str, Any], params: list[torch.Tensor], dirs: list[torch.Tensor]):
+        lr, wd = group["lr"], group["weight_decay"]
+        dirs = [d.to(p.dtype) if d.dtype != p.dtype else d for p, d in zip(params, dirs)]
+        if wd != 0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_add_(params, dirs, alpha=-lr)
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        self.__dict__.setdefault("_plans", {})
+        self.__dict__.setdefault("_warned", set())
+
+    # -------------------------------------------------------------- diagnostics
+    @torch.no_grad()
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """Per rotated factor (parameter, block class, axis): the health of its eigenbasis.
+
+        Each record has ``param`` (index over all param groups), ``shape``, ``block_shape``,
+        ``axis``, ``size``, ``num_blocks``, ``step``, ``basis_age`` (steps since the bases
+        were last refreshed; ``None`` before the first basis), and per block (lists):
+        ``eigenvalue_min`` / ``eigenvalue_max`` (the factor's eigenvalue estimates at the
+        last refresh; a ratio far beyond ``1e7`` means the smallest directions are noise at
+        float32), ``orthogonality_error`` (``max |Q^T Q - I|``, which should stay near
+        float32 rounding, ``~1e-6 * size``) and ``failures`` (refreshes that gave a
+        non-finite basis and were not used). Reads device values: call it off the hot path.
+        """
+        out = []
+        idx = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "factors" in st:
+                    plan = self._plan(p, group)
+                    step = int(st["step"].item())
+                    refreshed = int(st["basis_step"].item())
+                    unscale = 4.0 ** float(st["scale_exp"]) if "scale_exp" in st else 1.0
+                    for c, bs in enumerate(plan.block_shapes):
+                        for i, n in enumerate(bs):
+                            eig = st["eigenvalues"][c][i]
+                            out.append(
+                                dict(
+                                    param=idx,
+                                    shape=tuple(p.shape),
+                                    block_shape=tuple(bs),
+                                    axis=i,
+                                    size=n,
+                                    num_blocks=plan.counts[c],
+                                    step=step,
+                                    basis_age=step - refreshed if refreshed > 0 else None,
+                                    eigenvalue_min=[
+                                        x * unscale for x in eig.amin(dim=1).tolist()
+                                    ],
+                                    eigenvalue_max=[
+                                        x * unscale for x in eig.amax(dim=1).tolist()
+                                    ],
+                                    orthogonality_error=orthogonality_error(
+                                        st["bases"][c][i]
+                                    ).tolist(),
+                                    failures=st["basis_failures"][c][i].tolist(),
+                                )
+                            )
+                idx += 1
+        return out
+
+    def state_bytes(self) -> int:
+        """Total bytes of the tensors held in the optimizer state."""
+        return sum(_tree_bytes(st) for st in self.state.values())
+
+
+def _tree_bytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_tree_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_tree_bytes(v) for v in x)
+    return 0
