@@ -1297,6 +1297,11 @@ def test_foreach_and_fused_group_hints_are_accepted(name):
 def test_grad_scaler(name):
     """``torch.amp.GradScaler`` drives the optimizer as it drives torch.optim: with a
     power-of-two scale the unscaled gradients are exact, so training is bit-identical."""
+    if base_name(name) == "AdaHessian":
+        pytest.skip(
+            "AdaHessian: GradScaler unscales .grad but not the graph its Hessian-vector "
+            "products come from (estimates are scale x too large; docs/guarantees.md)"
+        )
     m1, m2 = toy_model(), toy_model()
     train(name, m1, range(4))
     opt = make(name, m2.parameters())
