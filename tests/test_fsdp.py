@@ -49,6 +49,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+import secondorder
+import secondorder.optim.base
 from secondorder import Shampoo, SONew
 from secondorder.kernels import sonew as K
 from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
@@ -344,6 +346,16 @@ def _check_bad_input(mesh):
     holder = _Holder(mesh)
     with pytest.raises(ValueError, match="distributed=True"):
         Shampoo(holder.parameters(), distributed=True)
+    # optimizers whose math spans whole tensors refuse shards instead of a silent local step
+    for name in secondorder.__all__:
+        cls = getattr(secondorder, name)
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, secondorder.optim.base.SecondOrderOptimizer)
+            and not cls._supports_dtensor
+        ):
+            with pytest.raises(ValueError, match="does not support DTensor"):
+                cls(holder.parameters())
     opt = SONew(holder.parameters())
     holder.set_grads(0)
     holder.w.grad = distribute_tensor(holder.w.grad.full_tensor(), mesh, [Replicate()] * mesh.ndim)

@@ -130,7 +130,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         gi = len(self.param_groups)
         for pi, p in enumerate(params if not isinstance(params, set) else []):
             name = param_name(param_group, gi, pi)
-            if placement_of(p, name) is not None and getattr(self, "distributed", False):
+            sharded = placement_of(p, name) is not None
+            if sharded and not type(self)._supports_dtensor:
+                # the math of this optimizer spans whole tensors (norms, Gram matrices,
+                # orthogonalisation, layer hooks): on shards it would silently differ
+                raise ValueError(
+                    f"{type(self).__name__} does not support DTensor (FSDP2 / HSDP) parameters "
+                    f"yet, but {name} is one: use secondorder.Shampoo or secondorder.SONew on "
+                    "fully_shard models, or keep this parameter unsharded"
+                )
+            if sharded and getattr(self, "distributed", False):
                 # splitting whole tensors' work across ranks presumes every rank holds them
                 raise ValueError(
                     f"distributed=True splits the work on whole tensors across data-parallel "
@@ -183,6 +192,10 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         the shards (:meth:`ParamPlacement.all_reduce_`)."""
         cached = self.__dict__.get("_placement_view")
         return None if cached is None or cached[1] is None else cached[1].placement(p)
+
+    #: whether the optimizer's step is defined on DTensor (FSDP2 / HSDP) shards; subclasses
+    #: whose math reduces over whole tensors opt in only once they reduce over the shards
+    _supports_dtensor = False
 
     #: whether ranks holding an empty shard of a non-empty parameter still step it (needed
     #: when the subclass's step takes part in collectives over the shards)

@@ -249,6 +249,7 @@ class Shampoo(SecondOrderOptimizer):
     gradients cannot overflow them (see :meth:`diagnostics`).
     """
 
+    _supports_dtensor = True  # local shards (see docs/distributed.md)
     _param_shaped_keys = ("exp_avg", "graft_v")
     # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
     _transient_attrs = ("_rt", "_process_group")

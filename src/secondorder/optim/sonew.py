@@ -144,6 +144,7 @@ class SONew(SecondOrderOptimizer):
     (``b²/2 + 4b + 10`` for ``band = b > 1``), so that the step allocates almost nothing.
     """
 
+    _supports_dtensor = True  # local shards (see docs/distributed.md)
     _param_shaped_keys = ("exp_avg",)
     _flat_state_keys = ("band_stats",)  # (b + 1, numel): laid out along the flat parameter
     _transient_attrs = ("_scratch",)  # reusable work buffers, rebuilt lazily
