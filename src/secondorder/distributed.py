@@ -1,4 +1,6 @@
-"""Splitting Shampoo's per-block work across ``torch.distributed`` ranks (ALGORITHMS.md 1.7).
+"""Splitting Shampoo's per-block work across ``torch.distributed`` ranks.
+
+The math: docs/algorithms.md#distributed-roots.
 
 With data parallelism every rank sees the same (all-reduced) gradient, so every rank could
 compute every block's statistics, roots and preconditioned direction -- the same work

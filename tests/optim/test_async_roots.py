@@ -1,4 +1,6 @@
-"""Shampoo(async_roots=True): roots computed in a background pool (ALGORITHMS.md 1.7).
+"""Shampoo(async_roots=True): roots computed in a background pool.
+
+The math: docs/algorithms.md#asynchronous-roots.
 
 The deterministic mode is checked exactly against a synchronous Shampoo that installs every
 root ``k`` steps late (built here by deferring ``_store_root``, independently of the worker,

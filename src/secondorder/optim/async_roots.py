@@ -1,4 +1,6 @@
-"""Inverse roots computed off the hot path, in a background thread pool (ALGORITHMS.md 1.7).
+"""Inverse roots computed off the hot path, in a background thread pool.
+
+The math: docs/algorithms.md#asynchronous-roots.
 
 The optimizer hands a *job* -- a function and a snapshot of the statistics it needs -- to
 :class:`AsyncRootWorker` and goes on training with the roots it has. At the start of a later

@@ -49,7 +49,8 @@ have no Shampoo direction (those tensors, and every tensor before the first root
 All optimizer state is float32 whatever the parameter dtype; bfloat16 parameters are updated
 from float32 directions.
 
-Systems (ALGORITHMS.md 1.7): ``async_roots=True`` moves step 3 off the hot path (a snapshot
+Systems (docs/algorithms.md#asynchronous-roots): ``async_roots=True`` moves step 3 off the
+hot path (a snapshot
 of the statistics goes to a background thread pool; the roots are installed at the start of
 a later step, see :mod:`secondorder.optim.async_roots`); ``distributed=True`` gives every
 block to one rank of the process group, which alone keeps its statistics and roots and
