@@ -40,7 +40,6 @@ KNOWN_FAILURES: dict[str, str] = {
     ),
     "MFAC": "gradients of ~1e22: the float32 Gram matrix of the ring buffer overflows",
     "MKOR": "gradients of ~1e22: the base optimizer's second moment (exp_avg_sq) overflows",
-    "AdaGradNorm": "gradients of ~1e22: the running sum of squared norms (sum_sq) overflows",
 }
 
 ROWS = [r for r in contract.ROWS if contract.base_name(r) not in contract.REFERENCE]

@@ -144,10 +144,16 @@ class AdaGradNorm(SecondOrderOptimizer):
                 if wd != 0.0:
                     g = g.add(p.float(), alpha=wd)
                 grads.append(g)
+                # squared norms in float64 (a float32 square overflows above ~1.8e19) and
+                # sums saturated at the state dtype's largest value: finite gradients never
+                # make the accumulator inf
+                acc = st["sum_sq"]
+                big = torch.finfo(acc.dtype).max
                 if mode == "scalar":
-                    st["sum_sq"].add_(g.square().sum())
+                    sq = torch.linalg.vector_norm(g, dtype=torch.float64).square()
                 else:
-                    st["sum_sq"].add_(_rows(g).square().sum(1))
+                    sq = torch.linalg.vector_norm(_rows(g), dim=1, dtype=torch.float64).square()
+                acc.add_(sq.clamp_(max=big).to(acc.dtype)).clamp_(max=big)
             if mode == "scalar":
                 self._scalar_step(group, params, grads, lr)
             else:
