@@ -162,14 +162,6 @@ class RoleOptimizer(SecondOrderOptimizer):
                 raise ValueError(f"state {key!r} must be a floating-point tensor")
 
     # ------------------------------------------------------------- accounting
-    def state_bytes(self) -> int:
-        """Bytes of the tensors in the optimizer state."""
-        return sum(
-            v.numel() * v.element_size()
-            for st in self.state.values()
-            for v in st.values()
-            if isinstance(v, torch.Tensor)
-        )
 
     def state_numel(self, per_element_only: bool = False) -> int:
         """Number of values held in state tensors; ``per_element_only=True`` counts only

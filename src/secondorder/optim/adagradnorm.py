@@ -204,11 +204,3 @@ class AdaGradNorm(SecondOrderOptimizer):
             out.append(rec)
         return out
 
-    def state_bytes(self) -> int:
-        """Bytes of the tensors in the optimizer state (one float per group share or row)."""
-        return sum(
-            v.numel() * v.element_size()
-            for st in self.state.values()
-            for v in st.values()
-            if isinstance(v, torch.Tensor)
-        )

@@ -387,11 +387,3 @@ class AdaHessian(SecondOrderOptimizer):
                 idx += 1
         return out
 
-    def state_bytes(self) -> int:
-        """Total bytes of tensors held in the optimizer state."""
-        return sum(
-            t.numel() * t.element_size()
-            for st in self.state.values()
-            for t in st.values()
-            if isinstance(t, torch.Tensor)
-        )

@@ -481,6 +481,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if fn is not None and not getattr(fn, "_on_shards", False):
                 setattr(cls, name, _on_shards(fn, name))
 
+    def state_bytes(self) -> int:
+        """Bytes of the tensors held in the optimizer state (nested lists and dicts included;
+        with sharded or distributed state, this rank's share)."""
+        return sum(tree_bytes(st) for st in self.state.values())
+
     def _after_load_state_dict(self) -> None:
         """Hook for subclasses to rebuild derived (non-checkpointed) caches.
 
@@ -551,6 +556,17 @@ for _name in _ON_SHARDS:
         _fn = SecondOrderOptimizer.__dict__[_name]
         setattr(SecondOrderOptimizer, _name, _on_shards(_fn, _name))
 del _name, _fn
+
+
+def tree_bytes(x: Any) -> int:
+    """Bytes of every tensor in a nested structure of dicts, lists and tuples."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tree_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tree_bytes(v) for v in x)
+    return 0
 
 
 def _tree_to_device(x: Any, p: torch.Tensor) -> Any:

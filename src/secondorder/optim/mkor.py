@@ -761,10 +761,6 @@ class MKOR(SecondOrderOptimizer):
                 idx += 1
         return out
 
-    def state_bytes(self) -> int:
-        """Bytes of all tensors in the state: factors, counters and the base's state."""
-        return sum(_tree_bytes(st) for st in self.state.values())
-
 
 def _factor_health(p: torch.Tensor | None) -> dict[str, float] | None:
     if p is None:
@@ -774,12 +770,3 @@ def _factor_health(p: torch.Tensor | None) -> dict[str, float] | None:
     cond = float(s[0] / s[-1]) if s[-1] > 0 else math.inf
     return {"max_abs": float(f.abs().max()), "cond": cond}
 
-
-def _tree_bytes(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, dict):
-        return sum(_tree_bytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_tree_bytes(v) for v in x)
-    return 0

@@ -95,7 +95,7 @@ from ..kernels.grafting import (
 )
 from ..kernels.roots import RootResult, inverse_root, root_workspace_bytes
 from .async_roots import AsyncRootWorker, Snapshot, snapshot
-from .base import SecondOrderOptimizer
+from .base import SecondOrderOptimizer, tree_bytes
 
 #: gradient entries are saturated at this magnitude (see the step)
 _GRAD_LIMIT = 2.0**63
@@ -1205,7 +1205,7 @@ class Shampoo(SecondOrderOptimizer):
         names = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
         for st in self.state.values():
             for k, v in st.items():
-                parts[names.get(k, "other")] += _tree_bytes(v)
+                parts[names.get(k, "other")] += tree_bytes(v)
         rt = self._rt
         return dict(
             state_bytes=sum(parts.values()),
@@ -1217,22 +1217,6 @@ class Shampoo(SecondOrderOptimizer):
             contained_failures=dict(rt.failure_counts),
         )
 
-    def state_bytes(self) -> int:
-        """Total bytes of tensors held in the optimizer state (this rank's, when distributed)."""
-        total = 0
-        for st in self.state.values():
-            total += _tree_bytes(st)
-        return total
-
-
-def _tree_bytes(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, dict):
-        return sum(_tree_bytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_tree_bytes(v) for v in x)
-    return 0
 
 
 def _chunks(factors: list[_DueFactor], rows: int | None) -> list[list[tuple[_DueFactor, int, int]]]:

@@ -449,16 +449,3 @@ class SOAP(SecondOrderOptimizer):
                 idx += 1
         return out
 
-    def state_bytes(self) -> int:
-        """Total bytes of the tensors held in the optimizer state."""
-        return sum(_tree_bytes(st) for st in self.state.values())
-
-
-def _tree_bytes(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, dict):
-        return sum(_tree_bytes(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return sum(_tree_bytes(v) for v in x)
-    return 0

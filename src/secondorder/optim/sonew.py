@@ -609,14 +609,6 @@ class SONew(SecondOrderOptimizer):
         rec["guarded_columns"] = float(dropped.any(0).double().mean())
         return rec
 
-    def state_bytes(self) -> int:
-        """Bytes of the tensors in the optimizer state (what ``state_dict`` saves)."""
-        return sum(
-            v.numel() * v.element_size()
-            for st in self.state.values()
-            for v in st.values()
-            if isinstance(v, torch.Tensor)
-        )
 
     def scratch_bytes(self) -> int:
         """Bytes of the reusable work buffers (not state, not saved; see the class doc)."""
