@@ -18,7 +18,6 @@ gives the extra table lines and :func:`write_batch_plot` the ``batch_size.png`` 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +32,16 @@ from . import health
 from .errors import BenchUsageError
 from .optimizers import Built, parse_value
 from .progress import Progress
-from .training import Plan, _backward, _Timer, lr_factor, make_model, smooth, state_bytes
+from .training import (
+    Plan,
+    _backward,
+    _evaluate,
+    _Timer,
+    lr_factor,
+    make_model,
+    run_record,
+    state_bytes,
+)
 
 BATCH_PLOT_FILE = "batch_size.png"
 KEYS = ("test", "eta", "theta", "nu", "max_batch", "max_micro_batch", "per_layer", "interval",
@@ -146,15 +154,7 @@ def train_run_adaptive(
         progress.start(label, plan.order.shape[0])  # in constant-batch steps of examples
     wall_start = time.perf_counter()
 
-    def evaluate(at: int) -> None:
-        if not val or val[-1]["step"] != at:
-            model.eval()
-            value = workload.validation_loss(model)
-            model.train()
-            if value is not None:
-                val.append({"step": at, "loss": value})
-
-    evaluate(0)
+    _evaluate(model, workload, val, 0)
     while seen < total:
         step += 1
         bplan = controller.plan
@@ -165,7 +165,7 @@ def train_run_adaptive(
         loss_sum = torch.zeros((), device=plan.device)
         for chunk, idx in zip(micro, index.split(bplan.micro_batch)):
             loss = workload.loss(model, chunk) * (idx.numel() / index.numel())
-            _backward(loss, built.create_graph)
+            _backward(loss, built)
             loss_sum = loss_sum + loss.detach().float()
         stats = grads = segments = None
         if controller.needs_test:
@@ -191,7 +191,7 @@ def train_run_adaptive(
         lr.update(seen)
         peak = max(peak, state_bytes(optimizer))
         if seen // eval_examples > before // eval_examples or seen >= total:
-            evaluate(step)
+            _evaluate(model, workload, val, step)
             health_now = health.sample(optimizer)
             if health_now is not None:
                 samples.append({"step": step, **health_now})
@@ -207,36 +207,12 @@ def train_run_adaptive(
     wall = time.perf_counter() - wall_start
     optimizer.zero_grad(set_to_none=True)
 
-    step_seconds = timer.seconds()[: len(losses)]
-    train_loss = [float(v) for v in torch.stack(losses).cpu()] if losses else []
-    window = max(1, min(plan.window, len(train_loss) // 20))
-    smoothed = smooth(train_loss, window)
-    cumulative, acc = [], 0.0
-    for s in step_seconds:
-        acc += s
-        cumulative.append(acc)
+    window = max(1, min(plan.window, len(losses) // 20))
     return {
-        "status": status,
-        "error": error,
-        "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "hyperparameters": built.kwargs,
-        "resolved_hyperparameters": dict(optimizer.defaults),
-        "create_graph": built.create_graph,
-        "steps_run": len(train_loss),
-        "train_loss": train_loss,
-        "train_loss_smoothed": smoothed,
-        "val_loss": val,
-        "step_seconds": step_seconds,
-        "cumulative_seconds": cumulative,
-        "final_train_loss": smoothed[-1] if smoothed else None,
-        "final_val_loss": val[-1]["loss"] if val else None,
-        "train_seconds": acc,
-        "wall_seconds": wall,
-        "mean_step_seconds": acc / len(step_seconds) if step_seconds else None,
-        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
-        "peak_state_bytes": peak,
-        "health": samples,
-        "warnings": [],
+        **run_record(
+            built=built, status=status, error=error, losses=losses, timer=timer,
+            window=window, val=val, samples=samples, peak=peak, wall=wall, warnings=[],
+        ),
         "batch_schedule": schedule.text,
         "smoothing_window": window,
         "batch_sizes": sizes,

@@ -139,8 +139,11 @@ class Plan:
     window: int
 
 
-def _backward(loss: torch.Tensor, create_graph: bool) -> None:
-    if not create_graph:
+def _backward(loss: torch.Tensor, built: Built) -> None:
+    """``loss.backward()``, building the graph of the gradients when the optimizer asks for
+    it; read before every backward: an optimizer may need the graph only on some steps
+    (AdaHessian with ``update_every > 1``)."""
+    if not (built.create_graph and getattr(built.optimizer, "create_graph", False) is True):
         loss.backward()
         return
     with warnings.catch_warnings():
@@ -148,6 +151,65 @@ def _backward(loss: torch.Tensor, create_graph: bool) -> None:
         # the loop sets every grad to None before the next backward, which breaks it
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         loss.backward(create_graph=True)
+
+
+def _evaluate(model: nn.Module, workload: Any, val: list[dict[str, float]], step: int) -> None:
+    """Append the validation loss at ``step`` to ``val`` (once per step; none if the
+    workload has no validation split)."""
+    if not val or val[-1]["step"] != step:
+        model.eval()
+        value = workload.validation_loss(model)
+        model.train()
+        if value is not None:
+            val.append({"step": step, "loss": value})
+
+
+def run_record(
+    *,
+    built: Built,
+    status: str,
+    error: str | None,
+    losses: list[torch.Tensor],
+    timer: _Timer,
+    window: int,
+    val: list[dict[str, float]],
+    samples: list[dict[str, float]],
+    peak: int,
+    wall: float,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """The measured part of a results.json record, from what a training loop collected."""
+    optimizer = built.optimizer
+    step_seconds = timer.seconds()[: len(losses)]
+    train_loss = [float(v) for v in torch.stack(losses).float().cpu()] if losses else []
+    smoothed = smooth(train_loss, window)
+    cumulative, acc = [], 0.0
+    for s in step_seconds:
+        acc += s
+        cumulative.append(acc)
+    return {
+        "status": status,
+        "error": error,
+        "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "hyperparameters": built.kwargs,
+        "resolved_hyperparameters": dict(optimizer.defaults),
+        "create_graph": built.create_graph,
+        "steps_run": len(train_loss),
+        "train_loss": train_loss,
+        "train_loss_smoothed": smoothed,
+        "val_loss": val,
+        "step_seconds": step_seconds,
+        "cumulative_seconds": cumulative,
+        "final_train_loss": smoothed[-1] if smoothed else None,
+        "final_val_loss": val[-1]["loss"] if val else None,
+        "train_seconds": acc,
+        "wall_seconds": wall,
+        "mean_step_seconds": acc / len(step_seconds) if step_seconds else None,
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
+        "peak_state_bytes": peak,
+        "health": samples,
+        "warnings": warnings,
+    }
 
 
 def make_model(plan: Plan) -> nn.Module:
@@ -175,7 +237,7 @@ def train_run(
     )
 
     # one untimed forward/backward so that the first timed step is not a cold start
-    _backward(workload.loss(model, workload.train_batch(plan.order[0])), built.create_graph)
+    _backward(workload.loss(model, workload.train_batch(plan.order[0])), built)
     optimizer.zero_grad(set_to_none=True)
 
     timer = _Timer(plan.device)
@@ -188,23 +250,13 @@ def train_run(
         progress.start(label, steps)
     wall_start = time.perf_counter()
 
-    def evaluate(step: int) -> None:
-        if not val or val[-1]["step"] != step:
-            model.eval()
-            value = workload.validation_loss(model)
-            model.train()
-            if value is not None:
-                val.append({"step": step, "loss": value})
-
-    evaluate(0)
+    _evaluate(model, workload, val, 0)
     for step in range(1, steps + 1):
         batch = workload.train_batch(plan.order[step - 1])
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         loss = workload.loss(model, batch)
-        # read before every backward: an optimizer may need the graph only on some steps
-        # (AdaHessian with update_every > 1)
-        _backward(loss, built.create_graph and getattr(optimizer, "create_graph", False) is True)
+        _backward(loss, built)
         try:
             optimizer.step()
         except FloatingPointError as exc:  # an optimizer told to raise on non-finite input
@@ -216,7 +268,7 @@ def train_run(
         scheduler.step()
         peak = max(peak, state_bytes(optimizer))
         if step % plan.eval_every == 0 or step == steps:
-            evaluate(step)
+            _evaluate(model, workload, val, step)
             health_now = health.sample(optimizer)
             if health_now is not None:
                 samples.append({"step": step, **health_now})
@@ -232,34 +284,8 @@ def train_run(
     wall = time.perf_counter() - wall_start
     optimizer.zero_grad(set_to_none=True)  # drop a create_graph graph held by the grads
 
-    step_seconds = timer.seconds()[: len(losses)]
-    train_loss = [float(v) for v in torch.stack(losses).float().cpu()] if losses else []
-    smoothed = smooth(train_loss, plan.window)
-    cumulative, acc = [], 0.0
-    for s in step_seconds:
-        acc += s
-        cumulative.append(acc)
-    notes = [n for n in [health.warm_up_note(optimizer, len(train_loss), label)] if n]
-    return {
-        "status": status,
-        "error": error,
-        "optimizer_class": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        "hyperparameters": built.kwargs,
-        "resolved_hyperparameters": dict(optimizer.defaults),
-        "create_graph": built.create_graph,
-        "steps_run": len(train_loss),
-        "train_loss": train_loss,
-        "train_loss_smoothed": smoothed,
-        "val_loss": val,
-        "step_seconds": step_seconds,
-        "cumulative_seconds": cumulative,
-        "final_train_loss": smoothed[-1] if smoothed else None,
-        "final_val_loss": val[-1]["loss"] if val else None,
-        "train_seconds": acc,
-        "wall_seconds": wall,
-        "mean_step_seconds": acc / len(step_seconds) if step_seconds else None,
-        "median_step_seconds": statistics.median(step_seconds) if step_seconds else None,
-        "peak_state_bytes": peak,
-        "health": samples,
-        "warnings": notes,
-    }
+    notes = [n for n in [health.warm_up_note(optimizer, len(losses), label)] if n]
+    return run_record(
+        built=built, status=status, error=error, losses=losses, timer=timer,
+        window=plan.window, val=val, samples=samples, peak=peak, wall=wall, warnings=notes,
+    )
