@@ -372,6 +372,7 @@ def _dist_worker(rank, world, init_file, out_dir):
             json.dump({"count": red.count, "mean": red.mean.tolist(), "m2": red.m2.tolist()}, f)
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # checks passed: skip interpreter teardown (gloo threads can abort it)
 
 
 @pytest.mark.distributed

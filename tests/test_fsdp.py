@@ -365,6 +365,12 @@ def _check_bad_input(mesh):
     assert before["state"] == opt.state_dict()["state"] == {}
 
 
+def _mark(tmp, rank, stage):
+    """Append the stage a rank reached to its own file (read back when a rank dies)."""
+    with open(os.path.join(tmp, f"stages-{rank}.txt"), "a") as f:
+        f.write(stage + "\n")
+
+
 def _worker(rank, world, init_file, tmp, names):
     torch.set_num_threads(1)
     # a collective that some rank never joins would hang: dump every stack and exit instead
@@ -373,24 +379,42 @@ def _worker(rank, world, init_file, tmp, names):
     try:
         meshes = _meshes(world)
         for label, mesh in meshes:
-            if "shampoo" in names:
-                _check_shampoo_local(mesh)
-            if "sonew" in names:
-                _check_sonew_cut_links(mesh)
-            if "dcp" in names:
-                _check_dcp_round_trip(mesh, tmp, label)
+            for name, check, args in (
+                ("shampoo", _check_shampoo_local, (mesh,)),
+                ("sonew", _check_sonew_cut_links, (mesh,)),
+                ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
+            ):
+                if name in names:
+                    _mark(tmp, rank, f"{name}:{label}")
+                    check(*args)
         if "bad" in names:
+            _mark(tmp, rank, "bad")
             _check_bad_input(meshes[0][1])
         if "reshard" in names:
+            _mark(tmp, rank, "reshard")
             _check_reshard(meshes, tmp)
+        _mark(tmp, rank, "barrier")
         dist.barrier()
     finally:
         faulthandler.cancel_dump_traceback_later()
         dist.destroy_process_group()
+    _mark(tmp, rank, "done")
+    # Every check passed and the process group is gone. Interpreter teardown with gloo's C++
+    # worker threads alive can still abort the process (rarely, under load: "terminate called
+    # without an active exception"), which would fail a run whose checks all passed, so leave
+    # without it. Failures above raise before this line and reach the parent as usual.
+    os._exit(0)
 
 
 def _spawn(world, tmp_path, names):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), names), nprocs=world)
+    try:
+        mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), names), nprocs=world)
+    except mp.ProcessExitedException as err:
+        stages = {}
+        for rank in range(world):
+            path = tmp_path / f"stages-{rank}.txt"
+            stages[rank] = path.read_text().split() if path.exists() else []
+        raise AssertionError(f"a rank died ({err}); stages reached per rank: {stages}") from err
 
 
 @pytest.mark.distributed
