@@ -76,14 +76,6 @@ from .._validation import (
     check_int,
 )
 from ..blocking import BlockPlan
-from ..distributed import (
-    COMMUNICATION_DTYPES,
-    BlockLayout,
-    Communicator,
-    check_process_group,
-    is_block_state,
-    localize_state,
-)
 from ..kernels import kron
 from ..kernels.grafting import (
     GRAFT_KINDS,
@@ -94,7 +86,15 @@ from ..kernels.grafting import (
     update_second_moment,
 )
 from ..kernels.roots import RootResult, inverse_root, root_workspace_bytes
-from .async_roots import AsyncRootWorker, Snapshot, snapshot
+from ..placement.async_roots import AsyncRootWorker, Snapshot, snapshot
+from ..placement.ddp import (
+    COMMUNICATION_DTYPES,
+    BlockLayout,
+    Communicator,
+    check_process_group,
+    is_block_state,
+    localize_state,
+)
 from .base import SecondOrderOptimizer, tree_bytes
 
 #: gradient entries are saturated at this magnitude (see the step)
