@@ -85,16 +85,15 @@ from ..kernels.grafting import (
     graft_rescale,
     update_second_moment,
 )
-from ..kernels.roots import RootResult, inverse_root, root_workspace_bytes
-from ..placement.async_roots import AsyncRootWorker, Snapshot, snapshot
+from ..kernels.roots import RootResult, inverse_root
 from ..placement.ddp import (
     COMMUNICATION_DTYPES,
     BlockLayout,
-    Communicator,
     check_process_group,
-    is_block_state,
     localize_state,
 )
+from ..placement.roots import IDLE, DueFactor
+from ..placement.runtime import Runtime
 from .base import SecondOrderOptimizer, tree_bytes
 
 #: gradient entries are saturated at this magnitude (see the step)
@@ -114,27 +113,6 @@ class RootFailureError(RuntimeError):
 
 
 @dataclass
-class _DueFactor:
-    """One factor stack (all blocks of one size class and axis of a parameter) due a new root."""
-
-    state: dict[str, Any]
-    cls: int
-    axis: int
-    matrix: torch.Tensor  # (B, n, n) bias-corrected statistics
-    exponent: int
-    key: int = -1  # index of the parameter over all param groups
-    group: dict[str, Any] | None = None  # its param group (root settings)
-    scale: torch.Tensor | None = None  # (B,) statistics scale: true statistics = scale^2 * matrix
-    bc: float = 1.0  # bias correction: the root is of ``scale^2 * matrix / bc``
-
-    @property
-    def size(self) -> int:
-        """``n`` of the factor's ``n x n`` matrices (``matrix`` may be packed)."""
-        m = self.matrix.shape[-1]
-        return m if self.matrix.dim() == 3 else kron.packed_dim(m)
-
-
-@dataclass
 class _Item:
     """One parameter's share of a step, prepared before anything is modified."""
 
@@ -149,25 +127,6 @@ class _Item:
     a: torch.Tensor | None  # graft direction, set while stage 2 preconditions this tensor
     due: bool = False
     new: dict[str, Any] = field(default_factory=dict)  # state entries created by this step
-
-
-class _Runtime:
-    """Per-process helpers, rebuilt lazily: never pickled, copied or checkpointed."""
-
-    def __init__(self) -> None:
-        self.sig: Any = None
-        self.params: list[torch.Tensor] = []  # all params, in param-group order
-        self.keys: dict[int, int] = {}  # id(param) -> index in ``params``
-        self.comm: Communicator | None = None
-        self.layout: BlockLayout | None = None  # None: every block is local
-        self.worker: AsyncRootWorker | None = None
-        self.warned: set[tuple[str, ...]] = set()  # kinds of failure already warned about
-        self.peak_root_bytes = 0  # largest solver workspace of one chunk (estimate)
-        self.last_root_bytes = 0
-        self.root_chunks = 0
-        self.escalations: list[tuple[str, int, int]] = []
-        self.failure_counts: dict[str, int] = {}  # contained failures by kind
-        self.loading_shard = False  # load_state_dict of a distributed_shard is in progress
 
 
 class Shampoo(SecondOrderOptimizer):
@@ -254,6 +213,7 @@ class Shampoo(SecondOrderOptimizer):
     _param_shaped_keys = ("exp_avg", "graft_v")
     # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
     _transient_attrs = ("_rt", "_process_group")
+    _plan_keys = ("block_size", "precondition_1d")  # group settings the block plans depend on
 
     def __init__(
         self,
@@ -305,7 +265,7 @@ class Shampoo(SecondOrderOptimizer):
         )
         self._process_group = check_process_group(process_group)
         self._clock = 0  # number of updating steps: the time base of async_roots
-        self._rt = _Runtime()
+        self._rt = Runtime()
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -438,11 +398,7 @@ class Shampoo(SecondOrderOptimizer):
             )
         if plan is None:
             return
-        counts = plan.counts
-        rt = self._rt
-        if rt.loading_shard and rt.layout is not None:  # a rank's shard: its own blocks only
-            key = rt.keys[id(p)]
-            counts = [len(rt.layout.owned(key, c)) for c in range(len(counts))]
+        counts = self._rt.local_counts(p, plan.counts)  # a rank's shard: its own blocks only
         if group["packed_statistics"]:
             expected = [
                 [(c, kron.packed_size(n)) for n in bs] for bs, c in zip(plan.block_shapes, counts)
@@ -458,41 +414,9 @@ class Shampoo(SecondOrderOptimizer):
             )
 
     # ----------------------------------------------------------------- runtime
-    def _runtime(self) -> _Runtime:
-        """Parameter index, communicator, block layout and root worker (built lazily)."""
-        rt = self._rt
-        sig = tuple(
-            (len(g["params"]), g["block_size"], g["precondition_1d"]) for g in self.param_groups
-        )
-        if rt.sig != sig:
-            pairs = [(g, p) for g in self.param_groups for p in g["params"]]
-            if rt.layout is not None and any(
-                any(is_block_state(v) for v in st.values()) for st in self.state.values()
-            ):
-                raise RuntimeError(
-                    "Shampoo(distributed=True): parameters changed after the first step; the "
-                    "block assignment cannot change once state exists"
-                )
-            rt.params = [p for _, p in pairs]
-            rt.keys = {id(p): i for i, p in enumerate(rt.params)}
-            if self.distributed and rt.comm is None:
-                rt.comm = Communicator(self._process_group, self.communication_dtype)
-            if rt.comm is not None and rt.comm.world_size > 1:
-                entries = []
-                for i, (g, p) in enumerate(pairs):
-                    plan = self._plan(p, g)
-                    if plan is not None:
-                        entries.append((i, plan.block_shapes, plan.counts))
-                rt.layout = BlockLayout(entries, rt.comm.world_size, rt.comm.rank)
-            rt.sig = sig
-        if self.async_roots and rt.worker is None:
-            staleness = self.async_staleness or min(
-                g["precondition_frequency"] for g in self.param_groups
-            )
-            rt.worker = AsyncRootWorker(
-                self.async_workers, staleness, self.async_deterministic_delay
-            )
-        return rt
+    def _runtime(self) -> Runtime:
+        """Parameter index, block ownership and root scheduler (:mod:`secondorder.placement`)."""
+        return self._rt.refresh(self, _solve_bucket)
 
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
@@ -510,11 +434,9 @@ class Shampoo(SecondOrderOptimizer):
             it.state["step"] += 1
             if it.plan is not None:
                 self._accumulate(it, layout)
-        if rt.worker is not None and len(rt.worker):
-            with self._contained("install", "finished async roots were not installed"):
-                self._install(rt.worker.collect(self._clock))
-        due: list[_DueFactor] = []
-        first: list[_DueFactor] = []  # async: a tensor's first roots are computed now
+        rt.roots.collect(self, rt, self._clock)
+        due: list[DueFactor] = []
+        first: list[DueFactor] = []  # async: a tensor's first roots are computed now
         for it in items:
             if it.due:
                 with self._contained("roots", "a tensor's roots were not refreshed this step"):
@@ -522,10 +444,10 @@ class Shampoo(SecondOrderOptimizer):
                     late = self.async_roots and it.t > self._start(it.group)
                     (due if late else first).extend(factors)
         if first:
-            self._refresh_roots(first)
+            rt.roots.solve_now(self, first)
         if due:
             with self._contained("async-submit", "this step's async root job was not started"):
-                self._submit_roots(due)
+                rt.roots.submit(self, rt, due, self._clock)
         directions = []
         for it in items:
             d = self._direction(it, layout)
@@ -534,18 +456,7 @@ class Shampoo(SecondOrderOptimizer):
             else:
                 directions.append(d)
         if layout is not None:  # a collective: a failure here is not contained
-            exchange = [
-                (it.key, c, d, it.plan.counts[c])
-                for it, ds in zip(items, directions)
-                if isinstance(ds, list)
-                for c, d in enumerate(ds)
-            ]
-            full = iter(rt.comm.exchange(layout, exchange))
-            directions = [
-                it.plan.merge([next(full) for _ in ds]) if isinstance(ds, list) else ds
-                for it, ds in zip(items, directions)
-            ]
-            for it, d in zip(items, directions):
+            for it, d in zip(items, rt.gather_directions(items, directions)):
                 self._apply_direction(it.group, it.p, d)
         self._escalate()
 
@@ -561,7 +472,7 @@ class Shampoo(SecondOrderOptimizer):
                 "was applied.",
             )
 
-    def _prepare(self, rt: _Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
+    def _prepare(self, rt: Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
         """Stage 1 for one parameter: gradient, new state, graft direction. Modifies nothing.
 
         Momentum, graft accumulator and graft direction are computed out of place here (so
@@ -645,7 +556,7 @@ class Shampoo(SecondOrderOptimizer):
 
     def _due_factors(
         self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int, key: int = -1
-    ) -> list[_DueFactor]:
+    ) -> list[DueFactor]:
         bc = bias_correction(group["betas"][1], t)
         out = []
         for c, stats in enumerate(state["stats"]):
@@ -654,130 +565,8 @@ class Shampoo(SecondOrderOptimizer):
             for i, s in enumerate(stats):
                 if s.shape[0]:  # distributed: classes without local blocks have nothing due
                     scale = state["stat_scale"][c][i].clone()
-                    out.append(_DueFactor(state, c, i, s, exponent, key, group, scale, bc))
+                    out.append(DueFactor(state, c, i, s, exponent, key, group, scale, bc))
         return out
-
-    def _root_buckets(
-        self, due: list[_DueFactor]
-    ) -> list[tuple[tuple[Any, ...], list[_DueFactor]]]:
-        """Group due factors of equal size, exponent and settings (one batched solve each)."""
-        buckets: dict[tuple[Any, ...], list[_DueFactor]] = {}
-        for f in due:
-            group = f.group
-            method = group["root_method"]
-            if method == "auto":
-                # async roots are computed on the host from host snapshots: eigh
-                on_host = f.matrix.device.type == "cpu" or self.async_roots
-                method = "eigh" if on_host else "newton"
-            key = (
-                f.size,
-                f.exponent,
-                f.matrix.device,
-                method,
-                group["eps"],
-                group["inverse_failure_threshold"],
-            )
-            buckets.setdefault(key, []).append(f)
-        return list(buckets.items())
-
-    def _chunk_rows(self, spec: tuple[Any, ...]) -> int | None:
-        """Matrices per solver call under ``root_memory_budget`` (None: unbounded)."""
-        if self.root_memory_budget is None:
-            return None
-        n, method = spec[0], spec[3]
-        return max(1, self.root_memory_budget // root_workspace_bytes(n, method))
-
-    def _refresh_roots(self, due: list[_DueFactor]) -> None:
-        """Compute all due roots now, batching factors of equal size, exponent and settings.
-
-        Each bucket is solved in chunks that fit ``root_memory_budget``; a chunk's
-        workspace is freed before the next one starts. A solver exception rejects the
-        chunk's roots (previous roots kept, warned once, counted) instead of propagating.
-        """
-        rt = self._rt
-        for spec, factors in self._root_buckets(due):
-            rows = self._chunk_rows(spec)
-            for pieces in _chunks(factors, rows):
-                rows_here = sum(hi - lo for _, lo, hi in pieces)
-                ws = root_workspace_bytes(spec[0], spec[3], rows_here)
-                rt.peak_root_bytes = max(rt.peak_root_bytes, ws)
-                rt.last_root_bytes = ws
-                rt.root_chunks += 1
-                try:
-                    stacked = _stack_pieces(pieces)
-                    scale = torch.cat([f.scale[lo:hi] for f, lo, hi in pieces])
-                    res = _solve_bucket(spec[1:], stacked, scale)
-                    del stacked
-                except Exception as e:  # noqa: BLE001 - contained: a rejected root
-                    self._warn_once(
-                        ("root-exception", type(e).__name__),
-                        f"Shampoo: a root computation raised {type(e).__name__}: {e}. The "
-                        "affected factors keep their previous roots (counted as failures).",
-                    )
-                    res = None
-                with self._contained("roots", "new roots were not stored"):
-                    self._store_pieces(pieces, res)
-
-    def _submit_roots(self, due: list[_DueFactor]) -> None:
-        """Snapshot the due statistics and hand them to the root worker (async_roots)."""
-        payload, meta = [], []
-        for spec, factors in self._root_buckets(due):
-            pieces = [(f, 0, f.matrix.shape[0]) for f in factors]
-            stacked = _stack_pieces(pieces)  # a fresh copy: the live statistics go on changing
-            scale = torch.cat([f.scale for f in factors])
-            snap = Snapshot(stacked) if stacked.device.type == "cpu" else snapshot(stacked)
-            payload.append((spec[1:], snap, scale.cpu(), self._chunk_rows(spec)))
-            meta.append([(f.key, f.cls, f.axis, f.matrix.shape[0]) for f in factors])
-        self._rt.worker.submit(self._clock, _solve_snapshots, payload, meta=meta)
-
-    def _store_results(self, factors: list[_DueFactor], res: Any) -> None:
-        self._store_pieces([(f, 0, f.matrix.shape[0]) for f in factors], res)
-
-    def _store_pieces(self, pieces: list[tuple[_DueFactor, int, int]], res: Any) -> None:
-        """Install a solved chunk; ``res=None`` (the solver raised) rejects all its roots."""
-        offset = 0
-        for f, lo, hi in pieces:
-            n = hi - lo
-            if res is None:
-                ok = torch.zeros(n, dtype=torch.bool, device=f.matrix.device)
-                self._store_root(f.state, f.cls, f.axis, None, None, None, ok, lo, hi, f.group)
-            else:
-                part = [x[offset : offset + n] for x in res]
-                self._store_root(f.state, f.cls, f.axis, *part, lo, hi, f.group)
-            offset += n
-
-    def _install(self, finished: list[tuple[Any, Any]]) -> None:
-        """Install finished root jobs; a job that raised counts a failure for its blocks."""
-        params = self._rt.params
-        for meta, result in finished:
-            failed = isinstance(result, BaseException)
-            if failed:
-                self._warn_once(
-                    ("async-exception", type(result).__name__),
-                    f"Shampoo: an async root job raised {type(result).__name__}: {result}. "
-                    "The affected factors keep their previous roots (counted as failures).",
-                )
-            for b, bucket in enumerate(meta):
-                if failed:
-                    for key, c, i, n in bucket:
-                        st = self.state[params[key]]
-                        device = st["roots"][c][i].device
-                        ok = torch.zeros(n, dtype=torch.bool, device=device)
-                        group = self._group_of(params[key])
-                        self._store_root(st, c, i, None, None, None, ok, 0, n, group)
-                    continue
-                res = result[b]
-                device = self.state[params[bucket[0][0]]]["roots"][bucket[0][1]][0].device
-                res = type(res)(*(x.to(device, non_blocking=True) for x in res))
-                offset = 0
-                for key, c, i, n in bucket:
-                    st = self.state[params[key]]
-                    part = [x[offset : offset + n] for x in res]
-                    offset += n
-                    self._store_root(st, c, i, *part, 0, n, self._group_of(params[key]))
-
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
     def _store_root(
         self,
@@ -977,61 +766,7 @@ class Shampoo(SecondOrderOptimizer):
         return self._state_dict(gather=True)
 
     def _state_dict(self, gather: bool) -> dict[str, Any]:
-        sd = super().state_dict()
-        rt = self._runtime()
-        if rt.layout is not None and gather:
-            blocked = {
-                k: st
-                for k, st in sd["state"].items()
-                if any(is_block_state(v) for v in st.values())
-            }
-            sd["state"] = {**sd["state"], **rt.comm.gather_state(rt.layout, blocked)}
-        elif rt.layout is not None:
-            sd["distributed_shard"] = dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
-        if self.async_roots:
-            pending = self._pending_records(rt, gather)
-            sd["async_roots"] = dict(clock=self._clock, pending=pending)
-        return sd
-
-    def _pending_records(self, rt: _Runtime, gather: bool = True) -> list[dict[str, Any]]:
-        """Pending root jobs, one record per factor, with full (all-rank) block stacks
-        (``gather``, a collective when distributed) or this rank's blocks only."""
-        records = []
-        for step, meta, result in rt.worker.pending() if rt.worker is not None else []:
-            for b, bucket in enumerate(meta):
-                offset = 0
-                for key, c, i, n in bucket:
-                    if isinstance(result, BaseException):
-                        dim = self.state[rt.params[key]]["roots"][c][i].shape[-1]
-                        part = dict(
-                            root=torch.zeros(n, dim, dim),
-                            error=torch.full((n,), float("inf")),
-                            lambda_max=torch.zeros(n),
-                            ok=torch.zeros(n, dtype=torch.bool),
-                        )
-                    else:
-                        part = {
-                            name: getattr(result[b], name)[offset : offset + n].cpu()
-                            for name in ("root", "error", "lambda_max", "ok")
-                        }
-                    offset += n
-                    blocks = list(range(n)) if rt.layout is None else rt.layout.owned(key, c)
-                    records.append(dict(step=step, param=key, cls=c, axis=i, blocks=blocks, **part))
-        if rt.layout is not None and gather:  # merge the ranks' parts of each factor
-            merged: dict[tuple[int, ...], dict[str, Any]] = {}
-            for part in (r for rank in rt.comm.all_gather_object(records) for r in rank):
-                k = (part["step"], part["param"], part["cls"], part["axis"])
-                merged.setdefault(k, []).append(part)
-            records = []
-            for parts in merged.values():
-                order = torch.tensor([j for p_ in parts for j in p_["blocks"]]).argsort()
-                rec = {k: parts[0][k] for k in ("step", "param", "cls", "axis")}
-                for name in ("root", "error", "lambda_max", "ok"):
-                    rec[name] = torch.cat([p_[name] for p_ in parts])[order]
-                records.append(rec)
-        for rec in records:
-            rec.pop("blocks", None)
-        return records
+        return self._runtime().save(self, super().state_dict(), gather)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from a single-process or a distributed run (same format).
@@ -1041,64 +776,13 @@ class Shampoo(SecondOrderOptimizer):
         ``async_roots`` (this optimizer's own pending jobs are dropped), and right away
         without it.
         """
-        state_dict = dict(state_dict)
-        saved_async = state_dict.pop("async_roots", None)
-        shard = state_dict.pop("distributed_shard", None)
-        rt = self._runtime()
-        if shard is not None:
-            here = (
-                None
-                if rt.layout is None
-                else dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
-            )
-            if here != {k: shard[k] for k in ("rank", "world_size")}:
-                where = (
-                    "a single process"
-                    if here is None
-                    else f"rank {here['rank']} of {here['world_size']}"
-                )
-                raise ValueError(
-                    f"this state dict is rank {shard['rank']}'s shard of a distributed Shampoo run "
-                    f"with {shard['world_size']} ranks (from state_dict()); it cannot be loaded on "
-                    f"{where}. Load it on the same rank of a run with the same world size, or save "
-                    "the full state with full_state_dict() (a collective: call it on every rank)"
-                )
-        rt.loading_shard = shard is not None
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            rt.loading_shard = False
-        if rt.layout is not None and shard is None:
-            for key, p in enumerate(rt.params):
-                st = self.state.get(p)
-                if st and any(is_block_state(v) for v in st.values()):
-                    self.state[p] = localize_state(st, rt.layout, key)
-        if rt.worker is not None:
-            rt.worker.clear()
-        if not saved_async:
-            return
-        if self.async_roots:
-            self._clock = int(saved_async["clock"])
-        for rec in saved_async["pending"]:
-            key, c, i = rec["param"], rec["cls"], rec["axis"]
-            parts = [rec[name] for name in ("root", "error", "lambda_max", "ok")]
-            if rt.layout is not None and shard is None:
-                parts = [rt.layout.local(key, c, x) for x in parts]
-            n = parts[0].shape[0]
-            if n == 0:
-                continue
-            res = RootResult(*parts)
-            meta = [[(key, c, i, n)]]
-            if self.async_roots:
-                rt.worker.add_finished(int(rec["step"]), [res], meta=meta)
-            else:
-                self._install([(meta, [res])])
+        self._runtime().load(self, state_dict, super().load_state_dict)
 
     def _after_load_state_dict(self) -> None:
         super()._after_load_state_dict()
         # after unpickling / deepcopy: no runtime (it is transient); rebuilt lazily
         for name, value in (
-            ("_rt", _Runtime()),
+            ("_rt", Runtime()),
             ("_process_group", None),
             ("_clock", 0),
             ("async_roots", False),
@@ -1117,25 +801,14 @@ class Shampoo(SecondOrderOptimizer):
         ``wait_seconds`` (steps that had to wait for a job), ``max_staleness`` (steps) and
         ``in_flight``. Rejected (non-finite or inaccurate) roots are counted per block in
         :meth:`diagnostics`' ``failures``."""
-        w = self._rt.worker
-        if w is None:
-            return dict(
-                submitted=0,
-                installed=0,
-                exceptions=0,
-                waits=0,
-                wait_seconds=0.0,
-                max_staleness=0,
-                in_flight=0,
-            )
-        return {**w.counters, "in_flight": len(w)}
+        roots = self._rt.roots
+        return roots.diagnostics() if roots is not None else dict(IDLE)
 
     def close(self) -> None:
         """Stop the async root worker's threads now (they also stop when the optimizer is
         garbage collected and at exit). Pending jobs are dropped; the optimizer stays usable."""
-        if self._rt.worker is not None:
-            self._rt.worker.shutdown()
-            self._rt.worker = None
+        if self._rt.roots is not None:
+            self._rt.roots.close()
 
     # -------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -1211,50 +884,10 @@ class Shampoo(SecondOrderOptimizer):
             state_bytes=sum(parts.values()),
             **parts,
             root_memory_budget=self.root_memory_budget,
-            peak_root_workspace_bytes=rt.peak_root_bytes,
-            last_root_workspace_bytes=rt.last_root_bytes,
-            root_chunks=rt.root_chunks,
+            **rt.root_memory(),
             contained_failures=dict(rt.failure_counts),
         )
 
-
-
-def _chunks(factors: list[_DueFactor], rows: int | None) -> list[list[tuple[_DueFactor, int, int]]]:
-    """Cut the blocks of ``factors`` into chunks of at most ``rows`` matrices (None: one
-    chunk): each chunk is a list of ``(factor, lo, hi)`` block ranges."""
-    out: list[list[tuple[_DueFactor, int, int]]] = [[]]
-    room = rows
-    for f in factors:
-        lo, n = 0, f.matrix.shape[0]
-        while lo < n:
-            if room == 0:
-                out.append([])
-                room = rows
-            hi = n if room is None else min(n, lo + room)
-            out[-1].append((f, lo, hi))
-            if room is not None:
-                room -= hi - lo
-            lo = hi
-    return [c for c in out if c]
-
-
-def _stack_pieces(pieces: list[tuple[_DueFactor, int, int]]) -> torch.Tensor:
-    """The bias-corrected (scaled) statistics of a chunk, as one new ``(B, n, n)`` tensor."""
-    f0 = pieces[0][0]
-    rows = sum(hi - lo for _, lo, hi in pieces)
-    n = f0.size
-    out = torch.empty(rows, n, n, dtype=f0.matrix.dtype, device=f0.matrix.device)
-    offset = 0
-    for f, lo, hi in pieces:
-        part = out[offset : offset + hi - lo]
-        if f.matrix.dim() == 2:  # packed statistics
-            kron.unpack_symmetric(f.matrix[lo:hi], out=part)
-            if f.bc != 1.0:
-                part.div_(f.bc)
-        else:
-            torch.div(f.matrix[lo:hi], f.bc, out=part)
-        offset += hi - lo
-    return out
 
 
 def _solve_bucket(
@@ -1277,24 +910,3 @@ def _solve_bucket(
     root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
     lam = res.lambda_max.double() * s.square()
     return res._replace(root=root, lambda_max=lam)
-
-
-def _solve_snapshots(payload: list[tuple[Any, ...]]) -> list[RootResult]:
-    """Worker side of ``async_roots``: solve each snapshotted bucket (in chunks of at most
-    ``rows`` matrices); reject non-finite roots.
-
-    A module function that sees only the snapshots, so the optimizer can be collected while
-    it runs.
-    """
-    out = []
-    for spec, snap, scale, rows in payload:
-        matrix = snap.get()
-        step = matrix.shape[0] if rows is None else rows
-        parts = [
-            _solve_bucket(spec, matrix[lo : lo + step], scale[lo : lo + step])
-            for lo in range(0, matrix.shape[0], step)
-        ]
-        res = RootResult(*(torch.cat(x) for x in zip(*parts))) if len(parts) > 1 else parts[0]
-        finite = torch.isfinite(res.root).flatten(1).all(1)
-        out.append(res._replace(ok=res.ok & finite))
-    return out
