@@ -60,9 +60,7 @@ computes its direction in steps 2-5; the directions are all-gathered before step
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +90,11 @@ from ..placement.ddp import (
     check_process_group,
     localize_state,
 )
-from ..placement.roots import IDLE, DueFactor
+from ..placement.roots import IDLE, DueFactor, RootFailureError, store_root
 from ..placement.runtime import Runtime
 from .base import SecondOrderOptimizer, tree_bytes
+
+__all__ = ["RootFailureError", "Shampoo"]
 
 #: gradient entries are saturated at this magnitude (see the step)
 _GRAD_LIMIT = 2.0**63
@@ -104,12 +104,6 @@ MATMUL_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 ROOT_FAILURE_POLICIES = ("warn", "graft", "raise")
 #: default ``root_memory_budget``: bytes of solver workspace alive at once during a refresh
 DEFAULT_ROOT_MEMORY_BUDGET = 256 * 2**20
-
-
-class RootFailureError(RuntimeError):
-    """Raised (with ``on_root_failure="raise"``) once a factor's roots failed
-    ``max_consecutive_root_failures`` times in a row. The step that raises has been applied
-    completely (with the previous roots); the optimizer stays usable."""
 
 
 @dataclass
@@ -458,19 +452,7 @@ class Shampoo(SecondOrderOptimizer):
         if layout is not None:  # a collective: a failure here is not contained
             for it, d in zip(items, rt.gather_directions(items, directions)):
                 self._apply_direction(it.group, it.p, d)
-        self._escalate()
-
-    @contextmanager
-    def _contained(self, kind: str, consequence: str) -> Iterator[None]:
-        """Catch an exception after the commit point: warn once per kind, count, go on."""
-        try:
-            yield
-        except Exception as e:  # noqa: BLE001 - contained: the step must complete
-            self._warn_once(
-                (kind, type(e).__name__),
-                f"Shampoo: {type(e).__name__}: {e} ({kind}); {consequence}. The step itself "
-                "was applied.",
-            )
+        rt.escalate()
 
     def _prepare(self, rt: Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
         """Stage 1 for one parameter: gradient, new state, graft direction. Modifies nothing.
@@ -568,93 +550,18 @@ class Shampoo(SecondOrderOptimizer):
                     out.append(DueFactor(state, c, i, s, exponent, key, group, scale, bc))
         return out
 
-    def _store_root(
-        self,
-        state: dict[str, Any],
-        cls: int,
-        axis: int,
-        root: torch.Tensor | None,
-        err: torch.Tensor | None,
-        lam: torch.Tensor | None,
-        ok: torch.Tensor,
-        lo: int = 0,
-        hi: int | None = None,
-        group: dict[str, Any] | None = None,
-    ) -> None:
-        """Swap in new roots of blocks ``lo:hi`` where ``ok``; elsewhere keep the old ones,
-        count a failure, and warn once per kind of failure (one host read per call)."""
-        sl = slice(lo, hi)
-        old = state["roots"][cls][axis][sl]
-        if root is not None:
-            finite_root = torch.isfinite(root).flatten(1).all(1)
-            ok = ok & finite_root
-            old.copy_(torch.where(ok[:, None, None], root.to(old.dtype), old))
-            state["root_error"][cls][axis][sl].copy_(err.float())
-            lam_old = state["lambda_max"][cls][axis][sl]
-            lam = lam.to(lam_old.dtype)
-            lam_old.copy_(torch.where(torch.isfinite(lam), lam, lam_old))
-        else:
-            state["root_error"][cls][axis][sl].fill_(float("inf"))
-        state["root_failures"][cls][axis][sl].add_((~ok).long())
-        streaks = state.get("root_streak")
-        if streaks is None:  # checkpoint from before streaks were kept
-            streaks = state["root_streak"] = [
-                [torch.zeros_like(f) for f in cls_] for cls_ in state["root_failures"]
-            ]
-        streak = streaks[cls][axis][sl]
-        streak.copy_(torch.where(ok, torch.zeros_like(streak), streak + 1))
-        if bool(ok.all()):
-            return
-        if root is not None:  # (a solver exception was warned about where it was caught)
-            if not bool(finite_root.all()):
-                kind, why = "non-finite", "is not finite"
-            else:
-                kind = "residual"
-                threshold = group["inverse_failure_threshold"] if group else "?"
-                why = (
-                    f"has a residual of {err.float().max().item():.3g} >= "
-                    f"inverse_failure_threshold ({threshold})"
-                )
-            self._warn_once(
-                ("root-rejected", kind),
-                f"Shampoo: a computed inverse root {why}; it was rejected and the previous "
-                "root kept (counted in diagnostics()['failures']).",
-            )
-        if group is not None:
-            limit = group["max_consecutive_root_failures"]
-            worst = int(streak.max().item())
-            if worst >= limit:
-                self._rt.escalations.append((group["on_root_failure"], worst, limit))
+    # ---------------------------------------- failures (bookkeeping in the runtime)
+    def _store_root(self, state, cls, axis, root, err, lam, ok, lo=0, hi=None, group=None):
+        """Swap in new roots of blocks ``lo:hi`` where ``ok`` (the schedulers' install hook:
+        :func:`~secondorder.placement.roots.store_root`)."""
+        store_root(self._rt, state, cls, axis, root, err, lam, ok, lo, hi, group)
 
-    def _escalate(self) -> None:
-        """Act on factors whose roots failed ``max_consecutive_root_failures`` times in a row."""
-        rt = self._rt
-        if not rt.escalations:
-            return
-        found, rt.escalations = rt.escalations, []
-        for policy, worst, limit in found:
-            msg = (
-                f"Shampoo: a factor's inverse root failed {worst} times in a row "
-                f"(max_consecutive_root_failures={limit}); "
-            )
-            if policy == "raise":
-                raise RootFailureError(
-                    msg + "on_root_failure='raise'. The step was applied completely (with the "
-                    "previous roots). Set on_root_failure='warn' or 'graft' to train on."
-                )
-            what = (
-                "its blocks now take the graft direction until a root succeeds"
-                if policy == "graft"
-                else "training goes on with its last good root"
-            )
-            self._warn_once(("escalation", policy), msg + what + f" (on_root_failure={policy!r}).")
+    def _contained(self, kind: str, consequence: str) -> AbstractContextManager[None]:
+        """Catch an exception after the commit point: warn once per kind, count, go on."""
+        return self._rt.contained(kind, consequence)
 
     def _warn_once(self, kind: tuple[str, ...], message: str) -> None:
-        rt = self._rt
-        if kind not in rt.warned:
-            rt.warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-        rt.failure_counts[kind[0]] = rt.failure_counts.get(kind[0], 0) + 1
+        self._rt.warn_once(kind, message, stacklevel=5)
 
     def _direction(
         self, it: _Item, layout: BlockLayout | None

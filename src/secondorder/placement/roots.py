@@ -38,6 +38,8 @@ from .async_roots import AsyncRootWorker, Snapshot, snapshot
 
 __all__ = [
     "IDLE",
+    "RootFailureError",
+    "store_root",
     "AsyncRootScheduler",
     "DueFactor",
     "RootScheduler",
@@ -47,6 +49,12 @@ __all__ = [
 #: ``solve(spec, matrix, scale) -> RootResult``: ``spec`` is ``(exponent, device, method,
 #: eps, failure_threshold)``; must not reference the optimizer (it runs in worker threads)
 Solve = Callable[[tuple[Any, ...], torch.Tensor, "torch.Tensor | None"], RootResult]
+
+
+class RootFailureError(RuntimeError):
+    """Raised (with ``on_root_failure="raise"``) once a factor's roots failed
+    ``max_consecutive_root_failures`` times in a row. The step that raises has been applied
+    completely (with the previous roots); the optimizer stays usable."""
 
 
 #: :meth:`RootScheduler.diagnostics` without a worker
@@ -333,6 +341,71 @@ def make_root_scheduler(
     if asynchronous:
         return AsyncRootScheduler(solve, budget, label, workers=workers, delay=delay)
     return RootScheduler(solve, budget, label)
+
+
+def store_root(
+    rt: Any,
+    state: dict[str, Any],
+    cls: int,
+    axis: int,
+    root: torch.Tensor | None,
+    err: torch.Tensor | None,
+    lam: torch.Tensor | None,
+    ok: torch.Tensor,
+    lo: int = 0,
+    hi: int | None = None,
+    group: dict[str, Any] | None = None,
+) -> None:
+    """Swap in new roots of blocks ``lo:hi`` where ``ok``; elsewhere keep the old ones,
+    count a failure, and warn once per kind of failure (one host read per call).
+
+    ``state`` holds per-block stacks ``roots``, ``root_error``, ``lambda_max``,
+    ``root_failures`` and ``root_streak`` (consecutive failures, created if missing);
+    ``rt`` (a :class:`~secondorder.placement.runtime.Runtime`) warns and collects the
+    escalations that ``group``'s ``max_consecutive_root_failures`` calls for.
+    """
+    sl = slice(lo, hi)
+    old = state["roots"][cls][axis][sl]
+    if root is not None:
+        finite_root = torch.isfinite(root).flatten(1).all(1)
+        ok = ok & finite_root
+        old.copy_(torch.where(ok[:, None, None], root.to(old.dtype), old))
+        state["root_error"][cls][axis][sl].copy_(err.float())
+        lam_old = state["lambda_max"][cls][axis][sl]
+        lam = lam.to(lam_old.dtype)
+        lam_old.copy_(torch.where(torch.isfinite(lam), lam, lam_old))
+    else:
+        state["root_error"][cls][axis][sl].fill_(float("inf"))
+    state["root_failures"][cls][axis][sl].add_((~ok).long())
+    streaks = state.get("root_streak")
+    if streaks is None:  # checkpoint from before streaks were kept
+        streaks = state["root_streak"] = [
+            [torch.zeros_like(f) for f in cls_] for cls_ in state["root_failures"]
+        ]
+    streak = streaks[cls][axis][sl]
+    streak.copy_(torch.where(ok, torch.zeros_like(streak), streak + 1))
+    if bool(ok.all()):
+        return
+    if root is not None:  # (a solver exception was warned about where it was caught)
+        if not bool(finite_root.all()):
+            kind, why = "non-finite", "is not finite"
+        else:
+            kind = "residual"
+            threshold = group["inverse_failure_threshold"] if group else "?"
+            why = (
+                f"has a residual of {err.float().max().item():.3g} >= "
+                f"inverse_failure_threshold ({threshold})"
+            )
+        rt.warn_once(
+            ("root-rejected", kind),
+            f"{rt.label}: a computed inverse root {why}; it was rejected and the previous "
+            "root kept (counted in diagnostics()['failures']).",
+        )
+    if group is not None:
+        limit = group["max_consecutive_root_failures"]
+        worst = int(streak.max().item())
+        if worst >= limit:
+            rt.escalations.append((group["on_root_failure"], worst, limit))
 
 
 # ------------------------------------------------------------------------ helpers

@@ -16,13 +16,15 @@ its plans depend on), the system settings ``distributed``, ``_process_group``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from .ddp import BlockLayout, Communicator, is_block_state, localize_state
-from .roots import RootScheduler, Solve, make_root_scheduler
+from .roots import RootFailureError, RootScheduler, Solve, make_root_scheduler
 
 __all__ = ["Runtime"]
 
@@ -92,6 +94,49 @@ class Runtime:
             )
             self.roots.start(staleness)
         return self
+
+    # -------------------------------------------------------------- failures
+    def warn_once(self, kind: tuple[str, ...], message: str, stacklevel: int = 4) -> None:
+        """Warn the first time a kind of failure happens; count every time."""
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+        self.failure_counts[kind[0]] = self.failure_counts.get(kind[0], 0) + 1
+
+    @contextmanager
+    def contained(self, kind: str, consequence: str) -> Iterator[None]:
+        """Catch an exception after the commit point: warn once per kind, count, go on."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - contained: the step must complete
+            self.warn_once(
+                (kind, type(e).__name__),
+                f"{self.label}: {type(e).__name__}: {e} ({kind}); {consequence}. The step "
+                "itself was applied.",
+            )
+
+    def escalate(self) -> None:
+        """Act on factors whose roots failed ``max_consecutive_root_failures`` times in a row
+        (collected by :func:`~secondorder.placement.roots.store_root`)."""
+        if not self.escalations:
+            return
+        found, self.escalations = self.escalations, []
+        for policy, worst, limit in found:
+            msg = (
+                f"{self.label}: a factor's inverse root failed {worst} times in a row "
+                f"(max_consecutive_root_failures={limit}); "
+            )
+            if policy == "raise":
+                raise RootFailureError(
+                    msg + "on_root_failure='raise'. The step was applied completely (with the "
+                    "previous roots). Set on_root_failure='warn' or 'graft' to train on."
+                )
+            what = (
+                "its blocks now take the graft direction until a root succeeds"
+                if policy == "graft"
+                else "training goes on with its last good root"
+            )
+            self.warn_once(("escalation", policy), msg + what + f" (on_root_failure={policy!r}).")
 
     # ------------------------------------------------------------- ownership
     def local_counts(self, p: torch.Tensor, counts: Sequence[int]) -> list[int]:
