@@ -60,7 +60,6 @@ computes its direction in steps 2-5; the directions are all-gathered before step
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,15 +83,13 @@ from ..kernels.grafting import (
     update_second_moment,
 )
 from ..kernels.roots import RootResult, inverse_root
+from ..placement.blocked import BlockOptimizer
 from ..placement.ddp import (
-    COMMUNICATION_DTYPES,
     BlockLayout,
-    check_process_group,
     localize_state,
 )
-from ..placement.roots import IDLE, DueFactor, RootFailureError, store_root
+from ..placement.roots import DEFAULT_ROOT_MEMORY_BUDGET, DueFactor, RootFailureError
 from ..placement.runtime import Runtime
-from .base import SecondOrderOptimizer, tree_bytes
 
 __all__ = ["RootFailureError", "Shampoo"]
 
@@ -102,8 +99,6 @@ _GRAD_LIMIT = 2.0**63
 ROOT_METHODS = ("auto", "newton", "eigh")
 MATMUL_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 ROOT_FAILURE_POLICIES = ("warn", "graft", "raise")
-#: default ``root_memory_budget``: bytes of solver workspace alive at once during a refresh
-DEFAULT_ROOT_MEMORY_BUDGET = 256 * 2**20
 
 
 @dataclass
@@ -123,7 +118,29 @@ class _Item:
     new: dict[str, Any] = field(default_factory=dict)  # state entries created by this step
 
 
-class Shampoo(SecondOrderOptimizer):
+def _solve_bucket(
+    spec: tuple[Any, ...], matrix: torch.Tensor, scale: torch.Tensor | None = None
+) -> RootResult:
+    """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2).
+
+    The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
+    magnitude; the root and ``lambda_max`` are brought back to true units
+    (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
+    """
+    exponent, _, method, eps, threshold = spec
+    res = inverse_root(
+        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
+    )
+    if scale is None:
+        return res
+    s = scale.to(device=res.root.device, dtype=torch.float64)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
+    lam = res.lambda_max.double() * s.square()
+    return res._replace(root=root, lambda_max=lam)
+
+
+class Shampoo(BlockOptimizer):
     """Shampoo (Gupta et al. 2018; Anil et al. 2020, "Scalable Second Order Optimization").
 
     Args:
@@ -205,9 +222,10 @@ class Shampoo(SecondOrderOptimizer):
 
     _supports_dtensor = True  # local shards (see docs/distributed.md)
     _param_shaped_keys = ("exp_avg", "graft_v")
-    # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
-    _transient_attrs = ("_rt", "_process_group")
     _plan_keys = ("block_size", "precondition_1d")  # group settings the block plans depend on
+    _memory_parts = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
+    _root_solve = staticmethod(_solve_bucket)
+    _label = "Shampoo"
 
     def __init__(
         self,
@@ -242,24 +260,6 @@ class Shampoo(SecondOrderOptimizer):
         communication_dtype: torch.dtype = torch.float32,
         root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
     ) -> None:
-        if root_memory_budget is not None:
-            check_int("root_memory_budget", root_memory_budget, low=1)
-        self.root_memory_budget = root_memory_budget
-        self.async_roots = check_bool("async_roots", async_roots)
-        if async_staleness is not None:
-            check_int("async_staleness", async_staleness, low=1)
-        if async_deterministic_delay is not None:
-            check_int("async_deterministic_delay", async_deterministic_delay, low=1)
-        self.async_staleness = async_staleness
-        self.async_deterministic_delay = async_deterministic_delay
-        self.async_workers = check_int("async_workers", async_workers, low=1)
-        self.distributed = check_bool("distributed", distributed)
-        self.communication_dtype = check_choice(
-            "communication_dtype", communication_dtype, COMMUNICATION_DTYPES
-        )
-        self._process_group = check_process_group(process_group)
-        self._clock = 0  # number of updating steps: the time base of async_roots
-        self._rt = Runtime()
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -282,7 +282,17 @@ class Shampoo(SecondOrderOptimizer):
             on_root_failure=on_root_failure,
         )
         self._plans: dict[tuple[Any, ...], BlockPlan] = {}
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        system = dict(
+            async_roots=async_roots,
+            async_staleness=async_staleness,
+            async_deterministic_delay=async_deterministic_delay,
+            async_workers=async_workers,
+            distributed=distributed,
+            process_group=process_group,
+            communication_dtype=communication_dtype,
+            root_memory_budget=root_memory_budget,
+        )  # validated and kept by the placement layer (BlockOptimizer)
+        super().__init__(params, defaults, nonfinite=nonfinite, **system)
 
     # --------------------------------------------------------------- validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -406,11 +416,6 @@ class Shampoo(SecondOrderOptimizer):
                 f"shapes {got}, expected {expected}: the state dict does not match these "
                 "parameters or this block_size / packed_statistics"
             )
-
-    # ----------------------------------------------------------------- runtime
-    def _runtime(self) -> Runtime:
-        """Parameter index, block ownership and root scheduler (:mod:`secondorder.placement`)."""
-        return self._rt.refresh(self, _solve_bucket)
 
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
@@ -550,19 +555,6 @@ class Shampoo(SecondOrderOptimizer):
                     out.append(DueFactor(state, c, i, s, exponent, key, group, scale, bc))
         return out
 
-    # ---------------------------------------- failures (bookkeeping in the runtime)
-    def _store_root(self, state, cls, axis, root, err, lam, ok, lo=0, hi=None, group=None):
-        """Swap in new roots of blocks ``lo:hi`` where ``ok`` (the schedulers' install hook:
-        :func:`~secondorder.placement.roots.store_root`)."""
-        store_root(self._rt, state, cls, axis, root, err, lam, ok, lo, hi, group)
-
-    def _contained(self, kind: str, consequence: str) -> AbstractContextManager[None]:
-        """Catch an exception after the commit point: warn once per kind, count, go on."""
-        return self._rt.contained(kind, consequence)
-
-    def _warn_once(self, kind: tuple[str, ...], message: str) -> None:
-        self._rt.warn_once(kind, message, stacklevel=5)
-
     def _direction(
         self, it: _Item, layout: BlockLayout | None
     ) -> torch.Tensor | list[torch.Tensor]:
@@ -644,176 +636,3 @@ class Shampoo(SecondOrderOptimizer):
         if wd != 0 and group["decoupled_weight_decay"]:
             p.mul_(1.0 - lr * wd)
         p.add_(direction.to(p.dtype), alpha=-lr)
-
-    # -------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:
-        """The state dict. Never a collective: safe to call on one rank only.
-
-        Single process (or one rank): the full state. With ``distributed=True`` on several
-        ranks every rank holds only its own blocks' statistics and roots, and that is what it
-        returns: a *shard*, marked by ``"distributed_shard": {"rank", "world_size"}``, which
-        loads back on the same rank of a run with the same world size and settings. So
-        ``if rank == 0: torch.save(opt.state_dict(), path)`` never blocks the other ranks
-        (but saves only rank 0's shard); for one file holding everything, in the
-        single-process format, call :meth:`full_state_dict` on every rank. With
-        ``async_roots`` the pending root jobs are waited for (not installed) and saved under
-        ``"async_roots"`` with the step counter, so that a loaded optimizer installs them at
-        the same step as the original would have.
-        """
-        return self._state_dict(gather=False)
-
-    def full_state_dict(self) -> dict[str, Any]:
-        """The complete state in the single-process format, gathered from every rank.
-
-        A collective with ``distributed=True`` on several ranks: call it on **every** rank
-        (each gets the same dict), e.g. ``sd = opt.full_state_dict(); if rank == 0:
-        torch.save(sd, path)``. It loads into single-process and distributed runs of any
-        world size. Without a process group it equals :meth:`state_dict`.
-        """
-        return self._state_dict(gather=True)
-
-    def _state_dict(self, gather: bool) -> dict[str, Any]:
-        return self._runtime().save(self, super().state_dict(), gather)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from a single-process or a distributed run (same format).
-
-        Distributed: every rank keeps only its own blocks' statistics and roots. Pending
-        async root jobs of the checkpoint are installed at their original step with
-        ``async_roots`` (this optimizer's own pending jobs are dropped), and right away
-        without it.
-        """
-        self._runtime().load(self, state_dict, super().load_state_dict)
-
-    def _after_load_state_dict(self) -> None:
-        super()._after_load_state_dict()
-        # after unpickling / deepcopy: no runtime (it is transient); rebuilt lazily
-        for name, value in (
-            ("_rt", Runtime()),
-            ("_process_group", None),
-            ("_clock", 0),
-            ("async_roots", False),
-            ("async_staleness", None),
-            ("async_deterministic_delay", None),
-            ("async_workers", 1),
-            ("distributed", False),
-            ("communication_dtype", torch.float32),
-            ("root_memory_budget", DEFAULT_ROOT_MEMORY_BUDGET),
-        ):
-            self.__dict__.setdefault(name, value)
-
-    def async_diagnostics(self) -> dict[str, Any]:
-        """Counters of the async root worker: ``submitted``, ``installed``, ``exceptions``
-        (jobs that raised: their blocks kept their roots and count a failure), ``waits`` /
-        ``wait_seconds`` (steps that had to wait for a job), ``max_staleness`` (steps) and
-        ``in_flight``. Rejected (non-finite or inaccurate) roots are counted per block in
-        :meth:`diagnostics`' ``failures``."""
-        roots = self._rt.roots
-        return roots.diagnostics() if roots is not None else dict(IDLE)
-
-    def close(self) -> None:
-        """Stop the async root worker's threads now (they also stop when the optimizer is
-        garbage collected and at exit). Pending jobs are dropped; the optimizer stays usable."""
-        if self._rt.roots is not None:
-            self._rt.roots.close()
-
-    # -------------------------------------------------------------- diagnostics
-    @torch.no_grad()
-    def diagnostics(self) -> list[dict[str, Any]]:
-        """Per preconditioned factor: parameter index, block class, axis and root health.
-
-        Each record has ``param`` (index over all param groups), ``shape``, ``block_shape``,
-        ``axis``, ``num_blocks``, ``step``, ``root_error`` / ``lambda_max`` (lists, one
-        value per block, from the last root computation; ``lambda_max`` is the largest
-        eigenvalue of the true statistics, finite for any finite gradients), ``failures``
-        (list, number of rejected roots per block so far; a root solve that raised counts
-        one for each of its blocks) and ``streak`` (consecutive failures per block). With
-        ``distributed=True`` the lists cover this rank's blocks only, whose indices (within
-        the size class) are in ``blocks``. This reads device values: call it off the hot
-        path. Memory figures are in :meth:`memory_diagnostics`.
-        """
-        layout = self._runtime().layout
-        out = []
-        idx = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                if "stats" in st:
-                    plan = self._plan(p, group)
-                    for c, bs in enumerate(plan.block_shapes):
-                        for i, n in enumerate(bs):
-                            out.append(
-                                dict(
-                                    param=idx,
-                                    shape=tuple(p.shape),
-                                    block_shape=tuple(bs),
-                                    axis=i,
-                                    size=n,
-                                    num_blocks=plan.counts[c],
-                                    blocks=(
-                                        list(range(plan.counts[c]))
-                                        if layout is None
-                                        else layout.owned(idx, c)
-                                    ),
-                                    step=int(st["step"].item()),
-                                    root_error=st["root_error"][c][i].tolist(),
-                                    lambda_max=st["lambda_max"][c][i].tolist(),
-                                    failures=st["root_failures"][c][i].tolist(),
-                                    streak=(
-                                        st["root_streak"][c][i].tolist()
-                                        if "root_streak" in st
-                                        else [0] * len(st["root_failures"][c][i])
-                                    ),
-                                )
-                            )
-                idx += 1
-        return out
-
-    def memory_diagnostics(self) -> dict[str, Any]:
-        """Memory of this optimizer (this rank's, when distributed), in bytes.
-
-        ``state_bytes`` (all state tensors) and its parts ``statistics``, ``roots``,
-        ``moments`` (momentum and graft accumulator) and ``other``; ``root_memory_budget``;
-        ``peak_root_workspace_bytes`` / ``last_root_workspace_bytes``: the largest (and the
-        latest) solver workspace of one chunk of a synchronous root refresh, estimated from
-        the chunk's size by :func:`~secondorder.kernels.roots.root_workspace_bytes`;
-        ``root_chunks``: solver calls so far. Async root jobs also hold a snapshot of the
-        due statistics (``statistics``-sized at most) while they run.
-        ``contained_failures``: failures after the commit point of a step, by kind.
-        """
-        parts = dict(statistics=0, roots=0, moments=0, other=0)
-        names = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
-        for st in self.state.values():
-            for k, v in st.items():
-                parts[names.get(k, "other")] += tree_bytes(v)
-        rt = self._rt
-        return dict(
-            state_bytes=sum(parts.values()),
-            **parts,
-            root_memory_budget=self.root_memory_budget,
-            **rt.root_memory(),
-            contained_failures=dict(rt.failure_counts),
-        )
-
-
-
-def _solve_bucket(
-    spec: tuple[Any, ...], matrix: torch.Tensor, scale: torch.Tensor | None = None
-) -> RootResult:
-    """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2).
-
-    The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
-    magnitude; the root and ``lambda_max`` are brought back to true units
-    (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
-    """
-    exponent, _, method, eps, threshold = spec
-    res = inverse_root(
-        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
-    )
-    if scale is None:
-        return res
-    s = scale.to(device=res.root.device, dtype=torch.float64)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
-    lam = res.lambda_max.double() * s.square()
-    return res._replace(root=root, lambda_max=lam)

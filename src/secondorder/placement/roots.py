@@ -37,6 +37,7 @@ from ..kernels.roots import RootResult, root_workspace_bytes
 from .async_roots import AsyncRootWorker, Snapshot, snapshot
 
 __all__ = [
+    "DEFAULT_ROOT_MEMORY_BUDGET",
     "IDLE",
     "RootFailureError",
     "store_root",
@@ -49,6 +50,10 @@ __all__ = [
 #: ``solve(spec, matrix, scale) -> RootResult``: ``spec`` is ``(exponent, device, method,
 #: eps, failure_threshold)``; must not reference the optimizer (it runs in worker threads)
 Solve = Callable[[tuple[Any, ...], torch.Tensor, "torch.Tensor | None"], RootResult]
+
+
+#: default ``root_memory_budget``: bytes of solver workspace alive at once during a refresh
+DEFAULT_ROOT_MEMORY_BUDGET = 256 * 2**20
 
 
 class RootFailureError(RuntimeError):
