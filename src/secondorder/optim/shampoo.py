@@ -9,13 +9,11 @@ Step ``t`` (1-based, per parameter) does, for every parameter with a gradient:
 1. ``g = grad`` (+ ``weight_decay * p`` when ``decoupled_weight_decay=False``, L2 style);
 2. statistics: for every block and axis ``i``, ``S_i <- beta2 S_i + w G_(i) G_(i)^T``;
 3. roots, every ``precondition_frequency`` steps from ``start_preconditioning_step`` on:
-   ``P_i = (S_i / bc + eps * lambda_max I)^(-1/p)``, all due factors of the same size across
-   all parameters solved in batched calls, in chunks whose solver workspace fits
-   ``root_memory_budget``. A root that fails (non-finite, residual
-   ``>= inverse_failure_threshold``, or the solver raised) is not used: the previous root is
-   kept, the failure counted (see :meth:`Shampoo.diagnostics`) and warned about once per
-   kind; ``on_root_failure`` decides what happens after ``max_consecutive_root_failures``
-   failures in a row of one factor;
+   ``P_i = (S_i / bc + eps * lambda_max I)^(-1/p)``, batched over the due factors of one size.
+   A root that fails (non-finite, residual ``>= inverse_failure_threshold``, or the solver
+   raised) is not used: the previous root is kept, the failure counted (:meth:`diagnostics`)
+   and warned about once per kind; ``on_root_failure`` acts after
+   ``max_consecutive_root_failures`` failures in a row of one factor;
 4. momentum ``m <- beta1 m + (1 - beta1) g`` (an EMA, bias-corrected: the Adam convention;
    ``nesterov=True`` uses the NAdam look-ahead ``beta1 m_hat_{t+1} + (1 - beta1) g_hat_t``);
 5. direction: the graft direction ``a`` (e.g. Adam: ``m_hat / (sqrt(v_hat) + graft_eps)``)
@@ -49,13 +47,11 @@ have no Shampoo direction (those tensors, and every tensor before the first root
 All optimizer state is float32 whatever the parameter dtype; bfloat16 parameters are updated
 from float32 directions.
 
-Systems (docs/algorithms.md#asynchronous-roots): ``async_roots=True`` moves step 3 off the
-hot path (a snapshot
-of the statistics goes to a background thread pool; the roots are installed at the start of
-a later step, see :mod:`secondorder.optim.async_roots`); ``distributed=True`` gives every
-block to one rank of the process group, which alone keeps its statistics and roots and
-computes its direction in steps 2-5; the directions are all-gathered before step 6 (see
-:mod:`secondorder.distributed`).
+This module is the algorithm. The system -- when and where roots are solved (step 3, also
+in a background pool with ``async_roots=True``), which DDP rank owns which block with
+``distributed=True`` (steps 2-5 on owned blocks, directions all-gathered before step 6),
+checkpoints and diagnostics -- is the placement layer it builds on
+(:class:`~secondorder.placement.blocked.BlockOptimizer`; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -84,11 +80,13 @@ from ..kernels.grafting import (
 )
 from ..kernels.roots import RootResult, inverse_root
 from ..placement.blocked import BlockOptimizer
-from ..placement.ddp import (
-    BlockLayout,
-    localize_state,
+from ..placement.ddp import BlockLayout, localize_state
+from ..placement.roots import (
+    DEFAULT_ROOT_MEMORY_BUDGET,
+    DueFactor,
+    RootFailureError,
+    scaled_root,
 )
-from ..placement.roots import DEFAULT_ROOT_MEMORY_BUDGET, DueFactor, RootFailureError
 from ..placement.runtime import Runtime
 
 __all__ = ["RootFailureError", "Shampoo"]
@@ -121,23 +119,9 @@ class _Item:
 def _solve_bucket(
     spec: tuple[Any, ...], matrix: torch.Tensor, scale: torch.Tensor | None = None
 ) -> RootResult:
-    """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2).
-
-    The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
-    magnitude; the root and ``lambda_max`` are brought back to true units
-    (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
-    """
-    exponent, _, method, eps, threshold = spec
-    res = inverse_root(
-        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
-    )
-    if scale is None:
-        return res
-    s = scale.to(device=res.root.device, dtype=torch.float64)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
-    lam = res.lambda_max.double() * s.square()
-    return res._replace(root=root, lambda_max=lam)
+    """The root function of the schedulers: :func:`inverse_root` of the scaled statistics
+    ``scale^2 * matrix``, in true units (:func:`~secondorder.placement.roots.scaled_root`)."""
+    return scaled_root(inverse_root, spec, matrix, scale)
 
 
 class Shampoo(BlockOptimizer):
@@ -183,41 +167,25 @@ class Shampoo(BlockOptimizer):
             its roots succeeds again) or ``"raise"`` (raise :class:`RootFailureError` at the
             end of the step, which has been applied completely).
         nonfinite: ``"skip"`` or ``"raise"`` for steps with NaN/Inf gradients (see base).
-        async_roots: compute the roots in a background thread pool from a snapshot of the
-            statistics (a pinned host copy on accelerators; roots are then solved on the
-            host) while training goes on with the current roots; finished roots are
-            installed at the start of a later step. A tensor's first roots (at
-            ``start_preconditioning_step``) are computed in the step. Delays count
-            optimizer steps. See :mod:`secondorder.optim.async_roots`.
-        async_staleness: with ``async_roots``, wait for a root job once it is this many
-            steps old (>= 1); ``None``: the smallest ``precondition_frequency``, i.e. a job
-            must be done when the next one is due.
-        async_deterministic_delay: with ``async_roots``, install every job exactly this many
-            steps (>= 1) after its submission, waiting if needed: reproducible, and equal to
-            synchronous Shampoo whose roots are installed that many steps late.
+        async_roots: solve the roots in a background thread pool from a snapshot of the
+            statistics; finished roots are installed at the start of a later step (a
+            tensor's first roots are solved in the step).
+        async_staleness: wait for a root job once it is this many steps old (>= 1; ``None``:
+            the smallest ``precondition_frequency``).
+        async_deterministic_delay: install every job exactly this many steps (>= 1) after
+            its submission: reproducible, equal to sync Shampoo with roots that many steps late.
         async_workers: threads of the root pool (>= 1).
-        distributed: split the per-block work across the ranks of ``process_group`` (data
-            parallel: every rank must see the same gradients, e.g. under DDP). Each rank
-            keeps the statistics and roots of its own blocks only (assigned by cost, see
-            :mod:`secondorder.distributed`), computes their preconditioned directions, and
-            the directions are all-gathered every step. ``state_dict()`` gathers (call it
-            on every rank) and has the single-process format. Without an initialised
-            process group this is plain single-process Shampoo.
+        distributed: each rank of ``process_group`` keeps the statistics and roots of its own
+            blocks only (data parallel: same gradients on every rank, e.g. DDP); directions
+            are all-gathered every step. No initialised process group: single process.
         process_group: the group for ``distributed`` (``None``: the default group).
-        communication_dtype: dtype of the all-gathered directions: ``torch.float32``
-            (default, exact) or ``torch.bfloat16`` (half the traffic).
-        root_memory_budget: bytes of solver workspace allowed at once while roots are
-            refreshed (>= 1; default 256 MiB). Due factors are solved in chunks whose
-            estimated workspace fits (at least one matrix per chunk); peaks are reported by
-            :meth:`memory_diagnostics`. ``None``: one chunk per bucket (fastest, unbounded).
+        communication_dtype: of the all-gathered directions: ``torch.float32`` (default,
+            exact) or ``torch.bfloat16`` (half the traffic).
+        root_memory_budget: bytes of solver workspace alive at once during a refresh (>= 1;
+            default 256 MiB; ``None``: unbounded); peaks in :meth:`memory_diagnostics`.
 
-    Failures never leave a half-done step: everything that can raise (gradient checks, new
-    state, the graft direction) runs before anything is modified; after that point failures
-    are contained and warned about once per kind (a root solve that raises is a rejected
-    root; a failed statistics update skips that update; a failed preconditioning takes the
-    graft direction), so a step either happens or leaves parameters and state untouched.
-    Statistics are kept as ``scale^2 * S_hat`` with a per-block scale, so huge but finite
-    gradients cannot overflow them (see :meth:`diagnostics`).
+    The system keywords (``async_*`` to ``root_memory_budget``) configure the placement
+    layer; docs/distributed.md describes each in full.
     """
 
     _supports_dtensor = True  # local shards (see docs/distributed.md)
@@ -226,6 +194,7 @@ class Shampoo(BlockOptimizer):
     _memory_parts = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
     _root_solve = staticmethod(_solve_bucket)
     _label = "Shampoo"
+    _stats_settings = "block_size / packed_statistics"  # what decides the statistics' shapes
 
     def __init__(
         self,
@@ -385,37 +354,11 @@ class Shampoo(BlockOptimizer):
             state["stat_scale"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
         return state
 
-    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
-        super()._check_loaded_state(p, st)
-        if not st:
-            return
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        plan = self._plan(p, group)
-        need = {"step"}
-        if plan is not None:
-            need |= {"stats", "roots", "root_error", "lambda_max", "root_failures"}
-        missing = need - st.keys()
-        if missing:
-            raise ValueError(
-                f"Shampoo state for a parameter of shape {tuple(p.shape)} lacks "
-                f"{sorted(missing)}: not a Shampoo state dict for these parameters and settings"
-            )
-        if plan is None:
-            return
-        counts = self._rt.local_counts(p, plan.counts)  # a rank's shard: its own blocks only
-        if group["packed_statistics"]:
-            expected = [
-                [(c, kron.packed_size(n)) for n in bs] for bs, c in zip(plan.block_shapes, counts)
-            ]
-        else:
-            expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, counts)]
-        got = [[tuple(s.shape) for s in cls] for cls in st["stats"]]
-        if expected != got:
-            raise ValueError(
-                f"Shampoo state for a parameter of shape {tuple(p.shape)} has statistics of "
-                f"shapes {got}, expected {expected}: the state dict does not match these "
-                "parameters or this block_size / packed_statistics"
-            )
+    @staticmethod
+    def _stats_shape(group: dict[str, Any], n: int, count: int) -> tuple[int, ...]:
+        """Shape of a factor's statistics stack: ``count`` blocks of size ``n`` (checked on
+        load by the placement layer)."""
+        return (count, kron.packed_size(n)) if group["packed_statistics"] else (count, n, n)
 
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
@@ -435,18 +378,11 @@ class Shampoo(BlockOptimizer):
                 self._accumulate(it, layout)
         rt.roots.collect(self, rt, self._clock)
         due: list[DueFactor] = []
-        first: list[DueFactor] = []  # async: a tensor's first roots are computed now
         for it in items:
             if it.due:
                 with self._contained("roots", "a tensor's roots were not refreshed this step"):
-                    factors = self._due_factors(it.state, it.plan, it.group, it.t, it.key)
-                    late = self.async_roots and it.t > self._start(it.group)
-                    (due if late else first).extend(factors)
-        if first:
-            rt.roots.solve_now(self, first)
-        if due:
-            with self._contained("async-submit", "this step's async root job was not started"):
-                rt.roots.submit(self, rt, due, self._clock)
+                    due.extend(self._due_factors(it.state, it.plan, it.group, it.t, it.key))
+        rt.roots.submit(self, rt, due, self._clock)
         directions = []
         for it in items:
             d = self._direction(it, layout)
@@ -545,6 +481,7 @@ class Shampoo(BlockOptimizer):
         self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int, key: int = -1
     ) -> list[DueFactor]:
         bc = bias_correction(group["betas"][1], t)
+        first = t == self._start(group)  # a tensor's first roots: solved in the step
         out = []
         for c, stats in enumerate(state["stats"]):
             order = len(stats)
@@ -552,7 +489,7 @@ class Shampoo(BlockOptimizer):
             for i, s in enumerate(stats):
                 if s.shape[0]:  # distributed: classes without local blocks have nothing due
                     scale = state["stat_scale"][c][i].clone()
-                    out.append(DueFactor(state, c, i, s, exponent, key, group, scale, bc))
+                    out.append(DueFactor(state, c, i, s, exponent, key, group, scale, bc, first))
         return out
 
     def _direction(

@@ -57,6 +57,7 @@ class BlockOptimizer(SecondOrderOptimizer):
     _plan_keys: tuple[str, ...] = ()  # group settings the block plans depend on
     _memory_parts: dict[str, str] = {}  # state key -> memory_diagnostics category
     _label = "BlockOptimizer"  # prefix of warnings and errors
+    _stats_settings = "settings"  # the group settings that decide the statistics' shapes
 
     def __init__(
         self,
@@ -96,6 +97,42 @@ class BlockOptimizer(SecondOrderOptimizer):
     def _runtime(self) -> Runtime:
         """Parameter index, block ownership and root scheduler (built lazily)."""
         return self._rt.refresh(self, self._root_solve)
+
+    def _stats_shape(self, group: dict[str, Any], n: int, count: int) -> tuple[int, ...]:
+        """Shape of a factor's ``stats`` stack of ``count`` blocks of size ``n``."""
+        return (count, n, n)
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        """A loaded state has the per-block entries and statistics of this parameter's plan
+        (only this rank's blocks while a rank's shard is loaded)."""
+        super()._check_loaded_state(p, st)
+        if not st:
+            return
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        plan = self._plan(p, group)
+        need = {"step"}
+        if plan is not None:
+            need |= {"stats", "roots", "root_error", "lambda_max", "root_failures"}
+        missing = need - st.keys()
+        name = self._label
+        if missing:
+            raise ValueError(
+                f"{name} state for a parameter of shape {tuple(p.shape)} lacks "
+                f"{sorted(missing)}: not a {name} state dict for these parameters and settings"
+            )
+        if plan is None:
+            return
+        counts = self._rt.local_counts(p, plan.counts)  # a rank's shard: its own blocks only
+        expected = [
+            [self._stats_shape(group, n, c) for n in bs] for bs, c in zip(plan.block_shapes, counts)
+        ]
+        got = [[tuple(s.shape) for s in cls] for cls in st["stats"]]
+        if expected != got:
+            raise ValueError(
+                f"{name} state for a parameter of shape {tuple(p.shape)} has statistics of "
+                f"shapes {got}, expected {expected}: the state dict does not match these "
+                f"parameters or this {self._stats_settings}"
+            )
 
     # ------------------------------------------------ hooks of the root schedulers
     def _store_root(self, state, cls, axis, root, err, lam, ok, lo=0, hi=None, group=None):

@@ -45,6 +45,7 @@ __all__ = [
     "DueFactor",
     "RootScheduler",
     "make_root_scheduler",
+    "scaled_root",
 ]
 
 #: ``solve(spec, matrix, scale) -> RootResult``: ``spec`` is ``(exponent, device, method,
@@ -81,6 +82,7 @@ class DueFactor:
     group: dict[str, Any] | None = None  # its param group (root settings)
     scale: torch.Tensor | None = None  # (B,) statistics scale: true statistics = scale^2 * matrix
     bc: float = 1.0  # bias correction: the root is of ``scale^2 * matrix / bc``
+    first: bool = False  # the tensor's first roots: solved in the step even when async
 
     @property
     def size(self) -> int:
@@ -110,7 +112,8 @@ class RootScheduler:
     # ----------------------------------------------------------------- interface
     def submit(self, client: Any, rt: Any, due: list[DueFactor], clock: int) -> None:
         """Schedule the roots of ``due`` (synchronous: solved and installed now)."""
-        self.solve_now(client, due)
+        if due:
+            self.solve_now(client, due)
 
     def collect(self, client: Any, rt: Any, clock: int) -> None:
         """Install what is due at the start of step ``clock`` (synchronous: nothing)."""
@@ -256,6 +259,18 @@ class AsyncRootScheduler(RootScheduler):
             self.worker = AsyncRootWorker(self.workers, staleness, self.delay)
 
     def submit(self, client: Any, rt: Any, due: list[DueFactor], clock: int) -> None:
+        """Solve a tensor's first roots now (training should not run on identity roots for
+        a whole interval); hand the others to the worker (a failure to start the job is
+        contained: the factors keep their roots until the next refresh)."""
+        first = [f for f in due if f.first]
+        if first:
+            self.solve_now(client, first)
+        later = [f for f in due if not f.first]
+        if later:
+            with client._contained("async-submit", "this step's async root job was not started"):
+                self._start_job(later, clock)
+
+    def _start_job(self, due: list[DueFactor], clock: int) -> None:
         """Snapshot the due statistics and hand them to the root worker."""
         payload, meta = [], []
         for spec, factors in self.buckets(due):
@@ -331,6 +346,33 @@ class AsyncRootScheduler(RootScheduler):
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None
+
+
+def scaled_root(
+    inverse_root: Callable[..., RootResult],
+    spec: tuple[Any, ...],
+    matrix: torch.Tensor,
+    scale: torch.Tensor | None = None,
+) -> RootResult:
+    """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2)
+    by ``inverse_root`` (:func:`secondorder.kernels.roots.inverse_root` or a stand-in);
+    ``spec`` is ``(exponent, device, method, eps, failure_threshold)``.
+
+    The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
+    magnitude; the root and ``lambda_max`` are brought back to true units
+    (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
+    """
+    exponent, _, method, eps, threshold = spec
+    res = inverse_root(
+        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
+    )
+    if scale is None:
+        return res
+    s = scale.to(device=res.root.device, dtype=torch.float64)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
+    lam = res.lambda_max.double() * s.square()
+    return res._replace(root=root, lambda_max=lam)
 
 
 def make_root_scheduler(
