@@ -183,8 +183,11 @@ class Shampoo(BlockOptimizer):
             exact) or ``torch.bfloat16`` (half the traffic).
         root_memory_budget: bytes of solver workspace alive at once during a refresh (>= 1;
             default 256 MiB; ``None``: unbounded); peaks in :meth:`memory_diagnostics`.
+        shard_optimizer_state: with ``distributed``, each parameter (all its blocks, its
+            momentum and graft state) belongs to one rank, which alone updates it and then
+            sends it to the others (ZeRO-1): per-rank state ~ 1/world.
 
-    The system keywords (``async_*`` to ``root_memory_budget``) configure the placement
+    The system keywords (``async_*`` to ``shard_optimizer_state``) configure the placement
     layer; docs/distributed.md describes each in full.
     """
 
@@ -228,6 +231,7 @@ class Shampoo(BlockOptimizer):
         process_group: Any = None,
         communication_dtype: torch.dtype = torch.float32,
         root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
+        shard_optimizer_state: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -260,6 +264,7 @@ class Shampoo(BlockOptimizer):
             process_group=process_group,
             communication_dtype=communication_dtype,
             root_memory_budget=root_memory_budget,
+            shard_optimizer_state=shard_optimizer_state,
         )  # validated and kept by the placement layer (BlockOptimizer)
         super().__init__(params, defaults, nonfinite=nonfinite, **system)
 
@@ -364,6 +369,7 @@ class Shampoo(BlockOptimizer):
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         rt = self._runtime()
         layout = rt.layout
+        everything, work = work, rt.owned(work)  # shard_optimizer_state: own parameters only
         # Stage 1: everything that can raise. Nothing persistent is modified before it ends.
         items = [self._prepare(rt, group, p) for group, params in work for p in params]
         # Stage 2: commit. From here on failures are contained (warned once, counted): the
@@ -393,6 +399,7 @@ class Shampoo(BlockOptimizer):
         if layout is not None:  # a collective: a failure here is not contained
             for it, d in zip(items, rt.gather_directions(items, directions)):
                 self._apply_direction(it.group, it.p, d)
+        rt.share_params(everything)  # shard_optimizer_state: owners send updated parameters
         rt.escalate()
 
     def _prepare(self, rt: Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:

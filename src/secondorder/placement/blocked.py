@@ -49,7 +49,8 @@ class BlockOptimizer(SecondOrderOptimizer):
 
     System keywords (validated here; Shampoo documents them for its users):
     ``async_roots``, ``async_staleness``, ``async_deterministic_delay``, ``async_workers``,
-    ``distributed``, ``process_group``, ``communication_dtype``, ``root_memory_budget``.
+    ``distributed``, ``process_group``, ``communication_dtype``, ``root_memory_budget``,
+    ``shard_optimizer_state``.
     """
 
     # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
@@ -73,6 +74,7 @@ class BlockOptimizer(SecondOrderOptimizer):
         process_group: Any = None,
         communication_dtype: torch.dtype = torch.float32,
         root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
+        shard_optimizer_state: bool = False,
     ) -> None:
         if root_memory_budget is not None:
             check_int("root_memory_budget", root_memory_budget, low=1)
@@ -90,6 +92,12 @@ class BlockOptimizer(SecondOrderOptimizer):
             "communication_dtype", communication_dtype, COMMUNICATION_DTYPES
         )
         self._process_group = check_process_group(process_group)
+        self.shard_optimizer_state = check_bool("shard_optimizer_state", shard_optimizer_state)
+        if shard_optimizer_state and not distributed:
+            raise ValueError(
+                "shard_optimizer_state=True needs distributed=True (it splits the optimizer "
+                "state across the ranks of process_group), got distributed=False"
+            )
         self._clock = 0  # number of updating steps: the time base of async_roots
         self._rt = Runtime(self._label)
         super().__init__(params, defaults, nonfinite=nonfinite)
@@ -201,6 +209,7 @@ class BlockOptimizer(SecondOrderOptimizer):
             ("distributed", False),
             ("communication_dtype", torch.float32),
             ("root_memory_budget", DEFAULT_ROOT_MEMORY_BUDGET),
+            ("shard_optimizer_state", False),
         ):
             self.__dict__.setdefault(name, value)
 

@@ -286,6 +286,40 @@ class Communicator:
             out[key] = full
         return out
 
+    def share(self, tensors: Sequence[torch.Tensor], owners: Sequence[int]) -> None:
+        """Copy every tensor's value from its owner rank into the other ranks' copies.
+
+        ``tensors`` (the same list, in the same order, on every rank) are updated in place;
+        ``owners[j]`` is the rank whose ``tensors[j]`` is the truth. Values are sent in their
+        own dtype (exact), one all-gather per dtype and device.
+        """
+        if self.world_size == 1 or not tensors:
+            return
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for j, t in enumerate(tensors):
+            groups.setdefault((t.dtype, t.device), []).append(j)
+        for (dtype, device), idx in groups.items():
+            sizes = [
+                sum(tensors[j].numel() for j in idx if owners[j] == r)
+                for r in range(self.world_size)
+            ]
+            width = max(sizes)
+            if width == 0:
+                continue
+            send = torch.zeros(width, dtype=dtype, device=device)
+            mine = [tensors[j].reshape(-1) for j in idx if owners[j] == self.rank]
+            if mine:
+                send[: sizes[self.rank]] = torch.cat(mine)
+            recv = torch.empty(self.world_size * width, dtype=dtype, device=device)
+            _all_gather_single(recv, send, group=self.group)
+            recv = recv.view(self.world_size, width)
+            offsets = [0] * self.world_size
+            for j in idx:
+                r, n = owners[j], tensors[j].numel()
+                if r != self.rank:
+                    tensors[j].copy_(recv[r, offsets[r] : offsets[r] + n].view(tensors[j].shape))
+                offsets[r] += n
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
             return [obj]

@@ -311,7 +311,7 @@ class AsyncRootScheduler(RootScheduler):
                     offset += n
                     blocks = list(range(n)) if rt.layout is None else rt.layout.owned(key, c)
                     records.append(dict(step=step, param=key, cls=c, axis=i, blocks=blocks, **part))
-        if rt.layout is not None and gather:  # merge the ranks' parts of each factor
+        if rt.sharded and gather:  # merge the ranks' parts of each factor
             merged: dict[tuple[int, ...], dict[str, Any]] = {}
             for part in (r for rank in rt.comm.all_gather_object(records) for r in rank):
                 k = (part["step"], part["param"], part["cls"], part["axis"])
@@ -466,6 +466,8 @@ def _records_to_jobs(rt: Any, records: list[dict[str, Any]], full: bool) -> list
     out = []
     for rec in records:
         key, c, i = rec["param"], rec["cls"], rec["axis"]
+        if rt.owners is not None and rt.owners[key] != rt.comm.rank:
+            continue  # shard_optimizer_state: another rank's parameter
         parts = [rec[name] for name in ("root", "error", "lambda_max", "ok")]
         if rt.layout is not None and full:
             parts = [rt.layout.local(key, c, x) for x in parts]

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from .ddp import BlockLayout, Communicator, is_block_state, localize_state
+from .ddp import (
+    BlockLayout,
+    Communicator,
+    assign_blocks,
+    block_cost,
+    is_block_state,
+    localize_state,
+)
 from .roots import RootFailureError, RootScheduler, Solve, make_root_scheduler
 
 __all__ = ["Runtime"]
@@ -45,6 +52,7 @@ class Runtime:
         self.keys: dict[int, int] = {}
         self.comm: Communicator | None = None
         self.layout: BlockLayout | None = None
+        self.owners: list[int] | None = None  # shard_optimizer_state: owner rank per parameter
         self.roots: RootScheduler | None = None
         self.warned: set[tuple[str, ...]] = set()  # kinds of failure already warned about
         self.escalations: list[tuple[str, int, int]] = []
@@ -59,8 +67,10 @@ class Runtime:
         )
         if self.sig != sig:
             pairs = [(g, p) for g in opt.param_groups for p in g["params"]]
-            if self.layout is not None and any(
-                any(is_block_state(v) for v in st.values()) for st in opt.state.values()
+            if (self.layout is not None or self.owners is not None) and any(
+                self.owners is not None or any(is_block_state(v) for v in st.values())
+                for st in opt.state.values()
+                if st
             ):
                 raise RuntimeError(
                     f"{self.label}(distributed=True): parameters changed after the first step; "
@@ -70,7 +80,14 @@ class Runtime:
             self.keys = {id(p): i for i, p in enumerate(self.params)}
             if opt.distributed and self.comm is None:
                 self.comm = Communicator(opt._process_group, opt.communication_dtype)
-            if self.comm is not None and self.comm.world_size > 1:
+            if self.comm is not None and self.comm.world_size > 1 and opt.shard_optimizer_state:
+                costs = []  # parameter-granular: every block of a parameter on its owner
+                for g, p in pairs:
+                    plan = opt._plan(p, g)
+                    blocks = [] if plan is None else zip(plan.block_shapes, plan.counts)
+                    costs.append(p.numel() + sum(block_cost(bs) * n for bs, n in blocks))
+                self.owners = assign_blocks(costs, self.comm.world_size)
+            elif self.comm is not None and self.comm.world_size > 1:
                 entries = []
                 for i, (g, p) in enumerate(pairs):
                     plan = opt._plan(p, g)
@@ -139,6 +156,28 @@ class Runtime:
             self.warn_once(("escalation", policy), msg + what + f" (on_root_failure={policy!r}).")
 
     # ------------------------------------------------------------- ownership
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds only part of the optimizer state."""
+        return self.layout is not None or self.owners is not None
+
+    def owned(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> list[Any]:
+        """``work`` (groups and their parameters with gradients) cut to the parameters this
+        rank owns (``shard_optimizer_state``); all of it otherwise."""
+        if self.owners is None:
+            return work
+        rank = self.comm.rank
+        return [(g, [p for p in ps if self.owners[self.keys[id(p)]] == rank]) for g, ps in work]
+
+    def share_params(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        """``shard_optimizer_state``: every rank receives the parameters their owners just
+        updated (exact copies; one all-gather per dtype). A no-op otherwise."""
+        if self.owners is None:
+            return
+        params = [p.detach() for _, ps in work for p in ps]
+        owners = [self.owners[self.keys[id(p)]] for _, ps in work for p in ps]
+        self.comm.share(params, owners)
+
     def local_counts(self, p: torch.Tensor, counts: Sequence[int]) -> list[int]:
         """Blocks per size class of ``p`` in the state being loaded: all, or this rank's
         own while a rank's shard is loaded."""
@@ -168,14 +207,16 @@ class Runtime:
     def save(self, opt: Any, sd: dict[str, Any], gather: bool) -> dict[str, Any]:
         """Complete ``sd`` (from the base class): gathered blocks (``gather``, a collective)
         or this rank's shard marker, and the pending root jobs with the step clock."""
-        if self.layout is not None and gather:
+        if self.owners is not None and gather:
+            sd["state"] = self._gather_owned(sd["state"])
+        elif self.layout is not None and gather:
             blocked = {
                 k: st
                 for k, st in sd["state"].items()
                 if any(is_block_state(v) for v in st.values())
             }
             sd["state"] = {**sd["state"], **self.comm.gather_state(self.layout, blocked)}
-        elif self.layout is not None:
+        elif self.sharded:
             sd["distributed_shard"] = dict(rank=self.comm.rank, world_size=self.comm.world_size)
         if opt.async_roots:
             pending = self.roots.pending_records(opt, self, gather)
@@ -197,6 +238,10 @@ class Runtime:
             load(state_dict)
         finally:
             self.loading_shard = False
+        if self.owners is not None and shard is None:  # keep only this rank's parameters
+            for key, p in enumerate(self.params):
+                if self.owners[key] != self.comm.rank:
+                    opt.state.pop(p, None)
         if self.layout is not None and shard is None:
             for key, p in enumerate(self.params):
                 st = opt.state.get(p)
@@ -212,7 +257,7 @@ class Runtime:
     def _check_shard(self, shard: dict[str, Any]) -> None:
         here = (
             None
-            if self.layout is None
+            if not self.sharded
             else dict(rank=self.comm.rank, world_size=self.comm.world_size)
         )
         if here != {k: shard[k] for k in ("rank", "world_size")}:
@@ -229,6 +274,18 @@ class Runtime:
                 "rank)"
             )
 
+    def _gather_owned(self, state: dict[Any, Any]) -> dict[Any, Any]:
+        """Every parameter's state, from its owner (a collective): the single-process
+        format. The states come back on their parameters' devices."""
+        mine = {k: _tree(st, lambda t: t.detach().cpu()) for k, st in state.items()}
+        out = {}
+        for r, theirs in enumerate(self.comm.all_gather_object(mine)):
+            for k, st in theirs.items():
+                if self.owners[k] == r:
+                    device = self.params[k].device
+                    out[k] = _tree(st, lambda t, d=device: t.to(d))
+        return dict(sorted(out.items()))
+
     # ------------------------------------------------------------ diagnostics
     def root_memory(self) -> dict[str, int]:
         r = self.roots
@@ -237,3 +294,14 @@ class Runtime:
             last_root_workspace_bytes=r.last_bytes if r else 0,
             root_chunks=r.chunks if r else 0,
         )
+
+
+def _tree(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``x`` (nested dicts, lists, tuples) with ``fn`` applied to every tensor."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _tree(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_tree(v, fn) for v in x)
+    return x
