@@ -2,7 +2,7 @@
 
     python benchmarks/bench_parallel.py                         # adamw, shampoo, sonew
     python benchmarks/bench_parallel.py --opt sonew --steps 20 --json out.json
-    python benchmarks/bench_parallel.py --mode ddp --opt shampoo --opt shampoo-dist --opt shampoo-zero1
+    python benchmarks/bench_parallel.py --mode ddp --opt shampoo-dist --opt shampoo-zero1
 
 Workload: ``secondorder.bench``'s ``mnist-autoencoder`` (784-1000-500-250-30-250-500-1000-784,
 global batch ``--batch``, data from ``--data-dir``). Each mode trains the same model from
