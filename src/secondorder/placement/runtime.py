@@ -10,7 +10,8 @@ The optimizer (``opt`` below) provides: ``param_groups``, ``state``, ``_plan(p, 
 :class:`~secondorder.blocking.BlockPlan` or ``None``), ``_plan_keys`` (the group settings
 its plans depend on), the system settings ``distributed``, ``_process_group``,
 ``communication_dtype``, ``async_roots``, ``async_staleness``,
-``async_deterministic_delay``, ``async_workers``, ``root_memory_budget``, the step clock
+``async_deterministic_delay``, ``async_workers``, ``root_memory_budget``,
+``shard_optimizer_state``, the step clock
 ``_clock``, and the hooks the schedulers call (see :mod:`secondorder.placement.roots`).
 """
 
