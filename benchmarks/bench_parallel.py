@@ -2,6 +2,7 @@
 
     python benchmarks/bench_parallel.py                         # adamw, shampoo, sonew
     python benchmarks/bench_parallel.py --opt sonew --steps 20 --json out.json
+    python benchmarks/bench_parallel.py --mode ddp --opt shampoo-dist --opt shampoo-zero1
 
 Workload: ``secondorder.bench``'s ``mnist-autoencoder`` (784-1000-500-250-30-250-500-1000-784,
 global batch ``--batch``, data from ``--data-dir``). Each mode trains the same model from
@@ -41,6 +42,13 @@ DEFAULT_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" /
 OPTIMIZERS = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
     "shampoo": lambda ps: secondorder.Shampoo(ps, lr=1e-3, block_size=1024),
+    # under DDP: blocks owned by ranks; and, ZeRO-1 style, whole parameters and their state
+    "shampoo-dist": lambda ps: secondorder.Shampoo(
+        ps, lr=1e-3, block_size=1024, distributed=True
+    ),
+    "shampoo-zero1": lambda ps: secondorder.Shampoo(
+        ps, lr=1e-3, block_size=1024, distributed=True, shard_optimizer_state=True
+    ),
     "sonew": lambda ps: secondorder.SONew(ps, lr=3e-3),
 }
 

@@ -9,13 +9,11 @@ Step ``t`` (1-based, per parameter) does, for every parameter with a gradient:
 1. ``g = grad`` (+ ``weight_decay * p`` when ``decoupled_weight_decay=False``, L2 style);
 2. statistics: for every block and axis ``i``, ``S_i <- beta2 S_i + w G_(i) G_(i)^T``;
 3. roots, every ``precondition_frequency`` steps from ``start_preconditioning_step`` on:
-   ``P_i = (S_i / bc + eps * lambda_max I)^(-1/p)``, all due factors of the same size across
-   all parameters solved in batched calls, in chunks whose solver workspace fits
-   ``root_memory_budget``. A root that fails (non-finite, residual
-   ``>= inverse_failure_threshold``, or the solver raised) is not used: the previous root is
-   kept, the failure counted (see :meth:`Shampoo.diagnostics`) and warned about once per
-   kind; ``on_root_failure`` decides what happens after ``max_consecutive_root_failures``
-   failures in a row of one factor;
+   ``P_i = (S_i / bc + eps * lambda_max I)^(-1/p)``, batched over the due factors of one size.
+   A root that fails (non-finite, residual ``>= inverse_failure_threshold``, or the solver
+   raised) is not used: the previous root is kept, the failure counted (:meth:`diagnostics`)
+   and warned about once per kind; ``on_root_failure`` acts after
+   ``max_consecutive_root_failures`` failures in a row of one factor;
 4. momentum ``m <- beta1 m + (1 - beta1) g`` (an EMA, bias-corrected: the Adam convention;
    ``nesterov=True`` uses the NAdam look-ahead ``beta1 m_hat_{t+1} + (1 - beta1) g_hat_t``);
 5. direction: the graft direction ``a`` (e.g. Adam: ``m_hat / (sqrt(v_hat) + graft_eps)``)
@@ -49,20 +47,15 @@ have no Shampoo direction (those tensors, and every tensor before the first root
 All optimizer state is float32 whatever the parameter dtype; bfloat16 parameters are updated
 from float32 directions.
 
-Systems (docs/algorithms.md#asynchronous-roots): ``async_roots=True`` moves step 3 off the
-hot path (a snapshot
-of the statistics goes to a background thread pool; the roots are installed at the start of
-a later step, see :mod:`secondorder.optim.async_roots`); ``distributed=True`` gives every
-block to one rank of the process group, which alone keeps its statistics and roots and
-computes its direction in steps 2-5; the directions are all-gathered before step 6 (see
-:mod:`secondorder.distributed`).
+This module is the algorithm. The system -- when and where roots are solved (step 3, also
+in a background pool with ``async_roots=True``), which DDP rank owns which block with
+``distributed=True`` (steps 2-5 on owned blocks, directions all-gathered before step 6),
+checkpoints and diagnostics -- is the placement layer it builds on
+(:class:`~secondorder.placement.blocked.BlockOptimizer`; docs/distributed.md).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,14 +69,6 @@ from .._validation import (
     check_int,
 )
 from ..blocking import BlockPlan
-from ..distributed import (
-    COMMUNICATION_DTYPES,
-    BlockLayout,
-    Communicator,
-    check_process_group,
-    is_block_state,
-    localize_state,
-)
 from ..kernels import kron
 from ..kernels.grafting import (
     GRAFT_KINDS,
@@ -93,9 +78,18 @@ from ..kernels.grafting import (
     graft_rescale,
     update_second_moment,
 )
-from ..kernels.roots import RootResult, inverse_root, root_workspace_bytes
-from .async_roots import AsyncRootWorker, Snapshot, snapshot
-from .base import SecondOrderOptimizer, tree_bytes
+from ..kernels.roots import RootResult, inverse_root
+from ..placement.blocked import BlockOptimizer
+from ..placement.ddp import BlockLayout, localize_state
+from ..placement.roots import (
+    DEFAULT_ROOT_MEMORY_BUDGET,
+    DueFactor,
+    RootFailureError,
+    scaled_root,
+)
+from ..placement.runtime import Runtime
+
+__all__ = ["RootFailureError", "Shampoo"]
 
 #: gradient entries are saturated at this magnitude (see the step)
 _GRAD_LIMIT = 2.0**63
@@ -103,35 +97,6 @@ _GRAD_LIMIT = 2.0**63
 ROOT_METHODS = ("auto", "newton", "eigh")
 MATMUL_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 ROOT_FAILURE_POLICIES = ("warn", "graft", "raise")
-#: default ``root_memory_budget``: bytes of solver workspace alive at once during a refresh
-DEFAULT_ROOT_MEMORY_BUDGET = 256 * 2**20
-
-
-class RootFailureError(RuntimeError):
-    """Raised (with ``on_root_failure="raise"``) once a factor's roots failed
-    ``max_consecutive_root_failures`` times in a row. The step that raises has been applied
-    completely (with the previous roots); the optimizer stays usable."""
-
-
-@dataclass
-class _DueFactor:
-    """One factor stack (all blocks of one size class and axis of a parameter) due a new root."""
-
-    state: dict[str, Any]
-    cls: int
-    axis: int
-    matrix: torch.Tensor  # (B, n, n) bias-corrected statistics
-    exponent: int
-    key: int = -1  # index of the parameter over all param groups
-    group: dict[str, Any] | None = None  # its param group (root settings)
-    scale: torch.Tensor | None = None  # (B,) statistics scale: true statistics = scale^2 * matrix
-    bc: float = 1.0  # bias correction: the root is of ``scale^2 * matrix / bc``
-
-    @property
-    def size(self) -> int:
-        """``n`` of the factor's ``n x n`` matrices (``matrix`` may be packed)."""
-        m = self.matrix.shape[-1]
-        return m if self.matrix.dim() == 3 else kron.packed_dim(m)
 
 
 @dataclass
@@ -151,26 +116,15 @@ class _Item:
     new: dict[str, Any] = field(default_factory=dict)  # state entries created by this step
 
 
-class _Runtime:
-    """Per-process helpers, rebuilt lazily: never pickled, copied or checkpointed."""
-
-    def __init__(self) -> None:
-        self.sig: Any = None
-        self.params: list[torch.Tensor] = []  # all params, in param-group order
-        self.keys: dict[int, int] = {}  # id(param) -> index in ``params``
-        self.comm: Communicator | None = None
-        self.layout: BlockLayout | None = None  # None: every block is local
-        self.worker: AsyncRootWorker | None = None
-        self.warned: set[tuple[str, ...]] = set()  # kinds of failure already warned about
-        self.peak_root_bytes = 0  # largest solver workspace of one chunk (estimate)
-        self.last_root_bytes = 0
-        self.root_chunks = 0
-        self.escalations: list[tuple[str, int, int]] = []
-        self.failure_counts: dict[str, int] = {}  # contained failures by kind
-        self.loading_shard = False  # load_state_dict of a distributed_shard is in progress
+def _solve_bucket(
+    spec: tuple[Any, ...], matrix: torch.Tensor, scale: torch.Tensor | None = None
+) -> RootResult:
+    """The root function of the schedulers: :func:`inverse_root` of the scaled statistics
+    ``scale^2 * matrix``, in true units (:func:`~secondorder.placement.roots.scaled_root`)."""
+    return scaled_root(inverse_root, spec, matrix, scale)
 
 
-class Shampoo(SecondOrderOptimizer):
+class Shampoo(BlockOptimizer):
     """Shampoo (Gupta et al. 2018; Anil et al. 2020, "Scalable Second Order Optimization").
 
     Args:
@@ -213,47 +167,37 @@ class Shampoo(SecondOrderOptimizer):
             its roots succeeds again) or ``"raise"`` (raise :class:`RootFailureError` at the
             end of the step, which has been applied completely).
         nonfinite: ``"skip"`` or ``"raise"`` for steps with NaN/Inf gradients (see base).
-        async_roots: compute the roots in a background thread pool from a snapshot of the
-            statistics (a pinned host copy on accelerators; roots are then solved on the
-            host) while training goes on with the current roots; finished roots are
-            installed at the start of a later step. A tensor's first roots (at
-            ``start_preconditioning_step``) are computed in the step. Delays count
-            optimizer steps. See :mod:`secondorder.optim.async_roots`.
-        async_staleness: with ``async_roots``, wait for a root job once it is this many
-            steps old (>= 1); ``None``: the smallest ``precondition_frequency``, i.e. a job
-            must be done when the next one is due.
-        async_deterministic_delay: with ``async_roots``, install every job exactly this many
-            steps (>= 1) after its submission, waiting if needed: reproducible, and equal to
-            synchronous Shampoo whose roots are installed that many steps late.
+        async_roots: solve the roots in a background thread pool from a snapshot of the
+            statistics; finished roots are installed at the start of a later step (a
+            tensor's first roots are solved in the step).
+        async_staleness: wait for a root job once it is this many steps old (>= 1; ``None``:
+            the smallest ``precondition_frequency``).
+        async_deterministic_delay: install every job exactly this many steps (>= 1) after
+            its submission: reproducible, equal to sync Shampoo with roots that many steps late.
         async_workers: threads of the root pool (>= 1).
-        distributed: split the per-block work across the ranks of ``process_group`` (data
-            parallel: every rank must see the same gradients, e.g. under DDP). Each rank
-            keeps the statistics and roots of its own blocks only (assigned by cost, see
-            :mod:`secondorder.distributed`), computes their preconditioned directions, and
-            the directions are all-gathered every step. ``state_dict()`` gathers (call it
-            on every rank) and has the single-process format. Without an initialised
-            process group this is plain single-process Shampoo.
+        distributed: each rank of ``process_group`` keeps the statistics and roots of its own
+            blocks only (data parallel: same gradients on every rank, e.g. DDP); directions
+            are all-gathered every step. No initialised process group: single process.
         process_group: the group for ``distributed`` (``None``: the default group).
-        communication_dtype: dtype of the all-gathered directions: ``torch.float32``
-            (default, exact) or ``torch.bfloat16`` (half the traffic).
-        root_memory_budget: bytes of solver workspace allowed at once while roots are
-            refreshed (>= 1; default 256 MiB). Due factors are solved in chunks whose
-            estimated workspace fits (at least one matrix per chunk); peaks are reported by
-            :meth:`memory_diagnostics`. ``None``: one chunk per bucket (fastest, unbounded).
+        communication_dtype: of the all-gathered directions: ``torch.float32`` (default,
+            exact) or ``torch.bfloat16`` (half the traffic).
+        root_memory_budget: bytes of solver workspace alive at once during a refresh (>= 1;
+            default 256 MiB; ``None``: unbounded); peaks in :meth:`memory_diagnostics`.
+        shard_optimizer_state: with ``distributed``, each parameter (all its blocks, its
+            momentum and graft state) belongs to one rank, which alone updates it and then
+            sends it to the others (ZeRO-1): per-rank state ~ 1/world.
 
-    Failures never leave a half-done step: everything that can raise (gradient checks, new
-    state, the graft direction) runs before anything is modified; after that point failures
-    are contained and warned about once per kind (a root solve that raises is a rejected
-    root; a failed statistics update skips that update; a failed preconditioning takes the
-    graft direction), so a step either happens or leaves parameters and state untouched.
-    Statistics are kept as ``scale^2 * S_hat`` with a per-block scale, so huge but finite
-    gradients cannot overflow them (see :meth:`diagnostics`).
+    The system keywords (``async_*`` to ``shard_optimizer_state``) configure the placement
+    layer; docs/distributed.md describes each in full.
     """
 
     _supports_dtensor = True  # local shards (see docs/distributed.md)
     _param_shaped_keys = ("exp_avg", "graft_v")
-    # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
-    _transient_attrs = ("_rt", "_process_group")
+    _plan_keys = ("block_size", "precondition_1d")  # group settings the block plans depend on
+    _memory_parts = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
+    _root_solve = staticmethod(_solve_bucket)
+    _label = "Shampoo"
+    _stats_settings = "block_size / packed_statistics"  # what decides the statistics' shapes
 
     def __init__(
         self,
@@ -287,25 +231,8 @@ class Shampoo(SecondOrderOptimizer):
         process_group: Any = None,
         communication_dtype: torch.dtype = torch.float32,
         root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
+        shard_optimizer_state: bool = False,
     ) -> None:
-        if root_memory_budget is not None:
-            check_int("root_memory_budget", root_memory_budget, low=1)
-        self.root_memory_budget = root_memory_budget
-        self.async_roots = check_bool("async_roots", async_roots)
-        if async_staleness is not None:
-            check_int("async_staleness", async_staleness, low=1)
-        if async_deterministic_delay is not None:
-            check_int("async_deterministic_delay", async_deterministic_delay, low=1)
-        self.async_staleness = async_staleness
-        self.async_deterministic_delay = async_deterministic_delay
-        self.async_workers = check_int("async_workers", async_workers, low=1)
-        self.distributed = check_bool("distributed", distributed)
-        self.communication_dtype = check_choice(
-            "communication_dtype", communication_dtype, COMMUNICATION_DTYPES
-        )
-        self._process_group = check_process_group(process_group)
-        self._clock = 0  # number of updating steps: the time base of async_roots
-        self._rt = _Runtime()
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -328,7 +255,18 @@ class Shampoo(SecondOrderOptimizer):
             on_root_failure=on_root_failure,
         )
         self._plans: dict[tuple[Any, ...], BlockPlan] = {}
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        system = dict(
+            async_roots=async_roots,
+            async_staleness=async_staleness,
+            async_deterministic_delay=async_deterministic_delay,
+            async_workers=async_workers,
+            distributed=distributed,
+            process_group=process_group,
+            communication_dtype=communication_dtype,
+            root_memory_budget=root_memory_budget,
+            shard_optimizer_state=shard_optimizer_state,
+        )  # validated and kept by the placement layer (BlockOptimizer)
+        super().__init__(params, defaults, nonfinite=nonfinite, **system)
 
     # --------------------------------------------------------------- validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -421,83 +359,17 @@ class Shampoo(SecondOrderOptimizer):
             state["stat_scale"] = [[torch.zeros(c, **f32) for _ in bs] for bs, c in shapes]
         return state
 
-    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
-        super()._check_loaded_state(p, st)
-        if not st:
-            return
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        plan = self._plan(p, group)
-        need = {"step"}
-        if plan is not None:
-            need |= {"stats", "roots", "root_error", "lambda_max", "root_failures"}
-        missing = need - st.keys()
-        if missing:
-            raise ValueError(
-                f"Shampoo state for a parameter of shape {tuple(p.shape)} lacks "
-                f"{sorted(missing)}: not a Shampoo state dict for these parameters and settings"
-            )
-        if plan is None:
-            return
-        counts = plan.counts
-        rt = self._rt
-        if rt.loading_shard and rt.layout is not None:  # a rank's shard: its own blocks only
-            key = rt.keys[id(p)]
-            counts = [len(rt.layout.owned(key, c)) for c in range(len(counts))]
-        if group["packed_statistics"]:
-            expected = [
-                [(c, kron.packed_size(n)) for n in bs] for bs, c in zip(plan.block_shapes, counts)
-            ]
-        else:
-            expected = [[(c, n, n) for n in bs] for bs, c in zip(plan.block_shapes, counts)]
-        got = [[tuple(s.shape) for s in cls] for cls in st["stats"]]
-        if expected != got:
-            raise ValueError(
-                f"Shampoo state for a parameter of shape {tuple(p.shape)} has statistics of "
-                f"shapes {got}, expected {expected}: the state dict does not match these "
-                "parameters or this block_size / packed_statistics"
-            )
-
-    # ----------------------------------------------------------------- runtime
-    def _runtime(self) -> _Runtime:
-        """Parameter index, communicator, block layout and root worker (built lazily)."""
-        rt = self._rt
-        sig = tuple(
-            (len(g["params"]), g["block_size"], g["precondition_1d"]) for g in self.param_groups
-        )
-        if rt.sig != sig:
-            pairs = [(g, p) for g in self.param_groups for p in g["params"]]
-            if rt.layout is not None and any(
-                any(is_block_state(v) for v in st.values()) for st in self.state.values()
-            ):
-                raise RuntimeError(
-                    "Shampoo(distributed=True): parameters changed after the first step; the "
-                    "block assignment cannot change once state exists"
-                )
-            rt.params = [p for _, p in pairs]
-            rt.keys = {id(p): i for i, p in enumerate(rt.params)}
-            if self.distributed and rt.comm is None:
-                rt.comm = Communicator(self._process_group, self.communication_dtype)
-            if rt.comm is not None and rt.comm.world_size > 1:
-                entries = []
-                for i, (g, p) in enumerate(pairs):
-                    plan = self._plan(p, g)
-                    if plan is not None:
-                        entries.append((i, plan.block_shapes, plan.counts))
-                rt.layout = BlockLayout(entries, rt.comm.world_size, rt.comm.rank)
-            rt.sig = sig
-        if self.async_roots and rt.worker is None:
-            staleness = self.async_staleness or min(
-                g["precondition_frequency"] for g in self.param_groups
-            )
-            rt.worker = AsyncRootWorker(
-                self.async_workers, staleness, self.async_deterministic_delay
-            )
-        return rt
+    @staticmethod
+    def _stats_shape(group: dict[str, Any], n: int, count: int) -> tuple[int, ...]:
+        """Shape of a factor's statistics stack: ``count`` blocks of size ``n`` (checked on
+        load by the placement layer)."""
+        return (count, kron.packed_size(n)) if group["packed_statistics"] else (count, n, n)
 
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         rt = self._runtime()
         layout = rt.layout
+        everything, work = work, rt.owned(work)  # shard_optimizer_state: own parameters only
         # Stage 1: everything that can raise. Nothing persistent is modified before it ends.
         items = [self._prepare(rt, group, p) for group, params in work for p in params]
         # Stage 2: commit. From here on failures are contained (warned once, counted): the
@@ -510,22 +382,13 @@ class Shampoo(SecondOrderOptimizer):
             it.state["step"] += 1
             if it.plan is not None:
                 self._accumulate(it, layout)
-        if rt.worker is not None and len(rt.worker):
-            with self._contained("install", "finished async roots were not installed"):
-                self._install(rt.worker.collect(self._clock))
-        due: list[_DueFactor] = []
-        first: list[_DueFactor] = []  # async: a tensor's first roots are computed now
+        rt.roots.collect(self, rt, self._clock)
+        due: list[DueFactor] = []
         for it in items:
             if it.due:
                 with self._contained("roots", "a tensor's roots were not refreshed this step"):
-                    factors = self._due_factors(it.state, it.plan, it.group, it.t, it.key)
-                    late = self.async_roots and it.t > self._start(it.group)
-                    (due if late else first).extend(factors)
-        if first:
-            self._refresh_roots(first)
-        if due:
-            with self._contained("async-submit", "this step's async root job was not started"):
-                self._submit_roots(due)
+                    due.extend(self._due_factors(it.state, it.plan, it.group, it.t, it.key))
+        rt.roots.submit(self, rt, due, self._clock)
         directions = []
         for it in items:
             d = self._direction(it, layout)
@@ -534,34 +397,12 @@ class Shampoo(SecondOrderOptimizer):
             else:
                 directions.append(d)
         if layout is not None:  # a collective: a failure here is not contained
-            exchange = [
-                (it.key, c, d, it.plan.counts[c])
-                for it, ds in zip(items, directions)
-                if isinstance(ds, list)
-                for c, d in enumerate(ds)
-            ]
-            full = iter(rt.comm.exchange(layout, exchange))
-            directions = [
-                it.plan.merge([next(full) for _ in ds]) if isinstance(ds, list) else ds
-                for it, ds in zip(items, directions)
-            ]
-            for it, d in zip(items, directions):
+            for it, d in zip(items, rt.gather_directions(items, directions)):
                 self._apply_direction(it.group, it.p, d)
-        self._escalate()
+        rt.share_params(everything)  # shard_optimizer_state: owners send updated parameters
+        rt.escalate()
 
-    @contextmanager
-    def _contained(self, kind: str, consequence: str) -> Iterator[None]:
-        """Catch an exception after the commit point: warn once per kind, count, go on."""
-        try:
-            yield
-        except Exception as e:  # noqa: BLE001 - contained: the step must complete
-            self._warn_once(
-                (kind, type(e).__name__),
-                f"Shampoo: {type(e).__name__}: {e} ({kind}); {consequence}. The step itself "
-                "was applied.",
-            )
-
-    def _prepare(self, rt: _Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
+    def _prepare(self, rt: Runtime, group: dict[str, Any], p: torch.Tensor) -> _Item:
         """Stage 1 for one parameter: gradient, new state, graft direction. Modifies nothing.
 
         Momentum, graft accumulator and graft direction are computed out of place here (so
@@ -645,8 +486,9 @@ class Shampoo(SecondOrderOptimizer):
 
     def _due_factors(
         self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int, key: int = -1
-    ) -> list[_DueFactor]:
+    ) -> list[DueFactor]:
         bc = bias_correction(group["betas"][1], t)
+        first = t == self._start(group)  # a tensor's first roots: solved in the step
         out = []
         for c, stats in enumerate(state["stats"]):
             order = len(stats)
@@ -654,218 +496,8 @@ class Shampoo(SecondOrderOptimizer):
             for i, s in enumerate(stats):
                 if s.shape[0]:  # distributed: classes without local blocks have nothing due
                     scale = state["stat_scale"][c][i].clone()
-                    out.append(_DueFactor(state, c, i, s, exponent, key, group, scale, bc))
+                    out.append(DueFactor(state, c, i, s, exponent, key, group, scale, bc, first))
         return out
-
-    def _root_buckets(
-        self, due: list[_DueFactor]
-    ) -> list[tuple[tuple[Any, ...], list[_DueFactor]]]:
-        """Group due factors of equal size, exponent and settings (one batched solve each)."""
-        buckets: dict[tuple[Any, ...], list[_DueFactor]] = {}
-        for f in due:
-            group = f.group
-            method = group["root_method"]
-            if method == "auto":
-                # async roots are computed on the host from host snapshots: eigh
-                on_host = f.matrix.device.type == "cpu" or self.async_roots
-                method = "eigh" if on_host else "newton"
-            key = (
-                f.size,
-                f.exponent,
-                f.matrix.device,
-                method,
-                group["eps"],
-                group["inverse_failure_threshold"],
-            )
-            buckets.setdefault(key, []).append(f)
-        return list(buckets.items())
-
-    def _chunk_rows(self, spec: tuple[Any, ...]) -> int | None:
-        """Matrices per solver call under ``root_memory_budget`` (None: unbounded)."""
-        if self.root_memory_budget is None:
-            return None
-        n, method = spec[0], spec[3]
-        return max(1, self.root_memory_budget // root_workspace_bytes(n, method))
-
-    def _refresh_roots(self, due: list[_DueFactor]) -> None:
-        """Compute all due roots now, batching factors of equal size, exponent and settings.
-
-        Each bucket is solved in chunks that fit ``root_memory_budget``; a chunk's
-        workspace is freed before the next one starts. A solver exception rejects the
-        chunk's roots (previous roots kept, warned once, counted) instead of propagating.
-        """
-        rt = self._rt
-        for spec, factors in self._root_buckets(due):
-            rows = self._chunk_rows(spec)
-            for pieces in _chunks(factors, rows):
-                rows_here = sum(hi - lo for _, lo, hi in pieces)
-                ws = root_workspace_bytes(spec[0], spec[3], rows_here)
-                rt.peak_root_bytes = max(rt.peak_root_bytes, ws)
-                rt.last_root_bytes = ws
-                rt.root_chunks += 1
-                try:
-                    stacked = _stack_pieces(pieces)
-                    scale = torch.cat([f.scale[lo:hi] for f, lo, hi in pieces])
-                    res = _solve_bucket(spec[1:], stacked, scale)
-                    del stacked
-                except Exception as e:  # noqa: BLE001 - contained: a rejected root
-                    self._warn_once(
-                        ("root-exception", type(e).__name__),
-                        f"Shampoo: a root computation raised {type(e).__name__}: {e}. The "
-                        "affected factors keep their previous roots (counted as failures).",
-                    )
-                    res = None
-                with self._contained("roots", "new roots were not stored"):
-                    self._store_pieces(pieces, res)
-
-    def _submit_roots(self, due: list[_DueFactor]) -> None:
-        """Snapshot the due statistics and hand them to the root worker (async_roots)."""
-        payload, meta = [], []
-        for spec, factors in self._root_buckets(due):
-            pieces = [(f, 0, f.matrix.shape[0]) for f in factors]
-            stacked = _stack_pieces(pieces)  # a fresh copy: the live statistics go on changing
-            scale = torch.cat([f.scale for f in factors])
-            snap = Snapshot(stacked) if stacked.device.type == "cpu" else snapshot(stacked)
-            payload.append((spec[1:], snap, scale.cpu(), self._chunk_rows(spec)))
-            meta.append([(f.key, f.cls, f.axis, f.matrix.shape[0]) for f in factors])
-        self._rt.worker.submit(self._clock, _solve_snapshots, payload, meta=meta)
-
-    def _store_results(self, factors: list[_DueFactor], res: Any) -> None:
-        self._store_pieces([(f, 0, f.matrix.shape[0]) for f in factors], res)
-
-    def _store_pieces(self, pieces: list[tuple[_DueFactor, int, int]], res: Any) -> None:
-        """Install a solved chunk; ``res=None`` (the solver raised) rejects all its roots."""
-        offset = 0
-        for f, lo, hi in pieces:
-            n = hi - lo
-            if res is None:
-                ok = torch.zeros(n, dtype=torch.bool, device=f.matrix.device)
-                self._store_root(f.state, f.cls, f.axis, None, None, None, ok, lo, hi, f.group)
-            else:
-                part = [x[offset : offset + n] for x in res]
-                self._store_root(f.state, f.cls, f.axis, *part, lo, hi, f.group)
-            offset += n
-
-    def _install(self, finished: list[tuple[Any, Any]]) -> None:
-        """Install finished root jobs; a job that raised counts a failure for its blocks."""
-        params = self._rt.params
-        for meta, result in finished:
-            failed = isinstance(result, BaseException)
-            if failed:
-                self._warn_once(
-                    ("async-exception", type(result).__name__),
-                    f"Shampoo: an async root job raised {type(result).__name__}: {result}. "
-                    "The affected factors keep their previous roots (counted as failures).",
-                )
-            for b, bucket in enumerate(meta):
-                if failed:
-                    for key, c, i, n in bucket:
-                        st = self.state[params[key]]
-                        device = st["roots"][c][i].device
-                        ok = torch.zeros(n, dtype=torch.bool, device=device)
-                        group = self._group_of(params[key])
-                        self._store_root(st, c, i, None, None, None, ok, 0, n, group)
-                    continue
-                res = result[b]
-                device = self.state[params[bucket[0][0]]]["roots"][bucket[0][1]][0].device
-                res = type(res)(*(x.to(device, non_blocking=True) for x in res))
-                offset = 0
-                for key, c, i, n in bucket:
-                    st = self.state[params[key]]
-                    part = [x[offset : offset + n] for x in res]
-                    offset += n
-                    self._store_root(st, c, i, *part, 0, n, self._group_of(params[key]))
-
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
-
-    def _store_root(
-        self,
-        state: dict[str, Any],
-        cls: int,
-        axis: int,
-        root: torch.Tensor | None,
-        err: torch.Tensor | None,
-        lam: torch.Tensor | None,
-        ok: torch.Tensor,
-        lo: int = 0,
-        hi: int | None = None,
-        group: dict[str, Any] | None = None,
-    ) -> None:
-        """Swap in new roots of blocks ``lo:hi`` where ``ok``; elsewhere keep the old ones,
-        count a failure, and warn once per kind of failure (one host read per call)."""
-        sl = slice(lo, hi)
-        old = state["roots"][cls][axis][sl]
-        if root is not None:
-            finite_root = torch.isfinite(root).flatten(1).all(1)
-            ok = ok & finite_root
-            old.copy_(torch.where(ok[:, None, None], root.to(old.dtype), old))
-            state["root_error"][cls][axis][sl].copy_(err.float())
-            lam_old = state["lambda_max"][cls][axis][sl]
-            lam = lam.to(lam_old.dtype)
-            lam_old.copy_(torch.where(torch.isfinite(lam), lam, lam_old))
-        else:
-            state["root_error"][cls][axis][sl].fill_(float("inf"))
-        state["root_failures"][cls][axis][sl].add_((~ok).long())
-        streaks = state.get("root_streak")
-        if streaks is None:  # checkpoint from before streaks were kept
-            streaks = state["root_streak"] = [
-                [torch.zeros_like(f) for f in cls_] for cls_ in state["root_failures"]
-            ]
-        streak = streaks[cls][axis][sl]
-        streak.copy_(torch.where(ok, torch.zeros_like(streak), streak + 1))
-        if bool(ok.all()):
-            return
-        if root is not None:  # (a solver exception was warned about where it was caught)
-            if not bool(finite_root.all()):
-                kind, why = "non-finite", "is not finite"
-            else:
-                kind = "residual"
-                threshold = group["inverse_failure_threshold"] if group else "?"
-                why = (
-                    f"has a residual of {err.float().max().item():.3g} >= "
-                    f"inverse_failure_threshold ({threshold})"
-                )
-            self._warn_once(
-                ("root-rejected", kind),
-                f"Shampoo: a computed inverse root {why}; it was rejected and the previous "
-                "root kept (counted in diagnostics()['failures']).",
-            )
-        if group is not None:
-            limit = group["max_consecutive_root_failures"]
-            worst = int(streak.max().item())
-            if worst >= limit:
-                self._rt.escalations.append((group["on_root_failure"], worst, limit))
-
-    def _escalate(self) -> None:
-        """Act on factors whose roots failed ``max_consecutive_root_failures`` times in a row."""
-        rt = self._rt
-        if not rt.escalations:
-            return
-        found, rt.escalations = rt.escalations, []
-        for policy, worst, limit in found:
-            msg = (
-                f"Shampoo: a factor's inverse root failed {worst} times in a row "
-                f"(max_consecutive_root_failures={limit}); "
-            )
-            if policy == "raise":
-                raise RootFailureError(
-                    msg + "on_root_failure='raise'. The step was applied completely (with the "
-                    "previous roots). Set on_root_failure='warn' or 'graft' to train on."
-                )
-            what = (
-                "its blocks now take the graft direction until a root succeeds"
-                if policy == "graft"
-                else "training goes on with its last good root"
-            )
-            self._warn_once(("escalation", policy), msg + what + f" (on_root_failure={policy!r}).")
-
-    def _warn_once(self, kind: tuple[str, ...], message: str) -> None:
-        rt = self._rt
-        if kind not in rt.warned:
-            rt.warned.add(kind)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-        rt.failure_counts[kind[0]] = rt.failure_counts.get(kind[0], 0) + 1
 
     def _direction(
         self, it: _Item, layout: BlockLayout | None
@@ -948,353 +580,3 @@ class Shampoo(SecondOrderOptimizer):
         if wd != 0 and group["decoupled_weight_decay"]:
             p.mul_(1.0 - lr * wd)
         p.add_(direction.to(p.dtype), alpha=-lr)
-
-    # -------------------------------------------------------------- state dict
-    def state_dict(self) -> dict[str, Any]:
-        """The state dict. Never a collective: safe to call on one rank only.
-
-        Single process (or one rank): the full state. With ``distributed=True`` on several
-        ranks every rank holds only its own blocks' statistics and roots, and that is what it
-        returns: a *shard*, marked by ``"distributed_shard": {"rank", "world_size"}``, which
-        loads back on the same rank of a run with the same world size and settings. So
-        ``if rank == 0: torch.save(opt.state_dict(), path)`` never blocks the other ranks
-        (but saves only rank 0's shard); for one file holding everything, in the
-        single-process format, call :meth:`full_state_dict` on every rank. With
-        ``async_roots`` the pending root jobs are waited for (not installed) and saved under
-        ``"async_roots"`` with the step counter, so that a loaded optimizer installs them at
-        the same step as the original would have.
-        """
-        return self._state_dict(gather=False)
-
-    def full_state_dict(self) -> dict[str, Any]:
-        """The complete state in the single-process format, gathered from every rank.
-
-        A collective with ``distributed=True`` on several ranks: call it on **every** rank
-        (each gets the same dict), e.g. ``sd = opt.full_state_dict(); if rank == 0:
-        torch.save(sd, path)``. It loads into single-process and distributed runs of any
-        world size. Without a process group it equals :meth:`state_dict`.
-        """
-        return self._state_dict(gather=True)
-
-    def _state_dict(self, gather: bool) -> dict[str, Any]:
-        sd = super().state_dict()
-        rt = self._runtime()
-        if rt.layout is not None and gather:
-            blocked = {
-                k: st
-                for k, st in sd["state"].items()
-                if any(is_block_state(v) for v in st.values())
-            }
-            sd["state"] = {**sd["state"], **rt.comm.gather_state(rt.layout, blocked)}
-        elif rt.layout is not None:
-            sd["distributed_shard"] = dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
-        if self.async_roots:
-            pending = self._pending_records(rt, gather)
-            sd["async_roots"] = dict(clock=self._clock, pending=pending)
-        return sd
-
-    def _pending_records(self, rt: _Runtime, gather: bool = True) -> list[dict[str, Any]]:
-        """Pending root jobs, one record per factor, with full (all-rank) block stacks
-        (``gather``, a collective when distributed) or this rank's blocks only."""
-        records = []
-        for step, meta, result in rt.worker.pending() if rt.worker is not None else []:
-            for b, bucket in enumerate(meta):
-                offset = 0
-                for key, c, i, n in bucket:
-                    if isinstance(result, BaseException):
-                        dim = self.state[rt.params[key]]["roots"][c][i].shape[-1]
-                        part = dict(
-                            root=torch.zeros(n, dim, dim),
-                            error=torch.full((n,), float("inf")),
-                            lambda_max=torch.zeros(n),
-                            ok=torch.zeros(n, dtype=torch.bool),
-                        )
-                    else:
-                        part = {
-                            name: getattr(result[b], name)[offset : offset + n].cpu()
-                            for name in ("root", "error", "lambda_max", "ok")
-                        }
-                    offset += n
-                    blocks = list(range(n)) if rt.layout is None else rt.layout.owned(key, c)
-                    records.append(dict(step=step, param=key, cls=c, axis=i, blocks=blocks, **part))
-        if rt.layout is not None and gather:  # merge the ranks' parts of each factor
-            merged: dict[tuple[int, ...], dict[str, Any]] = {}
-            for part in (r for rank in rt.comm.all_gather_object(records) for r in rank):
-                k = (part["step"], part["param"], part["cls"], part["axis"])
-                merged.setdefault(k, []).append(part)
-            records = []
-            for parts in merged.values():
-                order = torch.tensor([j for p_ in parts for j in p_["blocks"]]).argsort()
-                rec = {k: parts[0][k] for k in ("step", "param", "cls", "axis")}
-                for name in ("root", "error", "lambda_max", "ok"):
-                    rec[name] = torch.cat([p_[name] for p_ in parts])[order]
-                records.append(rec)
-        for rec in records:
-            rec.pop("blocks", None)
-        return records
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from a single-process or a distributed run (same format).
-
-        Distributed: every rank keeps only its own blocks' statistics and roots. Pending
-        async root jobs of the checkpoint are installed at their original step with
-        ``async_roots`` (this optimizer's own pending jobs are dropped), and right away
-        without it.
-        """
-        state_dict = dict(state_dict)
-        saved_async = state_dict.pop("async_roots", None)
-        shard = state_dict.pop("distributed_shard", None)
-        rt = self._runtime()
-        if shard is not None:
-            here = (
-                None
-                if rt.layout is None
-                else dict(rank=rt.comm.rank, world_size=rt.comm.world_size)
-            )
-            if here != {k: shard[k] for k in ("rank", "world_size")}:
-                where = (
-                    "a single process"
-                    if here is None
-                    else f"rank {here['rank']} of {here['world_size']}"
-                )
-                raise ValueError(
-                    f"this state dict is rank {shard['rank']}'s shard of a distributed Shampoo run "
-                    f"with {shard['world_size']} ranks (from state_dict()); it cannot be loaded on "
-                    f"{where}. Load it on the same rank of a run with the same world size, or save "
-                    "the full state with full_state_dict() (a collective: call it on every rank)"
-                )
-        rt.loading_shard = shard is not None
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            rt.loading_shard = False
-        if rt.layout is not None and shard is None:
-            for key, p in enumerate(rt.params):
-                st = self.state.get(p)
-                if st and any(is_block_state(v) for v in st.values()):
-                    self.state[p] = localize_state(st, rt.layout, key)
-        if rt.worker is not None:
-            rt.worker.clear()
-        if not saved_async:
-            return
-        if self.async_roots:
-            self._clock = int(saved_async["clock"])
-        for rec in saved_async["pending"]:
-            key, c, i = rec["param"], rec["cls"], rec["axis"]
-            parts = [rec[name] for name in ("root", "error", "lambda_max", "ok")]
-            if rt.layout is not None and shard is None:
-                parts = [rt.layout.local(key, c, x) for x in parts]
-            n = parts[0].shape[0]
-            if n == 0:
-                continue
-            res = RootResult(*parts)
-            meta = [[(key, c, i, n)]]
-            if self.async_roots:
-                rt.worker.add_finished(int(rec["step"]), [res], meta=meta)
-            else:
-                self._install([(meta, [res])])
-
-    def _after_load_state_dict(self) -> None:
-        super()._after_load_state_dict()
-        # after unpickling / deepcopy: no runtime (it is transient); rebuilt lazily
-        for name, value in (
-            ("_rt", _Runtime()),
-            ("_process_group", None),
-            ("_clock", 0),
-            ("async_roots", False),
-            ("async_staleness", None),
-            ("async_deterministic_delay", None),
-            ("async_workers", 1),
-            ("distributed", False),
-            ("communication_dtype", torch.float32),
-            ("root_memory_budget", DEFAULT_ROOT_MEMORY_BUDGET),
-        ):
-            self.__dict__.setdefault(name, value)
-
-    def async_diagnostics(self) -> dict[str, Any]:
-        """Counters of the async root worker: ``submitted``, ``installed``, ``exceptions``
-        (jobs that raised: their blocks kept their roots and count a failure), ``waits`` /
-        ``wait_seconds`` (steps that had to wait for a job), ``max_staleness`` (steps) and
-        ``in_flight``. Rejected (non-finite or inaccurate) roots are counted per block in
-        :meth:`diagnostics`' ``failures``."""
-        w = self._rt.worker
-        if w is None:
-            return dict(
-                submitted=0,
-                installed=0,
-                exceptions=0,
-                waits=0,
-                wait_seconds=0.0,
-                max_staleness=0,
-                in_flight=0,
-            )
-        return {**w.counters, "in_flight": len(w)}
-
-    def close(self) -> None:
-        """Stop the async root worker's threads now (they also stop when the optimizer is
-        garbage collected and at exit). Pending jobs are dropped; the optimizer stays usable."""
-        if self._rt.worker is not None:
-            self._rt.worker.shutdown()
-            self._rt.worker = None
-
-    # -------------------------------------------------------------- diagnostics
-    @torch.no_grad()
-    def diagnostics(self) -> list[dict[str, Any]]:
-        """Per preconditioned factor: parameter index, block class, axis and root health.
-
-        Each record has ``param`` (index over all param groups), ``shape``, ``block_shape``,
-        ``axis``, ``num_blocks``, ``step``, ``root_error`` / ``lambda_max`` (lists, one
-        value per block, from the last root computation; ``lambda_max`` is the largest
-        eigenvalue of the true statistics, finite for any finite gradients), ``failures``
-        (list, number of rejected roots per block so far; a root solve that raised counts
-        one for each of its blocks) and ``streak`` (consecutive failures per block). With
-        ``distributed=True`` the lists cover this rank's blocks only, whose indices (within
-        the size class) are in ``blocks``. This reads device values: call it off the hot
-        path. Memory figures are in :meth:`memory_diagnostics`.
-        """
-        layout = self._runtime().layout
-        out = []
-        idx = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                if "stats" in st:
-                    plan = self._plan(p, group)
-                    for c, bs in enumerate(plan.block_shapes):
-                        for i, n in enumerate(bs):
-                            out.append(
-                                dict(
-                                    param=idx,
-                                    shape=tuple(p.shape),
-                                    block_shape=tuple(bs),
-                                    axis=i,
-                                    size=n,
-                                    num_blocks=plan.counts[c],
-                                    blocks=(
-                                        list(range(plan.counts[c]))
-                                        if layout is None
-                                        else layout.owned(idx, c)
-                                    ),
-                                    step=int(st["step"].item()),
-                                    root_error=st["root_error"][c][i].tolist(),
-                                    lambda_max=st["lambda_max"][c][i].tolist(),
-                                    failures=st["root_failures"][c][i].tolist(),
-                                    streak=(
-                                        st["root_streak"][c][i].tolist()
-                                        if "root_streak" in st
-                                        else [0] * len(st["root_failures"][c][i])
-                                    ),
-                                )
-                            )
-                idx += 1
-        return out
-
-    def memory_diagnostics(self) -> dict[str, Any]:
-        """Memory of this optimizer (this rank's, when distributed), in bytes.
-
-        ``state_bytes`` (all state tensors) and its parts ``statistics``, ``roots``,
-        ``moments`` (momentum and graft accumulator) and ``other``; ``root_memory_budget``;
-        ``peak_root_workspace_bytes`` / ``last_root_workspace_bytes``: the largest (and the
-        latest) solver workspace of one chunk of a synchronous root refresh, estimated from
-        the chunk's size by :func:`~secondorder.kernels.roots.root_workspace_bytes`;
-        ``root_chunks``: solver calls so far. Async root jobs also hold a snapshot of the
-        due statistics (``statistics``-sized at most) while they run.
-        ``contained_failures``: failures after the commit point of a step, by kind.
-        """
-        parts = dict(statistics=0, roots=0, moments=0, other=0)
-        names = dict(stats="statistics", roots="roots", exp_avg="moments", graft_v="moments")
-        for st in self.state.values():
-            for k, v in st.items():
-                parts[names.get(k, "other")] += tree_bytes(v)
-        rt = self._rt
-        return dict(
-            state_bytes=sum(parts.values()),
-            **parts,
-            root_memory_budget=self.root_memory_budget,
-            peak_root_workspace_bytes=rt.peak_root_bytes,
-            last_root_workspace_bytes=rt.last_root_bytes,
-            root_chunks=rt.root_chunks,
-            contained_failures=dict(rt.failure_counts),
-        )
-
-
-
-def _chunks(factors: list[_DueFactor], rows: int | None) -> list[list[tuple[_DueFactor, int, int]]]:
-    """Cut the blocks of ``factors`` into chunks of at most ``rows`` matrices (None: one
-    chunk): each chunk is a list of ``(factor, lo, hi)`` block ranges."""
-    out: list[list[tuple[_DueFactor, int, int]]] = [[]]
-    room = rows
-    for f in factors:
-        lo, n = 0, f.matrix.shape[0]
-        while lo < n:
-            if room == 0:
-                out.append([])
-                room = rows
-            hi = n if room is None else min(n, lo + room)
-            out[-1].append((f, lo, hi))
-            if room is not None:
-                room -= hi - lo
-            lo = hi
-    return [c for c in out if c]
-
-
-def _stack_pieces(pieces: list[tuple[_DueFactor, int, int]]) -> torch.Tensor:
-    """The bias-corrected (scaled) statistics of a chunk, as one new ``(B, n, n)`` tensor."""
-    f0 = pieces[0][0]
-    rows = sum(hi - lo for _, lo, hi in pieces)
-    n = f0.size
-    out = torch.empty(rows, n, n, dtype=f0.matrix.dtype, device=f0.matrix.device)
-    offset = 0
-    for f, lo, hi in pieces:
-        part = out[offset : offset + hi - lo]
-        if f.matrix.dim() == 2:  # packed statistics
-            kron.unpack_symmetric(f.matrix[lo:hi], out=part)
-            if f.bc != 1.0:
-                part.div_(f.bc)
-        else:
-            torch.div(f.matrix[lo:hi], f.bc, out=part)
-        offset += hi - lo
-    return out
-
-
-def _solve_bucket(
-    spec: tuple[Any, ...], matrix: torch.Tensor, scale: torch.Tensor | None = None
-) -> RootResult:
-    """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2).
-
-    The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
-    magnitude; the root and ``lambda_max`` are brought back to true units
-    (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
-    """
-    exponent, _, method, eps, threshold = spec
-    res = inverse_root(
-        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
-    )
-    if scale is None:
-        return res
-    s = scale.to(device=res.root.device, dtype=torch.float64)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    root = res.root * s.pow(-2.0 / exponent).to(res.root.dtype)[:, None, None]
-    lam = res.lambda_max.double() * s.square()
-    return res._replace(root=root, lambda_max=lam)
-
-
-def _solve_snapshots(payload: list[tuple[Any, ...]]) -> list[RootResult]:
-    """Worker side of ``async_roots``: solve each snapshotted bucket (in chunks of at most
-    ``rows`` matrices); reject non-finite roots.
-
-    A module function that sees only the snapshots, so the optimizer can be collected while
-    it runs.
-    """
-    out = []
-    for spec, snap, scale, rows in payload:
-        matrix = snap.get()
-        step = matrix.shape[0] if rows is None else rows
-        parts = [
-            _solve_bucket(spec, matrix[lo : lo + step], scale[lo : lo + step])
-            for lo in range(0, matrix.shape[0], step)
-        ]
-        res = RootResult(*(torch.cat(x) for x in zip(*parts))) if len(parts) > 1 else parts[0]
-        finite = torch.isfinite(res.root).flatten(1).all(1)
-        out.append(res._replace(ok=res.ok & finite))
-    return out

@@ -5,7 +5,14 @@ parallelism people train with onto that view, so an optimizer never branches on 
 
 * **single process** and **DDP** (every rank holds whole, identical parameters and
   gradients): parameters are used as they are. Splitting work across DDP ranks (Shampoo's
-  ``distributed=True`` block ownership) lives in :mod:`secondorder.distributed`.
+  ``distributed=True`` block ownership) lives in :mod:`secondorder.placement.ddp`.
+* **block preconditioners** (Shampoo): :class:`~secondorder.placement.blocked.BlockOptimizer`
+  is the system half of such an optimizer -- its per-process
+  :class:`~secondorder.placement.runtime.Runtime` (parameter index, DDP block ownership,
+  direction all-gather, state-dict gathering), the root schedulers of
+  :mod:`secondorder.placement.roots` (synchronous, or a background pool from
+  :mod:`secondorder.placement.async_roots`), checkpoints and diagnostics. Import those
+  modules directly (they are not re-exported here: they build on the optimizer base class).
 * **FSDP2 / HSDP** (``fully_shard``: DTensor parameters, ``Shard(0)`` over the shard
   dimension of the mesh, ``Replicate()`` over HSDP's replicate dimension):
   :func:`placement_of` describes each parameter (:class:`ParamPlacement`) and rejects
