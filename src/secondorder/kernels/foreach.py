@@ -193,3 +193,25 @@ def copy_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], foreach: bool)
 def add_steps_(steps: Sequence[torch.Tensor], foreach: bool) -> None:
     """Advance 0-d step counters by one (``step += 1``), as torch.optim does."""
     add_scalar_(steps, 1.0, foreach)
+
+
+def sqrt_(xs: Sequence[torch.Tensor], foreach: bool) -> None:
+    """``x.sqrt_()`` for every ``x``."""
+    _apply(foreach, torch._foreach_sqrt_, torch.Tensor.sqrt_, [xs])
+
+
+def div(xs: Sequence[torch.Tensor], s: Scalars, foreach: bool) -> list[torch.Tensor]:
+    """``torch.div(x, s)`` for every ``x`` (new tensors)."""
+    return _apply(foreach, torch._foreach_div, torch.div, [xs], s)
+
+
+def div_tensors(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], foreach: bool
+) -> list[torch.Tensor]:
+    """``torch.div(x, y)`` for every pair (new tensors; ``y`` may broadcast, e.g. 0-d)."""
+    return _apply(foreach, torch._foreach_div, torch.div, [xs, ys])
+
+
+def add_tensors_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], foreach: bool) -> None:
+    """``x.add_(y)`` for every pair (``y`` may broadcast, e.g. a 0-d tensor)."""
+    _apply(foreach, torch._foreach_add_, torch.Tensor.add_, [xs, ys])
