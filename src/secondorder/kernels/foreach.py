@@ -215,3 +215,27 @@ def div_tensors(
 def add_tensors_(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], foreach: bool) -> None:
     """``x.add_(y)`` for every pair (``y`` may broadcast, e.g. a 0-d tensor)."""
     _apply(foreach, torch._foreach_add_, torch.Tensor.add_, [xs, ys])
+
+
+def add(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float, foreach: bool
+) -> list[torch.Tensor]:
+    """``torch.add(x, y, alpha=alpha)`` for every pair (new tensors)."""
+    return _apply(
+        foreach,
+        lambda a, b: torch._foreach_add(a, b, alpha=alpha),
+        lambda a, b: torch.add(a, b, alpha=alpha),
+        [xs, ys],
+    )
+
+
+def add_scalar(xs: Sequence[torch.Tensor], s: Scalars, foreach: bool) -> list[torch.Tensor]:
+    """``torch.add(x, s)`` for every ``x`` (new tensors)."""
+    return _apply(foreach, torch._foreach_add, torch.add, [xs], s)
+
+
+def mul_tensors(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], foreach: bool
+) -> list[torch.Tensor]:
+    """``torch.mul(x, y)`` for every pair (new tensors; ``y`` may broadcast, e.g. 0-d)."""
+    return _apply(foreach, torch._foreach_mul, torch.mul, [xs, ys])
