@@ -29,7 +29,7 @@ import torch
 FOREACH_DEVICES = ("cpu", "cuda")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-Scalars = float | Sequence[float]
+Scalars = float | torch.Tensor | Sequence[float]
 
 
 def check_foreach(value: Any) -> None:
@@ -62,12 +62,16 @@ def _apply(
     single: Callable[..., Any],
     lists: Sequence[Sequence[torch.Tensor]],
     scalars: Scalars | None = None,
+    tensor_scalar: bool = False,
 ) -> list[Any]:
     """``multi(*lists, scalars)`` per (device, dtype) group, or ``single(*tensors, scalar)``
-    per index. Returns the results aligned with ``lists[0]`` (for out-of-place ops)."""
+    per index. Returns the results aligned with ``lists[0]`` (for out-of-place ops).
+    ``tensor_scalar``: ``multi`` takes one 0-d tensor as its scalar (no host read)."""
     n = len(lists[0])
     if n == 0:
         return []
+    if not (tensor_scalar and isinstance(scalars, torch.Tensor)):
+        scalars = _numbers(scalars)
     per_index = isinstance(scalars, (list, tuple))
     if not foreach:
         out = []
@@ -90,9 +94,21 @@ def _apply(
     return out
 
 
+def _numbers(scalars: Any) -> Any:
+    """Tensor hyperparameters (0-d, e.g. a tensor ``lr``) as Python numbers, as a
+    single-tensor call reads them; multi-tensor calls take numbers (a tensor there means a
+    1-d pack of scalars). Reads a device value once per call when the tensor is on one."""
+    if isinstance(scalars, torch.Tensor):
+        return scalars.item()
+    if isinstance(scalars, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in scalars):
+        return [x.item() if isinstance(x, torch.Tensor) else x for x in scalars]
+    return scalars
+
+
 def mul_(xs: Sequence[torch.Tensor], s: Scalars, foreach: bool) -> None:
-    """``x.mul_(s)`` for every ``x`` (``s`` one number or one per tensor)."""
-    _apply(foreach, torch._foreach_mul_, torch.Tensor.mul_, [xs], s)
+    """``x.mul_(s)`` for every ``x`` (``s`` one number, one 0-d tensor, which is not read
+    on the host, or one number per tensor)."""
+    _apply(foreach, torch._foreach_mul_, torch.Tensor.mul_, [xs], s, tensor_scalar=True)
 
 
 def add_scalar_(xs: Sequence[torch.Tensor], s: Scalars, foreach: bool) -> None:
@@ -104,6 +120,7 @@ def add_(
     xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float, foreach: bool
 ) -> None:
     """``x.add_(y, alpha=alpha)`` for every pair."""
+    alpha = _numbers(alpha)
     _apply(
         foreach,
         lambda a, b: torch._foreach_add_(a, b, alpha=alpha),
@@ -221,6 +238,7 @@ def add(
     xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float, foreach: bool
 ) -> list[torch.Tensor]:
     """``torch.add(x, y, alpha=alpha)`` for every pair (new tensors)."""
+    alpha = _numbers(alpha)
     return _apply(
         foreach,
         lambda a, b: torch._foreach_add(a, b, alpha=alpha),

@@ -245,7 +245,7 @@ class SOAP(SecondOrderOptimizer):
                 t = int(state["step"].item())  # a CPU tensor: no device sync
                 g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
                 plan = self._plan(p, group)
-                g, eps = self._rescale(group, p, g, state, plan)
+                g, eps = self._rescale(group, p, g, state, plan, foreach)
                 parts.append((plan, self._units(group, p, g, eps, state, plan, t, units)))
                 if plan is not None:
                     due.extend(self._update_factors(group, g, state, plan, t))
@@ -266,6 +266,7 @@ class SOAP(SecondOrderOptimizer):
         g: torch.Tensor,
         state: dict[str, Any],
         plan: BlockPlan | None,
+        foreach: bool,
     ) -> tuple[torch.Tensor, Any]:
         """Scale-aware state: the gradient divided by ``c = 2**scale_exp`` and the ``eps`` to
         use with it (``eps / c``).
@@ -291,9 +292,9 @@ class SOAP(SecondOrderOptimizer):
                        ("rotated_exp_avg_sq", sq)):  # fmt: skip
             x = state.get(key)
             if x is not None:
-                torch._foreach_mul_(x, r) if isinstance(x, list) else x.mul_(r)
+                F.mul_(x, r, foreach) if isinstance(x, list) else x.mul_(r)
         for stack in state.get("factors", []):
-            torch._foreach_mul_(stack, sq)
+            F.mul_(stack, sq, foreach)
         return g * inv_c, inv_c * group["eps"]
 
     def _units(
