@@ -52,6 +52,7 @@ import torch
 
 from .._validation import check_betas, check_bool, check_choice, check_float, check_int
 from ..blocking import BlockPlan
+from ..kernels import foreach as F
 from ..kernels import kron
 from ..kernels.eigenbasis import (
     BASIS_METHODS,
@@ -63,7 +64,6 @@ from ..kernels.eigenbasis import (
     tie_break,
     unrotate,
 )
-from ..kernels import foreach as F
 from ..kernels.grafting import bias_correction
 from .base import SecondOrderOptimizer
 
