@@ -15,6 +15,12 @@ timed steps are the per-step path, rotations included, without refreshes), ``opt
 alone is timed: ``--steps`` steps per sample, the two settings alternating, ``--repeats``
 samples each; the table gives medians and their ratio (per-tensor / multi-tensor: above 1
 means the multi-tensor path is faster).
+
+A second table isolates the elementwise work: a decoupled weight decay and a step
+(``mul_`` then ``add_``) on the tensor shapes of each model, as one ``_foreach`` call per
+operation, as a loop doing one operation over all tensors and then the next (the order of
+the ``foreach=False`` path), and as a loop doing both operations on one tensor before the
+next (the order of ``torch.optim``'s for-loop path).
 """
 
 from __future__ import annotations
@@ -88,6 +94,37 @@ def measure(workload: str, name: str, args: argparse.Namespace) -> dict[str, flo
     return dict(on=on, off=off, ratio=off / on, tensors=len(list(base.parameters())))
 
 
+def elementwise(workload: str, args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of ``mul_`` + ``add_`` over the model's tensors in three orders."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    xs = [p.detach().clone() for p in get_workload(workload)(None).make_model().parameters()]
+    xs = [x.to(device) for x in xs]
+    ys = [torch.randn_like(x) for x in xs]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def multi() -> None:
+        torch._foreach_mul_(xs, 0.999)
+        torch._foreach_add_(xs, ys, alpha=-1e-3)
+
+    def by_operation() -> None:
+        for x in xs:
+            x.mul_(0.999)
+        for x, y in zip(xs, ys):
+            x.add_(y, alpha=-1e-3)
+
+    def by_tensor() -> None:
+        for x, y in zip(xs, ys):
+            x.mul_(0.999).add_(y, alpha=-1e-3)
+
+    fns = {"multi": multi, "by_operation": by_operation, "by_tensor": by_tensor}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, 10 * args.steps, sync))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -110,6 +147,13 @@ def main() -> None:
             r = measure(workload, name, args)
             print(f"| {workload} | {r['tensors']} | {name} | {r['on'] * 1e3:.2f} | "
                   f"{r['off'] * 1e3:.2f} | {r['ratio']:.2f} |", flush=True)  # fmt: skip
+    print()
+    print("| workload | _foreach per op ms | loop, op by op ms | loop, tensor by tensor ms |")
+    print("|---|---:|---:|---:|")
+    for workload in args.workloads:
+        e = elementwise(workload, args)
+        print(f"| {workload} | {e['multi'] * 1e3:.3f} | {e['by_operation'] * 1e3:.3f} | "
+              f"{e['by_tensor'] * 1e3:.3f} |", flush=True)  # fmt: skip
     if hasattr(os, "getloadavg"):
         print(f"\nload average after {os.getloadavg()}")
 
