@@ -104,6 +104,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("graft_eps", 0.0), ("graft_eps", -1.0), ("damping", "none"), ("state_dtype", torch.int32),
         ("state_dtype", "float32"), ("compute_dtype", torch.float16), ("guard_threshold", 1.5),
         ("guard_threshold", -0.1), ("precondition_1d", 1), ("nonfinite", "ignore"),
+        ("foreach", "yes"),
     ],
     "AdaHessian": [
         ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.0)), ("eps", 0.0),
@@ -122,11 +123,13 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("lr", -1.0), ("lr", NAN), ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1.0),
         ("norm", "l1"), ("eps", 0.0), ("adamw_betas", (1.0, 0.9)), ("adamw_betas", 0.9),
         ("adamw_eps", 0.0), ("role", None), ("role", "head"), ("nonfinite", "ignore"),
+        ("foreach", 1),
     ],
     "Muon": [
         ("lr", -1.0), ("lr", INF), ("momentum", 1.0), ("nesterov", 1), ("ns_steps", 0),
         ("ns_steps", 2.5), ("scaling", "l2"), ("weight_decay", -1.0), ("adamw_betas", (0.9, 1.0)),
         ("adamw_eps", -1.0), ("ns_dtype", torch.float16), ("role", None), ("nonfinite", "ignore"),
+        ("foreach", "auto"),
     ],
     "MKOR": [
         ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("eps", -1.0), ("weight_decay", -0.1),
@@ -139,13 +142,14 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("hybrid_tol", NAN), ("base_optimizer", "SGD"), ("nonfinite", "ignore"),
     ],
     "AdaGradNorm": [("lr", -1.0), ("lr", NAN), ("initial_accumulator", 0.0), ("eps", -1.0),
-                    ("weight_decay", -1.0), ("mode", "column"), ("nonfinite", "ignore")],
+                    ("weight_decay", -1.0), ("mode", "column"), ("nonfinite", "ignore"),
+                    ("foreach", 0)],
     "SOAP": [
         ("lr", -1.0), ("lr", NAN), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)), ("eps", 0.0),
         ("weight_decay", -1e-2), ("block_size", 0), ("precondition_frequency", 0),
         ("start_preconditioning_step", 1), ("start_preconditioning_step", 2.5),
         ("shampoo_beta", 1.5), ("shampoo_beta", NAN), ("basis_method", "svd"),
-        ("precondition_1d", "no"), ("nonfinite", "ignore"),
+        ("precondition_1d", "no"), ("nonfinite", "ignore"), ("foreach", "yes"),
     ],
 }
 
@@ -170,7 +174,7 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
     "SONew": [
         dict(band=0, precondition_1d=False, betas=(0.8, 0.99)),
         dict(band=3, state_dtype=torch.float32, graft=None, damping="absolute", eps=1e-2,
-             lr=0.05),
+             lr=0.05, foreach=False),
         dict(compute_dtype=torch.bfloat16, betas=(0.0, 1.0), band=2),
     ],
     "AdaHessian": [
@@ -182,18 +186,20 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(block_size=4, scale="count", momentum=0.0, lr=20.0, damp=1e3),
         dict(block_size=7, num_grads=1, weight_decay=0.0, lr=10.0, damp=1e3),
     ],
-    "SCALE": [dict(norm="l2", momentum=0.5, adamw_betas=(0.8, 0.99), eps=1e-6)],
-    "Muon": [dict(nesterov=False, scaling="spectral", ns_steps=3, ns_dtype=torch.bfloat16)],
+    "SCALE": [dict(norm="l2", momentum=0.5, adamw_betas=(0.8, 0.99), eps=1e-6, foreach=False)],
+    "Muon": [dict(nesterov=False, scaling="spectral", ns_steps=3, ns_dtype=torch.bfloat16,
+                  foreach=False)],
     "MKOR": [  # v1: per-group settings only (it is also a param-group override)
         dict(variant="paper", inv_freq=3, factor_decay=0.9, stabilizer_blend=0.5, clip=10.0,
              warmup_steps=2, factor_dtype=torch.bfloat16, precondition=False),
         dict(base="sgd", lr=0.005), dict(base="adamw", hybrid_window=2, hybrid_tol=0.5),
     ],
-    "AdaGradNorm": [dict(mode="row", lr=1.0, initial_accumulator=1.0)],
+    "AdaGradNorm": [dict(mode="row", lr=1.0, initial_accumulator=1.0, foreach=False)],
     "SOAP": [
         dict(block_size=4, precondition_frequency=2, start_preconditioning_step=3,
              precondition_1d=True, basis_method="eigh", betas=(0.9, 0.99)),
-        dict(betas=(0.0, 1.0), shampoo_beta=0.9, weight_decay=0.0, precondition_frequency=1),
+        dict(betas=(0.0, 1.0), shampoo_beta=0.9, weight_decay=0.0, precondition_frequency=1,
+             foreach=False),
     ],
 }
 # fmt: on

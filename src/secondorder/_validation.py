@@ -188,8 +188,10 @@ UNSUPPORTED_FLAGS = {
 def check_unsupported_flags(group: dict[str, Any], implemented: Iterable[str], name: str) -> None:
     """Reject torch.optim flags set to true that the optimizer does not ``implement``.
 
-    ``foreach`` and ``fused`` are performance hints and are accepted and ignored: each
-    optimizer picks its own multi-tensor paths.
+    ``foreach`` and ``fused`` are performance hints and are accepted: ``fused`` is
+    ignored, ``foreach`` too except by the optimizers that take it as an argument (SONew,
+    SOAP, Muon, SCALE, AdaGradNorm: ``None`` auto, ``True`` multi-tensor, ``False`` per
+    tensor, bit-identical on the CPU); the others pick their own multi-tensor paths.
     """
     for flag, instead in UNSUPPORTED_FLAGS.items():
         if flag not in implemented and group.get(flag):

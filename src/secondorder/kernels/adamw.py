@@ -1,4 +1,4 @@
-"""The AdamW update as multi-tensor (``torch._foreach_*``) math.
+"""The AdamW update as list math, multi-tensor (``torch._foreach_*``) or per tensor.
 
 It follows ``torch.optim.AdamW`` operation for operation (decoupled decay
 ``p <- p (1 - lr wd)``, EMAs ``m``/``v``, bias corrections ``1 - beta**t``, denominator
@@ -9,6 +9,10 @@ One difference, outside the range where torch's result is finite: the gradient i
 saturated at ``+-saturation(dtype)`` (``2**63`` in float32, ``2**511`` in float64) before
 it enters the moments, so that ``g**2`` cannot overflow to ``inf`` (torch's second moment
 does for ``|g| > 1.8e19`` in float32). Below that bound the values are untouched.
+
+``foreach=True`` runs each operation as one ``torch._foreach_*`` call per (device, dtype)
+group, ``foreach=False`` as the same operation on one tensor at a time
+(:mod:`secondorder.kernels.foreach`); on the CPU both give bit-identical results.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import foreach as F
 
 
 def adamw_foreach(
@@ -30,23 +36,25 @@ def adamw_foreach(
     beta2: float,
     eps: float,
     weight_decay: float,
+    foreach: bool = True,
 ) -> None:
     """One AdamW step on every tensor of ``params`` in place (``steps``: each one's 1-based
-    step count *after* this step). All lists are aligned; each index shares one dtype."""
+    step count *after* this step). All lists are aligned; each index shares one dtype.
+    ``foreach``: multi-tensor calls (default) or a loop of single-tensor ones."""
     if not params:
         return
-    grads = _saturated(grads)
+    grads = _saturated(grads, foreach)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        F.mul_(params, 1.0 - lr * weight_decay, foreach)
+    F.lerp_(exp_avgs, grads, 1.0 - beta1, foreach)
+    F.mul_(exp_avg_sqs, beta2, foreach)
+    F.addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2, foreach)
     step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
     bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+    denom = F.sqrt(exp_avg_sqs, foreach)
+    F.div_(denom, bc2_sqrt, foreach)
+    F.add_scalar_(denom, eps, foreach)
+    F.addcdiv_(params, exp_avgs, denom, step_sizes, foreach)
 
 
 def saturation(dtype: torch.dtype) -> float:
@@ -54,7 +62,7 @@ def saturation(dtype: torch.dtype) -> float:
     return 2.0 ** (math.frexp(torch.finfo(dtype).max)[1] // 2 - 1)
 
 
-def _saturated(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def _saturated(grads: list[torch.Tensor], foreach: bool = True) -> list[torch.Tensor]:
     """``grads`` clamped to ``+-saturation`` of each dtype (new tensors, grads untouched)."""
     out = list(grads)
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -62,8 +70,8 @@ def _saturated(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         by_dtype.setdefault(g.dtype, []).append(i)
     for dtype, idx in by_dtype.items():
         bound = saturation(dtype)
-        clamped = torch._foreach_clamp_max([grads[i] for i in idx], bound)
-        torch._foreach_clamp_min_(clamped, -bound)
+        clamped = F.clamp_max([grads[i] for i in idx], bound, foreach)
+        F.clamp_min_(clamped, -bound, foreach)
         for i, c in zip(idx, clamped):
             out[i] = c
     return out

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._validation import check_float
+from ..kernels import foreach as F
 from ..kernels.adamw import adamw_foreach
 from ..roles import ROLES, check_group_roles, resolve_role
 from .base import SecondOrderOptimizer
@@ -39,6 +40,7 @@ def check_adamw_hparams(group: dict[str, Any]) -> None:
     check_float("adamw_betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
     check_float("adamw_betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
     check_float("adamw_eps", group["adamw_eps"], low=0.0, low_open=True)
+    F.check_foreach(group["foreach"])
 
 
 class RoleOptimizer(SecondOrderOptimizer):
@@ -98,11 +100,16 @@ class RoleOptimizer(SecondOrderOptimizer):
             raise
 
     # ------------------------------------------------------------------- AdamW
+    def _foreach(self, group: dict[str, Any], tensors: list[torch.Tensor]) -> bool:
+        """Whether ``group``'s elementwise work on ``tensors`` takes the multi-tensor path."""
+        return F.resolve_foreach(group["foreach"], tensors)
+
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """AdamW on ``params`` (all of ``group``), exactly as ``torch.optim.AdamW``."""
         if not params:
             return
-        ps, gs, ms, vs, ts, back = [], [], [], [], [], []
+        foreach = self._foreach(group, params)
+        ps, gs, ms, vs, back = [], [], [], [], []
         for p in params:
             st = self.state[p]
             sd = state_dtype(p)
@@ -110,7 +117,6 @@ class RoleOptimizer(SecondOrderOptimizer):
                 st["step"] = torch.tensor(0.0)  # a CPU tensor, as torch.optim.AdamW keeps it
                 st["exp_avg"] = torch.zeros(p.shape, dtype=sd, device=p.device)
                 st["exp_avg_sq"] = torch.zeros(p.shape, dtype=sd, device=p.device)
-            st["step"] += 1
             target = p if p.dtype == sd else p.detach().to(sd)
             if target is not p:
                 back.append((p, target))
@@ -118,14 +124,16 @@ class RoleOptimizer(SecondOrderOptimizer):
             gs.append(p.grad if p.grad.dtype == sd else p.grad.to(sd))
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
-            ts.append(float(st["step"]))  # a CPU scalar: no device sync
+        steps = [self.state[p]["step"] for p in params]
+        F.add_steps_(steps, foreach)
+        ts = [float(t) for t in steps]  # CPU scalars: no device sync
         b1, b2 = (scalar(b) for b in group["adamw_betas"])
         adamw_foreach(
             ps, gs, ms, vs, ts, lr=scalar(group["lr"]), beta1=b1, beta2=b2,
             eps=scalar(group["adamw_eps"]), weight_decay=scalar(group["weight_decay"]),
+            foreach=foreach,
         )  # fmt: skip
-        for p, t in back:
-            p.copy_(t)
+        F.copy_([p for p, _ in back], [t for _, t in back], foreach)
 
     # -------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

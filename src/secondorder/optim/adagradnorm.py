@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_float
+from ..kernels import foreach as F
 from .base import SecondOrderOptimizer
 
 __all__ = ["AdaGradNorm"]
@@ -38,6 +39,13 @@ MODES = ("scalar", "row")
 def _compute_dtype(p: torch.Tensor) -> torch.dtype:
     """float32 statistics and arithmetic, float64 for float64 parameters."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    out: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        out.setdefault(t.dtype, []).append(i)
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -59,6 +67,11 @@ class AdaGradNorm(SecondOrderOptimizer):
             dim 0 of each tensor).
         nonfinite: ``"skip"`` (default) or ``"raise"``; see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`.
+        foreach: ``True``: the elementwise work (weight decay, accumulators, the step) of
+            all the group's tensors runs as multi-tensor ``torch._foreach_*`` calls;
+            ``False``: one tensor at a time; ``None`` (default): multi-tensor when every
+            tensor is on a CPU or CUDA device. Bit-identical results on the CPU. The
+            squared norms are one reduction per tensor either way.
 
     **State** per parameter: ``step`` (0-d CPU tensor) and ``sum_sq`` (float32; float64 for
     float64 parameters): a 0-d tensor
@@ -75,6 +88,7 @@ class AdaGradNorm(SecondOrderOptimizer):
         mode: str = "scalar",
         *,
         nonfinite: str = "skip",
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -82,6 +96,7 @@ class AdaGradNorm(SecondOrderOptimizer):
             eps=eps,
             weight_decay=weight_decay,
             mode=mode,
+            foreach=foreach,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -91,6 +106,7 @@ class AdaGradNorm(SecondOrderOptimizer):
         check_float("eps", group["eps"], low=0.0)
         check_float("weight_decay", group["weight_decay"], low=0.0)
         check_choice("mode", group["mode"], MODES)
+        F.check_foreach(group["foreach"])
 
     @staticmethod
     def _acc_shape(mode: str, p: torch.Tensor) -> tuple[int, ...]:
@@ -131,7 +147,7 @@ class AdaGradNorm(SecondOrderOptimizer):
             if not params:
                 continue
             mode, lr, wd = group["mode"], group["lr"], group["weight_decay"]
-            grads = []
+            foreach = F.resolve_foreach(group["foreach"], params)
             for p in params:
                 st = self.state[p]
                 if not st:
@@ -139,31 +155,38 @@ class AdaGradNorm(SecondOrderOptimizer):
                     st["sum_sq"] = torch.zeros(
                         self._acc_shape(mode, p), dtype=_compute_dtype(p), device=p.device
                     )
-                st["step"] += 1
-                g = p.grad.to(st["sum_sq"].dtype)
-                if wd != 0.0:
-                    g = g.add(p.float(), alpha=wd)
-                grads.append(g)
-                # squared norms in float64 (a float32 square overflows above ~1.8e19) and
-                # sums saturated at the state dtype's largest value: finite gradients never
-                # make the accumulator inf
-                acc = st["sum_sq"]
+            states = [self.state[p] for p in params]
+            F.add_steps_([st["step"] for st in states], foreach)
+            accs = [st["sum_sq"] for st in states]
+            grads = [p.grad.to(acc.dtype) for p, acc in zip(params, accs)]  # may be p.grad
+            if wd != 0.0:
+                grads = F.add(grads, [p.float() for p in params], wd, foreach)
+            # squared norms in float64 (a float32 square overflows above ~1.8e19) and sums
+            # saturated at the state dtype's largest value: finite gradients never make the
+            # accumulator inf
+            sqs = []
+            for g, acc in zip(grads, accs):
                 big = torch.finfo(acc.dtype).max
                 if mode == "scalar":
                     sq = torch.linalg.vector_norm(g, dtype=torch.float64).square()
                 else:
                     sq = torch.linalg.vector_norm(_rows(g), dim=1, dtype=torch.float64).square()
-                acc.add_(sq.clamp_(max=big).to(acc.dtype)).clamp_(max=big)
+                sqs.append(sq.clamp_(max=big).to(acc.dtype))
+            F.add_tensors_(accs, sqs, foreach)
+            for dtype, idx in _by_dtype(accs).items():
+                F.clamp_max_([accs[i] for i in idx], torch.finfo(dtype).max, foreach)
             if mode == "scalar":
-                self._scalar_step(group, params, grads, lr)
+                self._scalar_step(group, params, grads, lr, foreach)
             else:
-                for p, g in zip(params, grads):
-                    denom = self.state[p]["sum_sq"].add(group["initial_accumulator"]).sqrt_()
-                    denom.add_(group["eps"])
-                    step = _rows(g).div_(denom.unsqueeze(1)).view(p.shape)
-                    p.add_(step.to(p.dtype), alpha=-lr)
+                denoms = F.add_scalar(accs, group["initial_accumulator"], foreach)
+                F.sqrt_(denoms, foreach)
+                F.add_scalar_(denoms, group["eps"], foreach)
+                rows = F.div_tensors([_rows(g) for g in grads],
+                                     [d.unsqueeze(1) for d in denoms], foreach)  # fmt: skip
+                steps = [r.view(p.shape).to(p.dtype) for p, r in zip(params, rows)]
+                F.add_(params, steps, -lr, foreach)
 
-    def _scalar_step(self, group, params, grads, lr) -> None:
+    def _scalar_step(self, group, params, grads, lr, foreach) -> None:
         # b² over every parameter of the group that has state (also those without a
         # gradient this step: their past gradients count in the paper's sum).
         total = torch.zeros((), dtype=torch.float64, device=params[0].device)
@@ -172,8 +195,8 @@ class AdaGradNorm(SecondOrderOptimizer):
             if st:
                 total = total + st["sum_sq"].to(total.device)
         scale = (total + group["initial_accumulator"]).sqrt_().add_(group["eps"]).reciprocal_()
-        for p, g in zip(params, grads):
-            p.add_((g * scale.to(g.device, g.dtype)).to(p.dtype), alpha=-lr)
+        scaled = F.mul_tensors(grads, [scale.to(g.device, g.dtype) for g in grads], foreach)
+        F.add_(params, [s.to(p.dtype) for p, s in zip(params, scaled)], -lr, foreach)
 
     # ------------------------------------------------------------- reporting
     @torch.no_grad()

@@ -17,7 +17,8 @@ the behaviour users rely on being identical across optimizers:
   itself (schedulers change it in place; ``state_dict`` saves it as given);
 * torch.optim flags this library does not implement (``maximize``, ``capturable``,
   ``differentiable``) set to true in a group raise ``ValueError``; ``foreach``/``fused``
-  are performance hints, accepted and ignored;
+  are performance hints, accepted and ignored (``foreach`` is honoured by the subclasses
+  that take it as an argument and validate it, see :mod:`secondorder.kernels.foreach`);
 * ``step(closure)`` evaluates the closure with grad enabled and returns its loss;
   torch.optim's step pre/post hooks (per optimizer and global) run around every step,
   a skipped one included;

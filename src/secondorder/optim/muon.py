@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .._validation import check_bool, check_choice, check_float, check_int
+from ..kernels import foreach as F
 from ..kernels.newton_schulz import NS_DTYPES, newton_schulz, orthogonalize_many
 from ..roles import ROLES, muon_param_groups, resolve_role
 from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, scalar, state_dtype
@@ -70,6 +71,10 @@ class Muon(RoleOptimizer):
         ns_dtype: dtype of the Newton-Schulz iteration (float32 or bfloat16).
         role: default role of groups that give none (``"auto"``).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/Inf gradients (see the base class).
+        foreach: ``True``: the elementwise work (momentum, weight decay, the step, AdamW)
+            runs as multi-tensor ``torch._foreach_*`` calls; ``False``: one tensor at a
+            time; ``None`` (default): multi-tensor when every tensor is on a CPU or CUDA
+            device. Bit-identical results on the CPU.
     """
 
     _role_state_keys = {
@@ -95,11 +100,12 @@ class Muon(RoleOptimizer):
         role: str = "auto",
         *,
         nonfinite: str = "skip",
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, scaling=scaling,
             weight_decay=weight_decay, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            ns_dtype=ns_dtype, role=role,
+            ns_dtype=ns_dtype, role=role, foreach=foreach,
         )  # fmt: skip
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -115,44 +121,61 @@ class Muon(RoleOptimizer):
         check_choice("role", group["role"], ROLES)
 
     # -------------------------------------------------------------------- step
-    def _direction(self, group: dict[str, Any], p: torch.Tensor) -> torch.Tensor:
-        """Step 1: the (Nesterov) momentum ``U`` of ``p`` as an ``(out, -1)`` matrix."""
-        sd = state_dtype(p)
-        g = p.grad if p.grad.dtype == sd else p.grad.to(sd)
+    def _directions(
+        self, group: dict[str, Any], params: list[torch.Tensor], foreach: bool
+    ) -> list[torch.Tensor]:
+        """Step 1 for the hidden matrices ``params`` of ``group``: their (Nesterov) momenta
+        ``U`` as ``(out, -1)`` matrices, the EMAs over all tensors at once (``foreach``)."""
         beta = scalar(group["momentum"])
-        st = self.state[p]
-        if beta > 0 or "momentum_buffer" in st:
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
-            buf = st["momentum_buffer"].lerp_(g, 1.0 - beta)
-            g = g.lerp(buf, beta) if group["nesterov"] else buf
-        return g.reshape(p.shape[0], -1)
+        us, at, bufs = [], [], []  # at: indices of the tensors with a momentum buffer
+        for i, p in enumerate(params):
+            sd = state_dtype(p)
+            us.append(p.grad if p.grad.dtype == sd else p.grad.to(sd))
+            st = self.state[p]
+            if beta > 0 or "momentum_buffer" in st:
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
+                at.append(i)
+                bufs.append(st["momentum_buffer"])
+        gs = [us[i] for i in at]
+        F.lerp_(bufs, gs, 1.0 - beta, foreach)
+        for i, u in zip(at, F.lerp(gs, bufs, beta, foreach) if group["nesterov"] else bufs):
+            us[i] = u
+        return [u.reshape(p.shape[0], -1) for p, u in zip(params, us)]
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         # Muon matrices of all groups, batched by (ns_steps, ns_dtype) and then by shape.
         batches: dict[tuple[int, torch.dtype], list[tuple[dict[str, Any], torch.Tensor]]] = {}
         directions: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
         for group, params in work:
-            vectors = []
+            hidden, vectors = [], []
             for p in params:
-                if resolve_role(group["role"], p) != "hidden":
-                    vectors.append(p)
-                    continue
+                (hidden if resolve_role(group["role"], p) == "hidden" else vectors).append(p)
+            if hidden:
                 key = (group["ns_steps"], group["ns_dtype"])
-                batches.setdefault(key, []).append((group, p))
-                directions.setdefault(key, []).append(self._direction(group, p))
+                batches.setdefault(key, []).extend((group, p) for p in hidden)
+                directions.setdefault(key, []).extend(
+                    self._directions(group, hidden, self._foreach(group, hidden))
+                )
             self._adamw(group, vectors)
+        # Step 3: tensors that share the decay factor and the step size (same group, same
+        # shape factor) take the weight decay and the step in one multi-tensor call each.
+        steps: dict[tuple[int, float], tuple[dict[str, Any], list[Any]]] = {}
         for key, entries in batches.items():
             for (group, p), o in zip(entries, orthogonalize_many(directions[key], *key)):
-                lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
                 c = shape_factor(group["scaling"], o.shape[0], o.shape[1])
-                sd = state_dtype(p)
-                target = p if p.dtype == sd else p.detach().to(sd)
-                if wd != 0:
-                    target.mul_(1.0 - lr * wd)
-                target.add_(o.reshape(p.shape), alpha=-lr * c)
-                if target is not p:
-                    p.copy_(target)
+                steps.setdefault((id(group), c), (group, []))[1].append((p, o))
+        for (_, c), (group, pairs) in steps.items():
+            lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
+            params = [p for p, _ in pairs]
+            foreach = self._foreach(group, params)
+            targets = [p if p.dtype == state_dtype(p) else p.detach().to(state_dtype(p))
+                       for p in params]  # fmt: skip
+            if wd != 0:
+                F.mul_(targets, 1.0 - lr * wd, foreach)
+            F.add_(targets, [o.reshape(p.shape) for p, o in pairs], -lr * c, foreach)
+            back = [(p, t) for p, t in zip(params, targets) if t is not p]
+            F.copy_([p for p, _ in back], [t for _, t in back], foreach)
 
     # ------------------------------------------------------------- diagnostics
     @torch.no_grad()

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_float
+from ..kernels import foreach as F
 from ..kernels.normalize import NORMS, normalization_scale
 from ..roles import ROLES, resolve_role, scale_param_groups
 from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, scalar, state_dtype
@@ -59,6 +60,10 @@ class SCALE(RoleOptimizer):
         adamw_betas, adamw_eps: AdamW's ``betas`` / ``eps`` for ``"vector"`` tensors.
         role: default role of groups that give none (``"auto"``).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/Inf gradients (see the base class).
+        foreach: ``True``: the elementwise work (momentum, weight decay, the step, AdamW)
+            runs as multi-tensor ``torch._foreach_*`` calls over the group's tensors;
+            ``False``: one tensor at a time; ``None`` (default): multi-tensor when every
+            tensor is on a CPU or CUDA device. Bit-identical results on the CPU.
     """
 
     _role_state_keys = {
@@ -82,10 +87,11 @@ class SCALE(RoleOptimizer):
         role: str = "auto",
         *,
         nonfinite: str = "skip",
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, norm=norm, eps=eps,
-            adamw_betas=adamw_betas, adamw_eps=adamw_eps, role=role,
+            adamw_betas=adamw_betas, adamw_eps=adamw_eps, role=role, foreach=foreach,
         )  # fmt: skip
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -101,29 +107,47 @@ class SCALE(RoleOptimizer):
     # -------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         for group, params in work:
-            lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
-            beta, eps = scalar(group["momentum"]), scalar(group["eps"])
-            vectors = []
+            normalised, vectors = [], []
             for p in params:
                 role = resolve_role(group["role"], p)
-                if role == "vector":
-                    vectors.append(p)
-                    continue
-                sd = state_dtype(p)
-                u = p.grad if p.grad.dtype == sd else p.grad.to(sd)
-                st = self.state[p] if role == "output" else None  # no entry for the others
-                if st is not None and (beta > 0 or "momentum_buffer" in st):
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
-                    u = st["momentum_buffer"].lerp_(u, 1.0 - beta)
-                s = normalization_scale(u, _AXIS[role], group["norm"], eps)
-                target = p if p.dtype == sd else p.detach().to(sd)
-                if wd != 0:
-                    target.mul_(1.0 - lr * wd)
-                target.addcdiv_(u, s, value=-lr)
-                if target is not p:
-                    p.copy_(target)
-            self._adamw(group, vectors)
+                (vectors if role == "vector" else normalised).append((p, role))
+            self._normalised(group, normalised)
+            self._adamw(group, [p for p, _ in vectors])
+
+    def _normalised(self, group: dict[str, Any], items: list[tuple[torch.Tensor, str]]) -> None:
+        """The normalised update of ``items`` (``(param, role)``, none a vector) of ``group``:
+        the momentum EMAs, the weight decay and the final step run over all tensors at once
+        (multi-tensor) or one at a time (``foreach``); the row scales per tensor."""
+        if not items:
+            return
+        lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
+        beta, eps = scalar(group["momentum"]), scalar(group["eps"])
+        foreach = self._foreach(group, [p for p, _ in items])
+        us, bufs, buf_grads, targets, back = [], [], [], [], []
+        for p, role in items:
+            sd = state_dtype(p)
+            u = p.grad if p.grad.dtype == sd else p.grad.to(sd)
+            st = self.state[p] if role == "output" else None  # no entry for the others
+            if st is not None and (beta > 0 or "momentum_buffer" in st):
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
+                bufs.append(st["momentum_buffer"])
+                buf_grads.append(u)
+                u = st["momentum_buffer"]
+            us.append(u)
+            target = p if p.dtype == sd else p.detach().to(sd)
+            if target is not p:
+                back.append((p, target))
+            targets.append(target)
+        F.lerp_(bufs, buf_grads, 1.0 - beta, foreach)
+        scales = [
+            normalization_scale(u, _AXIS[role], group["norm"], eps)
+            for u, (_, role) in zip(us, items)
+        ]
+        if wd != 0:
+            F.mul_(targets, 1.0 - lr * wd, foreach)
+        F.addcdiv_(targets, us, scales, -lr, foreach)
+        F.copy_([p for p, _ in back], [t for _, t in back], foreach)
 
     # ------------------------------------------------------------- diagnostics
     @torch.no_grad()

@@ -46,12 +46,13 @@ float32 whatever the parameter's dtype.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .._validation import check_betas, check_bool, check_choice, check_float, check_int
 from ..blocking import BlockPlan
+from ..kernels import foreach as F
 from ..kernels import kron
 from ..kernels.eigenbasis import (
     BASIS_METHODS,
@@ -63,7 +64,7 @@ from ..kernels.eigenbasis import (
     tie_break,
     unrotate,
 )
-from ..kernels.grafting import bias_correction, graft_direction, update_second_moment
+from ..kernels.grafting import bias_correction
 from .base import SecondOrderOptimizer
 
 __all__ = ["SOAP"]
@@ -96,6 +97,11 @@ class SOAP(SecondOrderOptimizer):
             from the previous basis, as the paper does) or ``"eigh"`` (exact).
         precondition_1d: rotate true 1-d tensors too (one factor per block) instead of Adam.
         nonfinite: ``"skip"`` or ``"raise"`` for steps with NaN/Inf gradients (see base).
+        foreach: ``True``: the elementwise Adam work (momentum, second moment, direction,
+            weight decay, the step) of all the group's tensors and blocks runs as
+            multi-tensor ``torch._foreach_*`` calls; ``False``: one tensor at a time;
+            ``None`` (default): multi-tensor when every tensor is on a CPU or CUDA device.
+            Bit-identical results on the CPU. Rotations and factors are batched either way.
     """
 
     _param_shaped_keys = ("exp_avg", "exp_avg_sq")
@@ -115,6 +121,7 @@ class SOAP(SecondOrderOptimizer):
         precondition_1d: bool = False,
         *,
         nonfinite: str = "skip",
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -127,6 +134,7 @@ class SOAP(SecondOrderOptimizer):
             shampoo_beta=shampoo_beta,
             basis_method=basis_method,
             precondition_1d=precondition_1d,
+            foreach=foreach,
         )
         self._plans: dict[tuple[Any, ...], BlockPlan | None] = {}
         self._warned: set[str] = set()
@@ -145,6 +153,7 @@ class SOAP(SecondOrderOptimizer):
             check_float("shampoo_beta", group["shampoo_beta"], low=0.0, high=1.0)
         check_choice("basis_method", group["basis_method"], BASIS_METHODS)
         check_bool("precondition_1d", group["precondition_1d"])
+        F.check_foreach(group["foreach"])
 
     # ------------------------------------------------------------------- shapes
     def _plan(self, p: torch.Tensor, group: dict[str, Any]) -> BlockPlan | None:
@@ -224,20 +233,29 @@ class SOAP(SecondOrderOptimizer):
         for group, params in work:
             if not params:
                 continue
-            directions = []
+            foreach = F.resolve_foreach(group["foreach"], params)
             for p in params:
                 if not self.state[p]:
                     self._init_state(p, group)
+            F.add_steps_([self.state[p]["step"] for p in params], foreach)
+            units: list[_Unit] = []  # the group's elementwise Adam work, all tensors
+            parts = []  # per parameter: its plan and its units (index, rotation basis)
+            for p in params:
                 state = self.state[p]
-                state["step"] += 1
                 t = int(state["step"].item())  # a CPU tensor: no device sync
                 g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
                 plan = self._plan(p, group)
-                g, eps = self._rescale(group, p, g, state, plan)
-                directions.append(self._direction(group, p, g, eps, state, plan, t))
+                g, eps = self._rescale(group, p, g, state, plan, foreach)
+                parts.append((plan, self._units(group, p, g, eps, state, plan, t, units)))
                 if plan is not None:
                     due.extend(self._update_factors(group, g, state, plan, t))
-            self._apply(group, params, directions)
+            dirs = _adam_directions(group, units, foreach)
+            directions = []
+            for plan, mine in parts:
+                blocks = [dirs[i] if bases is None else unrotate(dirs[i], bases)
+                          for i, bases in mine]  # fmt: skip
+                directions.append(blocks[0] if plan is None else plan.merge(blocks))
+            self._apply(group, params, directions, foreach)
         if due:
             self._refresh(due)
 
@@ -248,6 +266,7 @@ class SOAP(SecondOrderOptimizer):
         g: torch.Tensor,
         state: dict[str, Any],
         plan: BlockPlan | None,
+        foreach: bool,
     ) -> tuple[torch.Tensor, Any]:
         """Scale-aware state: the gradient divided by ``c = 2**scale_exp`` and the ``eps`` to
         use with it (``eps / c``).
@@ -273,12 +292,12 @@ class SOAP(SecondOrderOptimizer):
                        ("rotated_exp_avg_sq", sq)):  # fmt: skip
             x = state.get(key)
             if x is not None:
-                torch._foreach_mul_(x, r) if isinstance(x, list) else x.mul_(r)
+                F.mul_(x, r, foreach) if isinstance(x, list) else x.mul_(r)
         for stack in state.get("factors", []):
-            torch._foreach_mul_(stack, sq)
+            F.mul_(stack, sq, foreach)
         return g * inv_c, inv_c * group["eps"]
 
-    def _direction(
+    def _units(
         self,
         group: dict[str, Any],
         p: torch.Tensor,
@@ -287,21 +306,21 @@ class SOAP(SecondOrderOptimizer):
         state: dict[str, Any],
         plan: BlockPlan | None,
         t: int,
-    ) -> torch.Tensor:
-        beta1, beta2 = group["betas"]
-        scale = 1.0 / bias_correction(beta1, t) if beta1 > 0 else 1.0
+        units: list[_Unit],
+    ) -> list[tuple[int, Any]]:
+        """Append to ``units`` the Adam work of ``p`` (one unit for plain Adam, one per block
+        class, in the rotated coordinates, otherwise); return per unit its index and the
+        bases that rotate its direction back (``None``: not rotated)."""
+        beta1 = group["betas"][0]
         f32 = dict(dtype=torch.float32, device=p.device)
         if plan is None:  # plain Adam
-            m = g
+            m = None
             if beta1 > 0:
                 m = state.get("exp_avg")
                 if m is None:  # momentum switched on mid-run (e.g. a cycling scheduler)
                     m = state["exp_avg"] = torch.zeros(p.shape, **f32)
-                m.lerp_(g, 1.0 - beta1)
-            v = state["exp_avg_sq"]
-            update_second_moment("adam", v, g, beta2)
-            d = graft_direction("adam", m, v, t, beta2, eps)
-            return d.mul_(scale) if scale != 1.0 else d
+            units.append(_Unit(m, state["exp_avg_sq"], g, t, eps))
+            return [(len(units) - 1, None)]
         rotated = t >= group["start_preconditioning_step"]
         g_blocks = plan.split(g)
         moms: list[torch.Tensor | None] = [None] * len(g_blocks)
@@ -312,16 +331,9 @@ class SOAP(SecondOrderOptimizer):
         out = []
         for gb, mr, v, bases in zip(g_blocks, moms, state["rotated_exp_avg_sq"], state["bases"]):
             gr = rotate(gb, bases) if rotated else gb
-            if mr is None:
-                mr = gr
-            else:
-                mr.lerp_(gr, 1.0 - beta1)
-            update_second_moment("adam", v, gr, beta2)
-            n = graft_direction("adam", mr, v, t, beta2, eps)
-            if scale != 1.0:
-                n.mul_(scale)
-            out.append(unrotate(n, bases) if rotated else n)
-        return plan.merge(out)
+            units.append(_Unit(mr, v, gr, t, eps))
+            out.append((len(units) - 1, bases if rotated else None))
+        return out
 
     @staticmethod
     def _update_factors(
@@ -385,12 +397,14 @@ class SOAP(SecondOrderOptimizer):
         )
 
     @staticmethod
-    def _apply(group: dict[str, Any], params: list[torch.Tensor], dirs: list[torch.Tensor]):
+    def _apply(
+        group: dict[str, Any], params: list[torch.Tensor], dirs: list[torch.Tensor], foreach: bool
+    ) -> None:
         lr, wd = group["lr"], group["weight_decay"]
         dirs = [d.to(p.dtype) if d.dtype != p.dtype else d for p, d in zip(params, dirs)]
         if wd != 0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_add_(params, dirs, alpha=-lr)
+            F.mul_(params, 1.0 - lr * wd, foreach)
+        F.add_(params, dirs, -lr, foreach)
 
     def _after_load_state_dict(self) -> None:
         super()._after_load_state_dict()
@@ -449,3 +463,49 @@ class SOAP(SecondOrderOptimizer):
                 idx += 1
         return out
 
+
+
+class _Unit(NamedTuple):
+    """One tensor's (or one block class's) elementwise Adam work in a step."""
+
+    m: torch.Tensor | None  # momentum, updated in place (None: beta1 = 0, use g)
+    v: torch.Tensor  # second moment, updated in place
+    g: torch.Tensor  # the (scaled, possibly rotated) gradient
+    t: int  # the step count
+    eps: Any  # Adam's eps in the scaled units (a 0-d tensor)
+
+
+def _adam_directions(group: dict[str, Any], units: list[_Unit], foreach: bool) -> list[Any]:
+    """Adam's bias-corrected direction ``(m / bc1) / (sqrt(v / bc2) + eps)`` of every unit,
+    after updating its moments: ``m <- lerp(m, g, 1 - beta1)``,
+    ``v <- beta2 v + (1 - beta2) g**2`` (``beta2 = 1``: a running sum, saturated at
+    float32's largest value). Each operation runs over all units at once (``foreach``)."""
+    beta1, beta2 = group["betas"]
+    if not units:
+        return []
+    with_m = [u for u in units if u.m is not None]
+    F.lerp_([u.m for u in with_m], [u.g for u in with_m], 1.0 - beta1, foreach)
+    vs, gs = [u.v for u in units], [u.g for u in units]
+    if beta2 == 1.0:
+        F.addcmul_(vs, gs, gs, 1.0, foreach)
+        F.clamp_max_(vs, torch.finfo(torch.float32).max, foreach)
+    else:
+        F.mul_(vs, beta2, foreach)
+        F.addcmul_(vs, gs, gs, 1.0 - beta2, foreach)
+    bc2 = [bias_correction(beta2, u.t) for u in units]
+    denoms: list[Any] = [None] * len(units)
+    corrected = [i for i, b in enumerate(bc2) if b != 1.0]
+    plain = [i for i, b in enumerate(bc2) if b == 1.0]
+    for i, d in zip(corrected, F.div([vs[i] for i in corrected], [bc2[i] for i in corrected],
+                                     foreach)):  # fmt: skip
+        denoms[i] = d
+    F.sqrt_([denoms[i] for i in corrected], foreach)
+    for i, d in zip(plain, F.sqrt([vs[i] for i in plain], foreach)):
+        denoms[i] = d
+    F.add_tensors_(denoms, [u.eps for u in units], foreach)
+    dirs = F.div_tensors([u.g if u.m is None else u.m for u in units], denoms, foreach)
+    if beta1 > 0:
+        scaled = [(d, 1.0 / bias_correction(beta1, u.t)) for d, u in zip(dirs, units)]
+        scaled = [(d, s) for d, s in scaled if s != 1.0]
+        F.mul_([d for d, _ in scaled], [s for _, s in scaled], foreach)
+    return dirs

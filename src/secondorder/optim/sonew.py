@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._validation import check_bool, check_choice, check_common_hparams, check_float, check_int
+from ..kernels import foreach as F
 from ..kernels import sonew as K
 from ..kernels.grafting import (
     bias_correction,
@@ -88,6 +89,14 @@ class SONew(SecondOrderOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``: what a step with a NaN/Inf gradient
             does (see :class:`~secondorder.optim.base.SecondOrderOptimizer`); either way
             parameters and state are left untouched.
+        foreach: ``True``: the momentum EMA, the weight decay and the step counters of all
+            the group's tensors run as multi-tensor ``torch._foreach_*`` calls; ``False``:
+            one tensor at a time; ``None`` (default): multi-tensor when every tensor is on a
+            CPU or CUDA device. Bit-identical results on the CPU. The statistics, the
+            factorisation and the final update (which use reusable scratch buffers) run
+            per tensor either way; a gradient whose dtype is not the state's (bf16
+            parameters with ``state_dtype=torch.float32``) is converted in scratch and its
+            momentum updated there, per tensor.
 
     **Flattening order.** Each tensor is flattened row-major (``p.reshape(-1)``, C order):
     for a linear weight ``[out, in]`` neighbours are consecutive input weights of one output
@@ -168,6 +177,7 @@ class SONew(SecondOrderOptimizer):
         guard_threshold: float | None = None,
         precondition_1d: bool = True,
         nonfinite: str = "skip",
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -182,6 +192,7 @@ class SONew(SecondOrderOptimizer):
             compute_dtype=compute_dtype,
             guard_threshold=guard_threshold,
             precondition_1d=precondition_1d,
+            foreach=foreach,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -196,6 +207,7 @@ class SONew(SecondOrderOptimizer):
         if group["guard_threshold"] is not None:
             check_float("guard_threshold", group["guard_threshold"], low=0.0, high=1.0)
         check_bool("precondition_1d", group["precondition_1d"])
+        F.check_foreach(group["foreach"])
 
     @staticmethod
     def _band_for(group: dict[str, Any], p: torch.Tensor) -> int | None:
@@ -313,8 +325,10 @@ class SONew(SecondOrderOptimizer):
                     self._init_state(group, p, st)
                 self._check_band(group, p, st)  # before anything is modified
                 items.append((group, p, st))
-        for _, _, st in items:
-            st["step"] += 1
+        foreach = {id(g): F.resolve_foreach(g["foreach"], ps) for g, ps in work if ps}
+        for group, params in work:
+            if params:
+                F.add_steps_([self.state[p]["step"] for p in params], foreach[id(group)])
         # The scalar bookkeeping of the statistics scale (a dozen tiny operations per
         # tensor) runs once for all tensors on a device, as short vectors.
         by_device: dict[torch.device, list[int]] = {}
@@ -324,8 +338,35 @@ class SONew(SecondOrderOptimizer):
         for idx in by_device.values():
             for i, sc in zip(idx, self._advance_scales([items[i] for i in idx])):
                 scalars[i] = sc
+        # The elementwise work that needs no scratch buffer runs for all tensors of a group
+        # at once (multi-tensor) or one at a time (``foreach``); same results either way.
+        done = set()  # ids of the parameters whose momentum is already updated
+        for group, params in work:
+            if params:
+                done |= self._momenta_and_decay(group, params, foreach[id(group)])
         for (group, p, st), sc in zip(items, scalars):
-            self._step_param(group, p, st, sc)
+            self._step_param(group, p, st, sc, id(p) in done)
+
+    def _momenta_and_decay(
+        self, group: dict[str, Any], params: list[torch.Tensor], foreach: bool
+    ) -> set[int]:
+        """The momentum EMA ``m <- lerp(m, g, 1 - beta1)`` of the tensors whose gradient has
+        the state's dtype (the others convert it in a scratch buffer, in ``_step_param``)
+        and the decoupled weight decay ``p <- p (1 - lr wd)`` of all of ``params`` (nothing
+        of the step reads ``p`` before its final update). Returns the ids of the
+        parameters whose momentum was updated."""
+        ms, gs, ids = [], [], set()
+        for p in params:
+            m = self.state[p]["exp_avg"]
+            if p.grad.dtype == m.dtype:
+                ms.append(m.view(-1))
+                gs.append(p.grad.reshape(-1))
+                ids.add(id(p))
+        F.lerp_(ms, gs, 1.0 - group["betas"][0], foreach)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0.0:
+            F.mul_(params, 1.0 - lr * wd, foreach)
+        return ids
 
     def _check_band(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
         band = self._band_for(group, p)
@@ -407,10 +448,17 @@ class SONew(SecondOrderOptimizer):
         return bound, gmax
 
     def _step_param(
-        self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any], sc: _Scalars
+        self,
+        group: dict[str, Any],
+        p: torch.Tensor,
+        st: dict[str, Any],
+        sc: _Scalars,
+        momentum_done: bool,
     ) -> None:
+        """The rest of the step of ``p``: momentum (unless ``momentum_done``), statistics,
+        direction and the final update (the weight decay is already applied)."""
         beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
+        lr = group["lr"]
         band = self._band_for(group, p)
         m, h = st["exp_avg"], st["band_stats"]
         sdt = m.dtype
@@ -427,15 +475,14 @@ class SONew(SecondOrderOptimizer):
         if g.dtype != sdt:
             g = scratch.take("g", n, g, sdt).copy_(g)
         mf = m.view(-1)
-        mf.lerp_(g, 1.0 - beta1)
+        if not momentum_done:
+            mf.lerp_(g, 1.0 - beta1)
         # Scale-aware statistics: h holds the band of H / c² with c = 2**e a power of two
         # above a running bound of sqrt(max H_jj) (see kernels.sonew), so that squares of
         # huge gradients cannot overflow nor those of tiny ones underflow.
         K.update_band_stats_scaled(h, g, sc.decay, sc.inv_scale, ema_weight(beta2), scratch)
 
         d = self._direction(group, band, h, mf, sc, t, sdt, cdt, scratch, shards)
-        if wd != 0.0:
-            p.mul_(1.0 - lr * wd)
         if d.graft_norm is not None:
             # Only the graft's norm is needed; the rescale is fused into the update. Both
             # norms are of scale-free vectors (m / c), so their ratio is the true one.
