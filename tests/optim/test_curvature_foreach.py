@@ -29,7 +29,7 @@ def _loss(net, k):
 def _same(a, b):
     for p, q in zip(a[0].parameters(), b[0].parameters()):
         assert torch.equal(p, q)
-    for (p, sp), (q, sq) in zip(a[1].state.items(), b[1].state.items()):
+    for sp, sq in zip(a[1].state.values(), b[1].state.values()):
         for key in sp:
             if isinstance(sp[key], torch.Tensor):
                 assert torch.equal(sp[key], sq[key]), key
