@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--per", type=int, default=10, help="steps per round and optimizer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--micro", action="store_true",
+                    help="also time the step's own parts, old and new form interleaved")
+    ap.add_argument("--micro-repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_mnist_images(args.data_dir)
@@ -132,6 +135,9 @@ def main() -> None:
     print(f"| **AdaHessian step / AdamW step** (median of rounds) | | "
           f"**{statistics.median(rows['ratio']):.2f}** |")
 
+    if args.micro:
+        micro(m_ada, ada, data, args)
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -142,6 +148,38 @@ def main() -> None:
             loss.backward(create_graph=True)
             ada.step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def micro(model, opt, data, args) -> None:
+    """The parts of the step that changed, old and new form interleaved in one process:
+    the estimate ``|z ⊙ Hz|`` (product, then absolute value) vs ``|Hz|``, and the update
+    one tensor at a time vs multi-tensor. Medians over ``--micro-repeats`` repeats."""
+    params = list(model.parameters())
+    xb = data[:args.batch_size]
+    opt.zero_grad(set_to_none=True)
+    autoencoder_loss(model(xb), xb).backward(create_graph=True)  # state exists already
+    grads = [p.grad for p in params]
+    gen = torch.Generator().manual_seed(0)
+    zs = [ada_mod.H.rademacher(p, gen) for p in params]
+    hz = ada_mod.H.hessian_vector_products(params, grads, zs, retain_graph=True)
+    group = opt.param_groups[0]
+    forms = {
+        "estimate: z*Hz then abs (before)": lambda: [(z * h).abs() for z, h in zip(zs, hz)],
+        "estimate: abs(Hz) (after)": lambda: [h.abs() for h in hz],
+        "update: per tensor (before)": lambda: opt._apply_per_tensor(group, params, 1.0),
+        "update: foreach (after)": lambda: opt._apply_foreach(group, params, 1.0),
+    }
+    times: dict[str, list[float]] = defaultdict(list)
+    with torch.no_grad():
+        for _ in range(args.micro_repeats):
+            for name, fn in forms.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    opt.zero_grad(set_to_none=True)
+    print("\n| part (interleaved) | median ms |\n|---|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {1e3 * statistics.median(t):.2f} |")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,17 @@ from torch import nn
 from secondorder import MFAC, MKOR, AdaHessian
 from secondorder.kernels import hutchinson as H
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+    ),
+]
 
-def _model(dtype_last=torch.bfloat16):
+
+def _model(dtype_last=torch.bfloat16, device="cpu"):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
     net[2].to(dtype_last)  # a low-precision layer: per-dtype groups in the update
     return net
 
@@ -21,6 +28,7 @@ def _model(dtype_last=torch.bfloat16):
 def _loss(net, k):
     g = torch.Generator().manual_seed(k)
     x, y = torch.randn(10, 6, generator=g), torch.randn(10, 3, generator=g)
+    x, y = x.to(net[0].weight.device), y.to(net[0].weight.device)
     h = net[1](net[0](x))
     out = net[2](h.to(net[2].weight.dtype)).float()
     return ((out - y) ** 2).mean()
@@ -35,10 +43,10 @@ def _same(a, b):
                 assert torch.equal(sp[key], sq[key]), key
 
 
-def _run(make, steps=6, create_graph=False):
+def _run(make, device, steps=6, create_graph=False):
     runs = []
     for foreach in (True, False):
-        net = _model()
+        net = _model(device=device)
         opt = make(net)
         opt._foreach = foreach
         for k in range(steps):
@@ -50,23 +58,34 @@ def _run(make, steps=6, create_graph=False):
     _same(*runs)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "kw",
     [dict(), dict(hessian_power=0.5, weight_decay=0.1, update_every=2, betas=(0.8, 0.9)),
      dict(n_probes=2, spatial_average="row", abs_before_average=False)],
 )
-def test_adahessian_foreach_equals_per_tensor(kw):
+def test_adahessian_foreach_equals_per_tensor(kw, device):
     def make(net):
         groups = [{"params": list(net[0].parameters())},
                   {"params": list(net[2].parameters()), "lr": 0.05}]
         return AdaHessian(groups, lr=0.1, **kw)
 
-    _run(make, create_graph=True)
+    _run(make, device, create_graph=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kw", [dict(momentum=0.9, weight_decay=0.01), dict(block_size=5)])
-def test_mfac_foreach_equals_per_tensor(kw):
-    _run(lambda net: MFAC(net.parameters(), lr=0.01, num_grads=3, damp=1e-2, **kw))
+def test_mfac_foreach_equals_per_tensor(kw, device):
+    _run(lambda net: MFAC(net.parameters(), lr=0.01, num_grads=3, damp=1e-2, **kw), device)
+
+
+def test_the_default_path_follows_the_device():
+    """As torch.optim: multi-tensor off the CPU, one tensor at a time on it."""
+    p = nn.Parameter(torch.zeros(2))
+    for opt in (AdaHessian([p]), MFAC([p])):
+        assert opt._use_foreach([p]) is False
+        opt._foreach = True
+        assert opt._use_foreach([p]) is True
 
 
 def test_mkor_saturated_grads_equal_the_originals_in_the_ordinary_range():

@@ -345,14 +345,21 @@ class AdaHessian(SecondOrderOptimizer):
                 torch._foreach_addcmul_(vs, ds, ds, value=1.0 - beta2)
             if wd != 0.0:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
-            if self._foreach:
+            if self._use_foreach(params):
                 self._apply_foreach(group, params, bc1)
             else:
                 self._apply_per_tensor(group, params, bc1)
 
-    #: multi-tensor (``torch._foreach_*``) parameter updates; ``False`` runs the same
-    #: arithmetic one tensor at a time (bit-identical; kept as the reference for tests)
-    _foreach = True
+    #: multi-tensor (``torch._foreach_*``) elementwise updates: ``None`` (default) uses them
+    #: when the parameters are not on the CPU, as torch.optim does (on the CPU they have no
+    #: fused kernels and the one-tensor-at-a-time loop, which reuses memory, is faster);
+    #: ``True``/``False`` force one path. Both give bit-identical results (tested).
+    _foreach: bool | None = None
+
+    def _use_foreach(self, params: list[torch.Tensor]) -> bool:
+        if self._foreach is not None:
+            return self._foreach
+        return all(p.device.type != "cpu" for p in params)
 
     def _apply_per_tensor(
         self, group: dict[str, Any], params: list[torch.Tensor], bc1: float
