@@ -86,7 +86,9 @@ def test_mfac_reaches_the_target_in_fewer_steps_than_adamw():
     assert start - fstar > 4 * GAP  # the target is far from the starting point
 
     def best(make, lrs):
-        counts = {lr: _steps_to_target(lambda ps: make(ps, lr), x32, y32, target) for lr in lrs}
+        counts = {
+            lr: _steps_to_target(lambda ps, lr=lr: make(ps, lr), x32, y32, target) for lr in lrs
+        }
         reached = [c for c in counts.values() if c is not None]
         return (min(reached) if reached else None), counts
 
