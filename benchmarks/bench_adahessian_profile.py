@@ -166,7 +166,9 @@ def micro(model, opt, data, args) -> None:
     forms = {
         "estimate: z*Hz then abs (before)": lambda: [(z * h).abs() for z, h in zip(zs, hz)],
         "estimate: abs(Hz) (after)": lambda: [h.abs() for h in hz],
-        "update: per tensor (before; CPU default after)": lambda: opt._apply_per_tensor(group, params, 1.0),
+        "update: per tensor (before; CPU default after)": (
+            lambda: opt._apply_per_tensor(group, params, 1.0)
+        ),
         "update: foreach (after, off the CPU)": lambda: opt._apply_foreach(group, params, 1.0),
     }
     times: dict[str, list[float]] = defaultdict(list)

@@ -13,8 +13,8 @@ weight decay and the learning rate. Parameters outside a handled layer go to the
 optimizer unchanged. Whatever MKOR hands the base is saturated at ``±2**63`` (float32 /
 bfloat16), so that a base that squares gradients cannot overflow (values below the bound
 are untouched), and the norm-preserving rescale is computed on gradients brought into
-range by an exact power of two, so that it works for gradients of any size. The math is in :mod:`secondorder.kernels.mkor`; ``docs/mkor.md``
-explains it.
+range by an exact power of two, so that it works for gradients of any size. The math is
+in :mod:`secondorder.kernels.mkor`; ``docs/mkor.md`` explains it.
 
 Two update rules (``variant``):
 
