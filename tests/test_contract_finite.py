@@ -38,8 +38,6 @@ KNOWN_FAILURES: dict[str, str] = {
         "statistics (~1e15 in true units) applied to the huge momentum overflow float32 in the "
         "Kronecker product before grafting rescales it (steady huge or tiny gradients pass)"
     ),
-    "MFAC": "gradients of ~1e22: the float32 Gram matrix of the ring buffer overflows",
-    "MKOR": "gradients of ~1e22: the base optimizer's second moment (exp_avg_sq) overflows",
 }
 
 ROWS = [r for r in contract.ROWS if contract.base_name(r) not in contract.REFERENCE]

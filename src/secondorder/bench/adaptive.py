@@ -37,6 +37,7 @@ from .training import (
     _backward,
     _evaluate,
     _Timer,
+    forward_context,
     lr_factor,
     make_model,
     run_record,
@@ -164,7 +165,8 @@ def train_run_adaptive(
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=plan.device)
         for chunk, idx in zip(micro, index.split(bplan.micro_batch)):
-            loss = workload.loss(model, chunk) * (idx.numel() / index.numel())
+            with forward_context(built):
+                loss = workload.loss(model, chunk) * (idx.numel() / index.numel())
             _backward(loss, built)
             loss_sum = loss_sum + loss.detach().float()
         stats = grads = segments = None

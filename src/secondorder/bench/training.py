@@ -13,6 +13,7 @@ CUDA it is measured with events that are read once at the end of the run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -139,11 +140,26 @@ class Plan:
     window: int
 
 
+def _wants_graph(built: Built) -> bool:
+    return built.create_graph and getattr(built.optimizer, "create_graph", False) is True
+
+
+def forward_context(built: Built) -> Any:
+    """Context for the forward pass: when the optimizer differentiates the gradients again
+    (``create_graph``), ``scaled_dot_product_attention`` is restricted to its math backend,
+    the one with double-backward support (the fused CPU/GPU kernels have none)."""
+    if not _wants_graph(built):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _backward(loss: torch.Tensor, built: Built) -> None:
     """``loss.backward()``, building the graph of the gradients when the optimizer asks for
     it; read before every backward: an optimizer may need the graph only on some steps
     (AdaHessian with ``update_every > 1``)."""
-    if not (built.create_graph and getattr(built.optimizer, "create_graph", False) is True):
+    if not _wants_graph(built):
         loss.backward()
         return
     with warnings.catch_warnings():
@@ -237,7 +253,9 @@ def train_run(
     )
 
     # one untimed forward/backward so that the first timed step is not a cold start
-    _backward(workload.loss(model, workload.train_batch(plan.order[0])), built)
+    with forward_context(built):
+        warm = workload.loss(model, workload.train_batch(plan.order[0]))
+    _backward(warm, built)
     optimizer.zero_grad(set_to_none=True)
 
     timer = _Timer(plan.device)
@@ -255,7 +273,8 @@ def train_run(
         batch = workload.train_batch(plan.order[step - 1])
         timer.start()
         optimizer.zero_grad(set_to_none=True)
-        loss = workload.loss(model, batch)
+        with forward_context(built):
+            loss = workload.loss(model, batch)
         _backward(loss, built)
         try:
             optimizer.step()

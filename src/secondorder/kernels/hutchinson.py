@@ -98,6 +98,7 @@ def hutchinson_diag(
     step: int = 0,
     probes: Sequence[Sequence[torch.Tensor]] | None = None,
     retain_graph: bool = False,
+    absolute: bool = False,
 ) -> list[torch.Tensor]:
     """The signed Hutchinson estimate ``mean_k z_k ⊙ H z_k`` for each parameter.
 
@@ -111,6 +112,9 @@ def hutchinson_diag(
             ``i``); ``n_probes`` is then ``len(probes)``.
         retain_graph: keep the graph after the last probe (it is always kept between
             probes).
+        absolute: return ``|mean_k z_k ⊙ H z_k|`` instead. With one probe that is ``|Hz|``
+            (``|z_i| = 1``), taken without forming the product (one pass fewer, the same
+            values bit for bit).
 
     Returns a list of tensors shaped like ``params`` (each ``E = diag H``; its elementwise
     square has expectation ``diag H² + (row_norm² - diag H²) / n_probes``).
@@ -137,13 +141,17 @@ def hutchinson_diag(
         hz = hessian_vector_products(
             params, grads, zs, retain_graph=retain_graph or k < n - 1
         )
+        if absolute and n == 1:
+            # |z ⊙ Hz| = |Hz| exactly (out of place: autograd may hand back a tensor it
+            # was given, such as a probe)
+            return [h.abs() for h in hz]
         d = [z * h for z, h in zip(zs, hz)]
         out = d if out is None else [o.add_(x) for o, x in zip(out, d)]
     assert out is not None
     if n > 1:
         for o in out:
             o.div_(n)
-    return out
+    return [o.abs_() for o in out] if absolute else out
 
 
 def _check_mode(mode: str | int) -> None:
@@ -156,7 +164,9 @@ def _check_mode(mode: str | int) -> None:
         )
 
 
-def spatial_average(d: torch.Tensor, mode: str | int, abs_first: bool = True) -> torch.Tensor:
+def spatial_average(
+    d: torch.Tensor, mode: str | int, abs_first: bool = True, *, nonnegative: bool = False
+) -> torch.Tensor:
     """Average a Hessian-diagonal estimate over groups of entries; returns ``|.|``, shaped
     like ``d``.
 
@@ -171,9 +181,12 @@ def spatial_average(d: torch.Tensor, mode: str | int, abs_first: bool = True) ->
 
     ``abs_first=True`` averages ``|d|`` (the usual choice); ``False`` averages the signed
     ``d`` and takes the absolute value afterwards (signs can cancel within a block).
+    ``nonnegative=True`` says ``d`` is already ``>= 0`` (e.g. ``|Hz|``): with
+    ``abs_first=True`` no absolute value is taken and, in mode ``"none"``, ``d`` itself is
+    returned (no copy).
     """
     _check_mode(mode)
-    x = d.abs() if abs_first else d
+    x = d if (abs_first and nonnegative) else d.abs() if abs_first else d
     if mode == "none" or d.numel() == 0:
         return x if abs_first else x.abs()
     if mode == "conv":

@@ -19,6 +19,11 @@ systems are solved by Cholesky in float64; if rounding in ``K`` (computed from t
 own dtype) makes a factorization fail, that block is solved from an eigendecomposition with
 the eigenvalues of ``s K`` clamped at 0, with a warning.
 
+Rows may be stored scaled by powers of two (``exps``: row ``i`` stands for
+``G_i · 2**exps_i``), so that gradients of any magnitude (``1e30``, ``1e-30``) neither
+overflow nor vanish in the window's float32 products; :func:`ring_write` scales only rows
+outside the safe range, and the Gram matrix (float64) is kept in true units.
+
 A window can be spread over several tensors (the optimizer keeps one slice ``G_p`` of
 ``(m, n_p)`` per parameter): ``K = Σ_p G_p G_pᵀ`` and ``F⁻¹ x`` is ``G_pᵀ a`` slice by slice,
 which is why the steps are separate functions.
@@ -29,6 +34,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from . import pow2
 
 __all__ = [
     "coefficients",
@@ -41,18 +48,49 @@ __all__ = [
 ]
 
 
-def ring_write(grads: torch.Tensor, slot: int, g: torch.Tensor) -> None:
+def ring_write(
+    grads: torch.Tensor, slot: int, g: torch.Tensor, exps: torch.Tensor | None = None
+) -> torch.Tensor:
     """In place: row ``slot`` of the window ``grads`` (``(..., m, n)``) becomes ``g``
-    (``(..., n)``, cast to the window's dtype)."""
+    (``(..., n)``, cast to the window's dtype). Returns the row as stored (a tensor of its
+    own, not a view of the window: the query for :func:`gram_row`).
+
+    With ``exps`` (int, ``(..., m)``: row ``i`` of the window stands for
+    ``grads[..., i, :] · 2**exps[..., i]``), a row whose largest entry is outside the safe
+    range of :func:`secondorder.kernels.pow2.safe_exponent` is stored scaled by a power of
+    two (largest entry in ``[0.5, 1)``) and its exponent recorded; rows in the range are
+    stored as they are, with exponent 0.
+    """
+    g = g.to(grads.dtype)
+    if exps is not None:
+        e = pow2.row_exponents(g, pow2.safe_exponent(grads.dtype, grads.shape[-1]))
+        g = pow2.mul_pow2(g, -e.unsqueeze(-1))
+        exps[..., slot] = e
     grads[..., slot, :] = g
+    return g
 
 
-def gram_row(grads: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``G g`` in float64, shape ``(..., m)``: the dot products of ``g`` with every row."""
+def gram_row(
+    grads: torch.Tensor,
+    g: torch.Tensor,
+    exps: torch.Tensor | None = None,
+    g_exp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``G g`` in float64, shape ``(..., m)``: the dot products of ``g`` with every row.
+
+    With ``exps`` (the window's row exponents, see :func:`ring_write`) and ``g_exp`` (``g``
+    stands for ``g · 2**g_exp``), the products are of the stored rows and returned in true
+    units, ``(Ĝ ĝ)_i · 2**(exps_i + g_exp)`` (exact scaling, in float64).
+    """
     g = g.to(grads.dtype)
     if grads.dim() == 2 and g.dim() == 1:  # one window: a GEMV streams the buffer once
-        return torch.mv(grads, g).to(torch.float64)
-    return torch.matmul(grads, g.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+        out = torch.mv(grads, g).to(torch.float64)
+    else:
+        out = torch.matmul(grads, g.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    if exps is not None:
+        e = exps if g_exp is None else exps + g_exp.unsqueeze(-1)
+        out = out * pow2.pow2(e)
+    return out
 
 
 def set_gram_row(gram: torch.Tensor, slot: int, row: torch.Tensor) -> None:
@@ -94,8 +132,15 @@ def coefficients(gram: torch.Tensor, rhs: torch.Tensor, damp: float, scale: floa
     return solve_spd(gram.mul(scale), rhs.to(torch.float64), damp)
 
 
-def combine(grads: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``Gᵀ a`` in the window's dtype: ``(..., n)`` from ``(..., m, n)`` and ``(..., m)``."""
+def combine(
+    grads: torch.Tensor, a: torch.Tensor, exps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Gᵀ a`` in the window's dtype: ``(..., n)`` from ``(..., m, n)`` and ``(..., m)``.
+
+    With ``exps`` (see :func:`ring_write`) the stored rows are scaled back through the
+    coefficients: ``Ĝᵀ (a ⊙ 2**exps)`` (the scaling is exact in float64)."""
+    if exps is not None:
+        a = a.to(torch.float64) * pow2.pow2(exps)
     a = a.to(grads.dtype)
     if grads.dim() == 2 and a.dim() == 1:
         return torch.mv(grads.t(), a)
@@ -103,11 +148,21 @@ def combine(grads: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def ihvp(
-    grads: torch.Tensor, gram: torch.Tensor, x: torch.Tensor, damp: float, scale: float
+    grads: torch.Tensor,
+    gram: torch.Tensor,
+    x: torch.Tensor,
+    damp: float,
+    scale: float,
+    exps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F⁻¹ x`` for any ``x`` (``(..., n)``) by the Woodbury identity, in ``x``'s dtype
-    promoted with the window's."""
-    gx = gram_row(grads, x)
+    promoted with the window's (``exps``: the window's row exponents, if it has them)."""
+    x_exp = None
+    xs = x.to(grads.dtype)
+    if exps is not None:
+        x_exp = pow2.row_exponents(xs, pow2.safe_exponent(grads.dtype, grads.shape[-1]))
+        xs = pow2.mul_pow2(xs, -x_exp.unsqueeze(-1))
+    gx = gram_row(grads, xs, exps, x_exp)
     c = solve_spd(gram, gx, damp / scale)
     dt = torch.promote_types(grads.dtype, x.dtype)
-    return (x.to(dt) - combine(grads, c).to(dt)) / damp
+    return (x.to(dt) - combine(grads, c, exps).to(dt)) / damp

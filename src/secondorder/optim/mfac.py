@@ -66,9 +66,20 @@ class MFAC(SecondOrderOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``, see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`.
 
+    **Any gradient scale.** A gradient row whose largest entry is so large or so small that
+    float32 dot products of such rows could overflow or vanish (beyond about ``2**±50``;
+    the bound depends on the row length) is stored multiplied by a power of two that brings
+    its largest entry into ``[0.5, 1)``, and the exponent is kept in ``row_exp``; the Gram
+    matrix is kept in true units in float64 and the coefficients of ``Gᵀ a`` absorb the
+    exponents. Powers of two are exact, so gradients from ``1e-30`` to ``1e30`` give the
+    same step as float64 arithmetic would (to float32 rounding), and rows in the ordinary
+    range are stored and multiplied exactly as they are (exponent 0: bit-identical).
+
     **State** per parameter: ``step`` (0-d CPU tensor; the step's ring slot is
     ``(step − 1) mod m``), ``grads`` (its slice of the ring buffer: ``(m, n)`` dense, or
-    ``(blocks, m, b)``), ``gram`` (float64: its contribution ``G_p G_pᵀ`` to the dense
+    ``(blocks, m, b)``), ``row_exp`` (int16, ``(m,)`` or ``(blocks, m)``: row ``i`` of
+    ``grads`` stands for ``grads[i] · 2**row_exp[i]``; a checkpoint without it loads as
+    zeros), ``gram`` (float64: its contribution ``G_p G_pᵀ`` to the dense
     Gram matrix, ``(m, m)``, or the blocks' Gram matrices ``(blocks, m, m)``) and, once
     momentum is used, ``momentum_buffer``. ``state_dict`` round-trips the ring buffer
     exactly. ``num_grads`` and ``block_size`` cannot change once a parameter has state.
@@ -136,7 +147,10 @@ class MFAC(SecondOrderOptimizer):
 
     def _check_layout(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
         want_g, want_k = self._layout(group, p)
-        for key, want in (("grads", want_g), ("gram", want_k)):
+        shapes = [("grads", want_g), ("gram", want_k)]
+        if "row_exp" in st:  # absent in checkpoints written before it existed
+            shapes.append(("row_exp", want_g[:-1]))
+        for key, want in shapes:
             t = st[key]
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             if got != want:
@@ -154,6 +168,17 @@ class MFAC(SecondOrderOptimizer):
         st["step"] = torch.tensor(0.0)
         st["grads"] = torch.zeros(shape_g, dtype=sdt, device=p.device)
         st["gram"] = torch.zeros(shape_k, dtype=torch.float64, device=p.device)
+        st["row_exp"] = torch.zeros(shape_g[:-1], dtype=torch.int16, device=p.device)
+
+    @staticmethod
+    def _row_exp(st: dict[str, Any]) -> torch.Tensor:
+        """The window's row exponents (zeros for a state loaded from before they existed:
+        its rows were stored unscaled)."""
+        exps = st.get("row_exp")
+        if exps is None:
+            g = st["grads"]
+            exps = st["row_exp"] = torch.zeros(g.shape[:-1], dtype=torch.int16, device=g.device)
+        return exps
 
     @staticmethod
     def _flat_grad(group: dict[str, Any], p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,19 +205,65 @@ class MFAC(SecondOrderOptimizer):
                 dirs = self._dense_directions(group, params, slot, s)
             else:
                 dirs = [self._block_direction(group, p, slot, s) for p in params]
-            mu, lr = group["momentum"], group["lr"]
-            for p, u in zip(params, dirs):
-                st = self.state[p]
-                st["step"].fill_(t)
-                if mu != 0.0 or "momentum_buffer" in st:
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        buf = st["momentum_buffer"] = torch.zeros_like(
-                            p, dtype=u.dtype, memory_format=torch.contiguous_format
-                        )
-                    buf.view(-1).lerp_(u, 1.0 - mu)
-                    u = buf.view(-1)
-                p.add_(u.view(p.shape).to(p.dtype), alpha=-lr)
+            for p in params:
+                self.state[p]["step"].fill_(t)
+            if self._use_foreach(params):
+                self._apply_foreach(group, params, dirs)
+            else:
+                self._apply_per_tensor(group, params, dirs)
+
+    #: multi-tensor (``torch._foreach_*``) elementwise updates: ``None`` (default) uses them
+    #: when the parameters are not on the CPU, as torch.optim does (on the CPU they have no
+    #: fused kernels and the one-tensor-at-a-time loop, which reuses memory, is faster);
+    #: ``True``/``False`` force one path. Both give bit-identical results (tested).
+    _foreach: bool | None = None
+
+    def _use_foreach(self, params: list[torch.Tensor]) -> bool:
+        if self._foreach is not None:
+            return self._foreach
+        return all(p.device.type != "cpu" for p in params)
+
+    def _momentum_buffer(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        st = self.state[p]
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            buf = st["momentum_buffer"] = torch.zeros_like(
+                p, dtype=u.dtype, memory_format=torch.contiguous_format
+            )
+        return buf
+
+    def _apply_per_tensor(
+        self, group: dict[str, Any], params: list[torch.Tensor], dirs: list[torch.Tensor]
+    ) -> None:
+        mu, lr = group["momentum"], group["lr"]
+        for p, u in zip(params, dirs):
+            if mu != 0.0 or "momentum_buffer" in self.state[p]:
+                buf = self._momentum_buffer(p, u)
+                buf.view(-1).lerp_(u, 1.0 - mu)
+                u = buf.view(-1)
+            p.add_(u.view(p.shape).to(p.dtype), alpha=-lr)
+
+    def _apply_foreach(
+        self, group: dict[str, Any], params: list[torch.Tensor], dirs: list[torch.Tensor]
+    ) -> None:
+        mu, lr = group["momentum"], group["lr"]
+        steps = [u.view(p.shape) for p, u in zip(params, dirs)]
+        with_buf = [
+            i for i, p in enumerate(params) if mu != 0.0 or "momentum_buffer" in self.state[p]
+        ]
+        if with_buf:
+            bufs = [self._momentum_buffer(params[i], steps[i]) for i in with_buf]
+            torch._foreach_lerp_(bufs, [steps[i] for i in with_buf], 1.0 - mu)
+            for i, buf in zip(with_buf, bufs):
+                steps[i] = buf
+        # one multi-tensor add per parameter dtype (the direction cast to it first)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault(p.dtype, []).append(i)
+        for dtype, idx in by_dtype.items():
+            torch._foreach_add_(
+                [params[i] for i in idx], [steps[i].to(dtype) for i in idx], alpha=-lr
+            )
 
     def _dense_directions(
         self, group: dict[str, Any], params: list[torch.Tensor], slot: int, s: float
@@ -201,13 +272,15 @@ class MFAC(SecondOrderOptimizer):
         for p in params:
             st = self.state[p]
             g = self._flat_grad(group, p, st["grads"].dtype)
-            K.ring_write(st["grads"], slot, g)
-            K.set_gram_row(st["gram"], slot, K.gram_row(st["grads"], g))
+            exps = self._row_exp(st)
+            stored = K.ring_write(st["grads"], slot, g, exps)
+            row = K.gram_row(st["grads"], stored, exps, exps[slot])
+            K.set_gram_row(st["gram"], slot, row)
             gram = st["gram"].clone() if gram is None else gram.add_(st["gram"])
         e = torch.zeros(group["num_grads"], dtype=torch.float64, device=gram.device)
         e[slot] = 1.0
         a = K.coefficients(gram, e, group["damp"], s)
-        return [K.combine(self.state[p]["grads"], a) for p in params]
+        return [K.combine(self.state[p]["grads"], a, self.state[p]["row_exp"]) for p in params]
 
     def _block_direction(
         self, group: dict[str, Any], p: torch.Tensor, slot: int, s: float
@@ -220,12 +293,13 @@ class MFAC(SecondOrderOptimizer):
         if nb * bl != n:
             g = torch.cat([g, g.new_zeros(nb * bl - n)])
         g = g.view(nb, bl)
-        K.ring_write(grads, slot, g)
-        K.set_gram_row(gram, slot, K.gram_row(grads, g))
+        exps = self._row_exp(st)
+        stored = K.ring_write(grads, slot, g, exps)
+        K.set_gram_row(gram, slot, K.gram_row(grads, stored, exps, exps[:, slot]))
         e = torch.zeros(nb, m, dtype=torch.float64, device=gram.device)
         e[:, slot] = 1.0
         a = K.coefficients(gram, e, group["damp"], s)
-        return K.combine(grads, a).reshape(-1)[:n]
+        return K.combine(grads, a, exps).reshape(-1)[:n]
 
     # -------------------------------------------------------------- diagnostics
     @torch.no_grad()

@@ -10,8 +10,11 @@ factor instead of an ``O(d^3)`` inversion. The preconditioned gradient is rescal
 gradient's norm (``||dW|| + ||db||``) and handed to a first-order *base* optimizer (SGD with
 momentum 0.9 by default, or any ``torch.optim`` optimizer class), which supplies momentum,
 weight decay and the learning rate. Parameters outside a handled layer go to the base
-optimizer unchanged. The math is in :mod:`secondorder.kernels.mkor`; ``docs/mkor.md``
-explains it.
+optimizer unchanged. Whatever MKOR hands the base is saturated at ``±2**63`` (float32 /
+bfloat16), so that a base that squares gradients cannot overflow (values below the bound
+are untouched), and the norm-preserving rescale is computed on gradients brought into
+range by an exact power of two, so that it works for gradients of any size. The math is
+in :mod:`secondorder.kernels.mkor`; ``docs/mkor.md`` explains it.
 
 Two update rules (``variant``):
 
@@ -62,6 +65,8 @@ from .._validation import (
     check_unsupported_flags,
 )
 from ..kernels import mkor as K
+from ..kernels import pow2
+from ..kernels.adamw import saturation
 from .base import SecondOrderOptimizer
 
 BASES: dict[str, type[torch.optim.Optimizer]] = {
@@ -576,12 +581,17 @@ class MKOR(SecondOrderOptimizer):
         mat = w.grad.reshape(layer.out_dim, -1).to(compute)
         if b is not None:
             mat = torch.cat([mat, b.grad.reshape(-1, 1).to(compute)], 1)
+        # The rescale is invariant to the gradient's scale: huge or tiny gradients are
+        # brought into range by an exact power of two first (none in the ordinary range),
+        # so that the norms neither overflow nor vanish.
+        e = pow2.row_exponents(mat, pow2.safe_exponent(mat.dtype, mat.numel()), dim=(0, 1))
+        mat = pow2.mul_pow2(mat, -e)
         new = K.kron_precondition(st["left"], mat, st["right"])
         bias = b is not None
         scale = K.norm_preserving_scale(
             K.weight_bias_norms(mat, bias), K.weight_bias_norms(new, bias)
         )
-        new = new * scale
+        new = pow2.mul_pow2(new * scale, e)
         if bias:
             replace[w] = new[:, :-1].reshape(w.shape).to(w.dtype)
             replace[b] = new[:, -1].to(b.dtype)
@@ -644,10 +654,11 @@ class MKOR(SecondOrderOptimizer):
         replace: dict[torch.Tensor, torch.Tensor],
     ) -> None:
         base = self._base_opt
-        saved = [(p, p.grad) for p in replace]
+        grads = self._saturated_grads(work, replace)
+        saved = [(p, p.grad) for p in grads]
         full = [bg["params"] for bg in base.param_groups]
         try:
-            for p, new in replace.items():
+            for p, new in grads.items():
                 p.grad = new
             for bg, (group, ps) in zip(base.param_groups, work):
                 bg["params"] = ps
@@ -662,6 +673,36 @@ class MKOR(SecondOrderOptimizer):
                 p.grad = grad
             for bg, ps in zip(base.param_groups, full):
                 bg["params"] = ps
+
+    @staticmethod
+    def _saturated_grads(
+        work: list[tuple[dict[str, Any], list[torch.Tensor]]],
+        replace: dict[torch.Tensor, torch.Tensor],
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """The gradient each parameter hands the base optimizer (preconditioned or its own),
+        saturated at ``±saturation(dtype)`` (``2**63`` in float32 and bfloat16): a base
+        that squares gradients (Adam's second moment) cannot overflow, whatever its own
+        arithmetic. Values below the bound are untouched (the same tensors' values)."""
+        out = {}
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for _, ps in work:
+            for p in ps:
+                g = replace.get(p, p.grad)
+                if g.is_floating_point() and g.numel():
+                    by_dtype.setdefault(g.dtype, []).append(p)
+        for dtype, ps in by_dtype.items():
+            bound = saturation(dtype)
+            own = [p for p in ps if p not in replace]  # copies: p.grad stays untouched
+            mine = [replace[p] for p in ps if p in replace]  # MKOR's own tensors: in place
+            if own:
+                clamped = torch._foreach_clamp_max([p.grad for p in own], bound)
+                torch._foreach_clamp_min_(clamped, -bound)
+                out.update(zip(own, clamped))
+            if mine:
+                torch._foreach_clamp_max_(mine, bound)
+                torch._foreach_clamp_min_(mine, -bound)
+        out.update(replace)
+        return out
 
     # -------------------------------------------------------------------- state dict
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
