@@ -390,3 +390,22 @@ def test_bad_statistics_frequency_raises_naming_argument(value):
     p = torch.nn.Parameter(torch.randn(3, 3))
     with pytest.raises((ValueError, TypeError), match="statistics_frequency"):
         Shampoo([p], statistics_frequency=value)
+
+
+def test_inverse_root_rejects_bad_ridge_arguments():
+    a = torch.eye(3)
+    with pytest.raises(ValueError, match="ridge must be one of"):
+        inverse_root(a, 2, ridge="abs")
+    with pytest.raises(ValueError, match="ridge_epsilon"):
+        inverse_root(a[None], 2, ridge="absolute", ridge_epsilon=torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="ridge_epsilon"):
+        inverse_root(a[None], 2, ridge="absolute", ridge_epsilon=torch.ones(1, 1))
+
+
+def test_absolute_ridge_per_matrix_tensor_is_exact_on_diagonal_matrices():
+    """``(diag(d) + e I)^(-1/2) = diag((d + e)^(-1/2))``, one ``e`` per matrix."""
+    d = torch.tensor([[4.0, 1.0, 0.0], [9.0, 0.0, 0.0]])
+    e = torch.tensor([0.5, 2.0])
+    res = inverse_root(torch.diag_embed(d), 2, method="eigh", ridge="absolute", ridge_epsilon=e)
+    want = torch.diag_embed((d + e[:, None]).double().pow(-0.5))
+    torch.testing.assert_close(res.root.double(), want, rtol=8 * EPS32, atol=8 * EPS32)
