@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from secondorder.bench.workloads.mnist_autoencoder import (
 DEFAULT_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 LAYERS = tuple(WIDTHS)
 __all__ = ["DEFAULT_MNIST", "LAYERS", "autoencoder", "autoencoder_loss", "load_mnist_images",
-           "machine", "state_bytes", "train"]  # fmt: skip
+           "machine", "state_bytes", "train", "busy_note"]  # fmt: skip
 
 
 def load_mnist_images(data_dir: str | os.PathLike = DEFAULT_MNIST) -> torch.Tensor:
@@ -101,4 +102,29 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}{load}"
+
+
+def busy_note() -> None:
+    """Warn (stderr) when the CPUs are already busy and torch uses several threads.
+
+    Step-time ratios then mean little: an OpenMP parallel region waits for its slowest
+    thread, and on an oversubscribed machine one of them is often descheduled. Shampoo's
+    step has many small parallel regions (per-block kernels, the eigensolver's panel
+    steps), AdamW's few large ones, so Shampoo / AdamW comes out inflated (measured:
+    4.0 at 2 threads vs 2.8 at 1 thread, same process, load ~20 on 2 CPUs).
+    """
+    if not hasattr(os, "getloadavg") or torch.get_num_threads() == 1:
+        return
+    load = os.getloadavg()[0]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and load > cpus:
+        print(
+            f"note: the machine is busy (load {load:.1f} on {cpus} CPUs) and torch uses "
+            f"{torch.get_num_threads()} threads: step-time ratios will be skewed against the "
+            "optimizer with more, smaller parallel kernels (Shampoo); use --threads 1 or a "
+            "quiet machine",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -40,6 +40,7 @@ from _common import (
     DEFAULT_MNIST,
     autoencoder,
     autoencoder_loss,
+    busy_note,
     load_mnist_images,
     machine,
     state_bytes,
@@ -88,24 +89,34 @@ def bench_async(args, data) -> dict:
     # charged to this configuration and not to the next one's window.
     # The first window holds every Shampoo's first roots, computed in the step also with
     # async_roots: it is run but not timed.
+    # The batches of a window are fetched before it is timed (as in `secondorder bench`).
     for rnd in range(args.rounds + 1):
         _log(f"[async] round {rnd}/{args.rounds}{' (untimed)' if rnd == 0 else ''}")
         for r in runs.values():
+            xbs = [next(r["batches"]) for _ in range(period)]
+            steps = []
             t0 = time.perf_counter()
-            for _ in range(period):
-                _train_step(r)
+            for xb in xbs:
+                _train_step(r, xb)
+                steps.append(time.perf_counter() - t0 - sum(steps))
             if getattr(r["opt"], "async_roots", False):
                 r["opt"].state_dict()
             if rnd > 0:
                 r["windows"].append(time.perf_counter() - t0)
+                r.setdefault("steps", []).append(steps)
     out = {}
     base = runs["adamw"]["windows"]
+    base_other = [statistics.median(s[1:]) for s in runs["adamw"]["steps"]]
     for name, r in runs.items():
         ratios = [w / b for w, b in zip(r["windows"], base)]
+        other = [statistics.median(s[1:]) for s in r["steps"]]
         out[name] = dict(
             mean_step_s=statistics.median(r["windows"]) / period,
             ratio_to_adamw=statistics.median(ratios),
             per_round_ratio=ratios,
+            # the window's first step (the root refresh) and the median of the other nine
+            refresh_step_s=statistics.median(s[0] for s in r["steps"]),
+            other_step_ratio=statistics.median(o / b for o, b in zip(other, base_other)),
             final_loss=torch.stack(r["losses"][-period:]).mean().item(),
             steps=period - 1 + period * (args.rounds + 1),
             async_counters=(
@@ -126,8 +137,8 @@ def _batches(data, batch_size, seed):
             yield data[perm[i : i + batch_size]]
 
 
-def _train_step(r):
-    xb = next(r["batches"])
+def _train_step(r, xb=None):
+    xb = next(r["batches"]) if xb is None else xb
     r["opt"].zero_grad(set_to_none=True)
     loss = autoencoder_loss(r["model"](xb), xb)
     loss.backward()
@@ -237,6 +248,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = {"args": vars(args), "machine": machine(), "cpus": os.cpu_count()}
+    busy_note()
     print(f"MNIST autoencoder, batch {args.batch_size}, block 1024, precondition frequency 10")
     print(f"machine: {machine()}, {os.cpu_count()} CPUs")
     if args.part in ("async", "both"):
@@ -244,13 +256,14 @@ def main(argv=None) -> int:
         out["async"] = res
         print(f"\nasync roots (median over {args.rounds} round-robin windows of 10 steps):")
         print(
-            f"{'optimizer':<19} {'mean step s':>12} {'ratio/AdamW':>12} {'per window':>32} "
-            f"{'final loss':>11}"
+            f"{'optimizer':<19} {'mean step s':>12} {'ratio/AdamW':>12} {'refresh s':>10} "
+            f"{'other/AdamW':>12} {'per window':>32} {'final loss':>11}"
         )
         for name, r in res.items():
             per = ", ".join(f"{x:.2f}" for x in r["per_round_ratio"])
             print(
                 f"{name:<19} {r['mean_step_s']:>12.4f} {r['ratio_to_adamw']:>12.3f} "
+                f"{r['refresh_step_s']:>10.3f} {r['other_step_ratio']:>12.3f} "
                 f"{per:>32} {r['final_loss']:>11.2f}"
             )
         if res["shampoo_async"]["async_counters"]:

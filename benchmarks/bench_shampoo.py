@@ -19,7 +19,7 @@ import time
 import torch
 
 import secondorder
-from _common import DEFAULT_MNIST, load_mnist_images, machine, train
+from _common import DEFAULT_MNIST, busy_note, load_mnist_images, machine, train
 from bench_roots import SIZES, group_by_size, make_statistics, run_batched, run_per_block
 
 
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_mnist_images(args.data_dir)
+    busy_note()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     configs = {

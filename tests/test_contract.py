@@ -96,6 +96,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("max_consecutive_root_failures", 0), ("on_root_failure", "ignore"),
         ("root_memory_budget", 0), ("root_memory_budget", 1.5), ("packed_statistics", "yes"),
         ("shard_optimizer_state", "yes"),
+        ("ridge", "abs"), ("statistics_frequency", 0), ("statistics_frequency", 1.5),
     ],
     "SONew": [
         ("lr", -1.0), ("lr", NAN), ("lr", INF), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)),
@@ -170,6 +171,8 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
         dict(distributed=True, communication_dtype=torch.bfloat16),  # no process group: 1 rank
         dict(root_memory_budget=1, on_root_failure="graft", max_consecutive_root_failures=1,
              packed_statistics=True),
+        dict(ridge="absolute", eps=1e-4, block_size=3, precondition_frequency=2),
+        dict(statistics_frequency=2, precondition_frequency=3, start_preconditioning_step=2),
     ],
     "SONew": [
         dict(band=0, precondition_1d=False, betas=(0.8, 0.99)),

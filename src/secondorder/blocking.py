@@ -43,7 +43,8 @@ def merge_dims(shape: Sequence[int], max_size: int) -> tuple[int, ...]:
         ``merge_dims((64, 32, 3, 3), 1024) == (64, 288)``;
         ``merge_dims((1, 10, 1), 1024) == (10,)``;
         ``merge_dims((), 1024) == merge_dims((1, 1), 1024) == ()`` -- a 0-d result means
-        "a single number"; callers treat order ``<= 1`` as graft-only unless asked otherwise.
+        "a single number". ``merge_dims((24, 12), 512) == (288,)``: a matrix can merge into
+        one dim (Shampoo then gives it one full-matrix factor).
     """
     max_size = _check_size("max_size", max_size)
     dims = [int(d) for d in shape if d != 1]

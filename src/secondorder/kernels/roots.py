@@ -9,8 +9,11 @@ results).
 * :func:`inverse_root_newton` -- coupled Newton iteration (matmuls only;
   docs/algorithms.md#inverse-roots-coupled-newton-iteration).
 * :func:`inverse_root_eigh` -- eigendecomposition (exact, robust, slower on accelerators).
-* :func:`inverse_root` -- the pipeline the optimizer calls: relative ridge, solve, accept
-  or reject each matrix, optionally retry the rejected ones with a larger ridge.
+* :func:`inverse_root` -- the pipeline the optimizer calls: ridge (relative to
+  ``lambda_max`` or absolute), solve, accept or reject each matrix, optionally retry the
+  rejected ones with a larger ridge.
+* :func:`absolute_ridge_units` -- rewrite an absolute ridge on statistics kept as
+  ``scale^2 * S_hat`` so that the solve sees bounded numbers only.
 
 Precision: work is done in float32, or float64 when the input is float64. Half-precision
 inputs (bf16/fp16) are upcast to float32 and the results stay float32.
@@ -35,6 +38,8 @@ from torch import Tensor
 
 __all__ = [
     "METHODS",
+    "RIDGES",
+    "absolute_ridge_units",
     "RootResult",
     "inverse_root",
     "inverse_root_eigh",
@@ -46,6 +51,9 @@ __all__ = [
 
 #: accepted values of ``inverse_root(method=...)``
 METHODS = ("newton", "eigh")
+
+#: accepted values of ``inverse_root(ridge=...)``: ``eps * lambda_max(A)`` or ``eps``
+RIDGES = ("relative", "absolute")
 
 #: smallest ridge ever added (keeps all-zero statistics invertible in fp32 without overflow)
 _RIDGE_FLOOR = 1e-30
@@ -414,7 +422,17 @@ def _probes(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.cos(0.5 + 1.3 * i * j + j)
 
 
-def _eigh_root(A: Tensor, p: int, ridge_epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _ridge(ridge: str, ridge_epsilon: float | Tensor, lam_max: Tensor) -> Tensor:
+    """``eps_eff`` of each matrix: ``eps * lambda_max`` or ``eps``, floored at 1e-30."""
+    if ridge == "relative":
+        return (ridge_epsilon * lam_max).clamp_min(_RIDGE_FLOOR)
+    eps = torch.as_tensor(ridge_epsilon, dtype=lam_max.dtype, device=lam_max.device)
+    return eps.expand_as(lam_max).clamp_min(_RIDGE_FLOOR)
+
+
+def _eigh_root(
+    A: Tensor, p: int, ridge_epsilon: float | Tensor, ridge: str = "relative"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Root pipeline by one eigendecomposition of the raw statistics.
 
     ``eigh`` gives ``lambda_max`` for free (no power iteration), and the ridge is added to the
@@ -427,7 +445,7 @@ def _eigh_root(A: Tensor, p: int, ridge_epsilon: float) -> tuple[Tensor, Tensor,
     """
     L, Q = _eigh(A)
     lam_max = L[..., -1].clamp_min(0)  # eigh sorts ascending
-    eps_eff = (ridge_epsilon * lam_max).clamp_min(_RIDGE_FLOOR)
+    eps_eff = _ridge(ridge, ridge_epsilon, lam_max)
     d = inverse_pth_root_scalar(L.clamp_min(0) + eps_eff[:, None], p)
     root = (Q * d.unsqueeze(-2)) @ Q.transpose(-2, -1)
     V = _probes(A.shape[-1], min(4, A.shape[-1]), A.dtype, A.device)
@@ -456,7 +474,8 @@ def inverse_root(
     p: int,
     *,
     method: str = "newton",
-    ridge_epsilon: float = 1e-6,
+    ridge_epsilon: float | Tensor = 1e-6,
+    ridge: str = "relative",
     max_iters: int = 100,
     tol: float = 1e-6,
     failure_threshold: float = 0.1,
@@ -464,8 +483,9 @@ def inverse_root(
 ) -> RootResult:
     """``(A + eps_eff I)^(-1/p)`` for a batch of raw Shampoo statistics, with acceptance.
 
-    Steps: ``lambda_max``; relative ridge ``eps_eff = max(ridge_epsilon * lambda_max, 1e-30)``
-    (the absolute floor keeps all-zero matrices solvable); solve with ``method``
+    Steps: ``lambda_max``; ridge ``eps_eff = max(ridge_epsilon * lambda_max, 1e-30)``
+    (``ridge="relative"``) or ``max(ridge_epsilon, 1e-30)`` (``ridge="absolute"``; the floor
+    keeps all-zero matrices solvable); solve with ``method``
     (``"newton"``: ``lambda_max`` by :func:`power_iteration`, then
     :func:`inverse_root_newton` on ``A + eps_eff I``, error ``max|M - I|``; ``"eigh"``: one
     eigendecomposition of ``A`` gives ``lambda_max`` and the root, error = relative residual
@@ -478,7 +498,10 @@ def inverse_root(
         A: ``(B, n, n)`` symmetric PSD statistics (or one ``(n, n)`` matrix).
         p: root order, an integer ``>= 1``.
         method: ``"newton"`` or ``"eigh"``.
-        ridge_epsilon: relative ridge ``epsilon`` (``>= 0``).
+        ridge_epsilon: ridge ``epsilon`` (``>= 0``): a number, a 1-element tensor or a
+            ``(B,)`` tensor (one value per matrix).
+        ridge: ``"relative"`` (``eps * lambda_max``: scale free, bounds the condition
+            number by ``1 + 1/eps``) or ``"absolute"`` (``eps * I``, in the units of ``A``).
         max_iters, tol: iteration limit and tolerance of both the power iteration and the
             Newton iteration.
         failure_threshold: largest accepted error.
@@ -491,16 +514,26 @@ def inverse_root(
     p = _check_p(p)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not ridge_epsilon >= 0:
+    if ridge not in RIDGES:
+        raise ValueError(f"ridge must be one of {RIDGES}, got {ridge!r}")
+    if isinstance(ridge_epsilon, Tensor):
+        if ridge_epsilon.dim() > 1:
+            raise ValueError(
+                "ridge_epsilon must be a number, a 1-element tensor or a (B,) tensor (one "
+                f"value per matrix), got shape {tuple(ridge_epsilon.shape)}"
+            )
+        if not bool((ridge_epsilon >= 0).all()):
+            raise ValueError("ridge_epsilon must be >= 0 (and not NaN) for every matrix")
+    elif not ridge_epsilon >= 0:
         raise ValueError(f"ridge_epsilon must be >= 0, got {ridge_epsilon!r}")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
     A, unbatched = _as_batch(A)
     if method == "eigh":
-        root, err, lam, eps_eff = _eigh_root(A, p, ridge_epsilon)
+        root, err, lam, eps_eff = _eigh_root(A, p, ridge_epsilon, ridge)
     else:
         lam = power_iteration(A, max_iters=max_iters, tol=tol)
-        eps_eff = (ridge_epsilon * lam).clamp_min(_RIDGE_FLOOR)
+        eps_eff = _ridge(ridge, ridge_epsilon, lam)
         root, err = _solve(A, eps_eff, p, method, max_iters, tol)
     ok = _accept(root, err, failure_threshold)
     for _ in range(retries):
@@ -515,3 +548,41 @@ def inverse_root(
     if unbatched:
         return RootResult(root[0], err[0], lam[0], ok[0])
     return RootResult(root, err, lam, ok)
+
+
+def absolute_ridge_units(
+    matrix: Tensor, scale: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Write ``scale^2 * matrix + eps I`` as ``sigma^2 (matrix' + eps' I)`` with bounded terms.
+
+    Statistics kept as ``scale^2 * S_hat`` (``S_hat`` bounded, ``scale`` following the
+    gradients' magnitude) need an absolute ridge ``eps * I`` on the *true* statistics. In
+    ``S_hat``'s units that is ``eps / scale^2``, which overflows float32 for tiny gradients
+    (and is undefined for ``scale = 0``). With ``sigma = max(scale, sqrt(eps))``::
+
+        scale^2 S_hat + eps I = sigma^2 ((scale / sigma)^2 S_hat + (eps / sigma^2) I)
+
+    where ``(scale / sigma)^2`` and ``eps / sigma^2`` both lie in ``[0, 1]``. The root of the
+    bracket, multiplied by ``sigma^(-2/p)``, is the root of the true regularised statistics.
+
+    Args:
+        matrix: ``(B, n, n)`` scaled statistics ``S_hat``.
+        scale: ``(B,)`` scales (``None``: 1, i.e. ``matrix`` is in true units).
+        eps: the absolute ridge (``> 0``).
+
+    Returns:
+        ``(matrix', sigma, eps')``: ``(B, n, n)`` in ``matrix``'s dtype, and ``(B,)`` float64
+        ``sigma`` and ``eps'``; solve
+        ``matrix' + eps' I`` (``ridge="absolute"``, ``ridge_epsilon=eps'``) and scale the root
+        back with ``sigma``.
+    """
+    B = matrix.shape[0]
+    s = (
+        torch.ones(B, dtype=torch.float64, device=matrix.device)
+        if scale is None
+        else scale.to(device=matrix.device, dtype=torch.float64)
+    )
+    sigma = torch.clamp(s, min=float(eps) ** 0.5)
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # eps = 0 and scale = 0
+    shrink = (s / sigma).square().to(matrix.dtype)
+    return matrix * shrink[:, None, None], sigma, eps / sigma.square()

@@ -41,7 +41,9 @@ contained (a broken process group cannot be recovered from inside a step).
 
 Shapes: size-1 dims are dropped and adjacent dims merged while their product stays
 ``<= block_size`` (a conv kernel (64, 32, 3, 3) becomes (64, 288)); dims larger than
-``block_size`` are cut into blocks. 0-d tensors and 1-d tensors (unless
+``block_size`` are cut into blocks. A matrix or higher-order tensor whose dims all merge
+into one (a 24 x 12 weight with ``block_size >= 288``) gets one full-matrix factor of its
+flattened gradient (``P = S^(-1/2)``). 0-d tensors and true vectors (unless
 ``precondition_1d=True``) take the graft update alone. With ``graft=None`` the updates that
 have no Shampoo direction (those tensors, and every tensor before the first root) use Adam.
 All optimizer state is float32 whatever the parameter dtype; bfloat16 parameters are updated
@@ -78,7 +80,7 @@ from ..kernels.grafting import (
     graft_rescale,
     update_second_moment,
 )
-from ..kernels.roots import RootResult, inverse_root
+from ..kernels.roots import RIDGES, RootResult, inverse_root
 from ..placement.blocked import BlockOptimizer
 from ..placement.ddp import BlockLayout, localize_state
 from ..placement.roots import (
@@ -132,8 +134,9 @@ class Shampoo(BlockOptimizer):
         lr: learning rate (>= 0).
         betas: ``(beta1, beta2)``: momentum EMA in [0, 1) and statistics EMA in [0, 1]
             (``beta2 = 1``: running sums, AdaGrad style). ``beta2`` also drives the graft.
-        eps: ridge added to each statistic before its root, **relative** to the statistic's
-            largest eigenvalue (``eps * lambda_max``, power iteration); > 0.
+        eps: ridge added to each statistic before its root; > 0. With ``ridge="relative"``
+            (default) it is relative to the statistic's largest eigenvalue
+            (``eps * lambda_max``), with ``ridge="absolute"`` it is ``eps * I``.
         weight_decay: >= 0; decoupled (AdamW style) unless ``decoupled_weight_decay=False``.
         block_size: maximum size of a preconditioned dimension (>= 1).
         precondition_frequency: recompute roots every this many steps (>= 1).
@@ -148,12 +151,23 @@ class Shampoo(BlockOptimizer):
             (eigendecomposition), or ``"auto"`` (default): eigh for statistics on the CPU,
             where LAPACK's eigh is several times cheaper than ~20 Newton iterations of
             matmuls, and Newton on accelerators.
+        ridge: ``"relative"`` (default: ``eps * lambda_max(S)``, independent of the
+            gradients' scale; the condition number of ``S + ridge`` is at most ``1 + 1/eps``)
+            or ``"absolute"`` (``eps * I`` on the bias-corrected statistics, the convention
+            of Meta's DistributedShampoo ``epsilon``; depends on the gradients' scale).
+        statistics_frequency: update the Kronecker statistics every this many steps
+            (>= 1; default 1): at steps ``t`` with ``(t - 1) % statistics_frequency == 0``,
+            i.e. 1, 1 + k, 1 + 2k, ... (as Google's ``statistics_compute_steps``). The
+            statistics' bias correction counts those updates. Momentum, graft and roots
+            are unaffected (roots still follow ``precondition_frequency``).
         matmul_dtype: dtype of the per-step matmuls (statistics Gram products and the
             application of the roots); ``None`` (default) is float32. ``torch.bfloat16``
             runs them on bf16 units (AMX on recent Xeons, tensor cores on GPUs) at bf16
             rounding of each product; statistics and roots themselves stay float32.
         decoupled_weight_decay: see ``weight_decay``.
-        precondition_1d: also precondition 1-d tensors (one factor) instead of graft-only.
+        precondition_1d: also precondition true vectors (tensors with one dim of size > 1,
+            e.g. biases; one factor) instead of graft-only. Tensors with two or more such
+            dims are always preconditioned, also when they merge into one dim.
         inverse_failure_threshold: a root whose residual is at least this is rejected.
         packed_statistics: store each factor's statistics as its upper triangle
             (``n (n + 1) / 2`` numbers instead of ``n^2``: about half the statistics'
@@ -215,6 +229,8 @@ class Shampoo(BlockOptimizer):
         exponent_override: int | None = None,
         root_method: str = "auto",
         *,
+        ridge: str = "relative",
+        statistics_frequency: int = 1,
         matmul_dtype: torch.dtype | None = None,
         decoupled_weight_decay: bool = True,
         precondition_1d: bool = False,
@@ -246,6 +262,8 @@ class Shampoo(BlockOptimizer):
             nesterov=nesterov,
             exponent_override=exponent_override,
             root_method=root_method,
+            ridge=ridge,
+            statistics_frequency=statistics_frequency,
             matmul_dtype=matmul_dtype,
             decoupled_weight_decay=decoupled_weight_decay,
             precondition_1d=precondition_1d,
@@ -280,6 +298,8 @@ class Shampoo(BlockOptimizer):
         if group["exponent_override"] is not None:
             check_int("exponent_override", group["exponent_override"], low=1)
         check_choice("root_method", group["root_method"], ROOT_METHODS)
+        check_choice("ridge", group["ridge"], RIDGES)
+        check_int("statistics_frequency", group["statistics_frequency"], low=1)
         check_choice("matmul_dtype", group["matmul_dtype"], MATMUL_DTYPES)
         check_bool("decoupled_weight_decay", group["decoupled_weight_decay"])
         check_bool("precondition_1d", group["precondition_1d"])
@@ -292,12 +312,20 @@ class Shampoo(BlockOptimizer):
 
     # ------------------------------------------------------------------- shapes
     def _plan(self, p: torch.Tensor, group: dict[str, Any]) -> BlockPlan | None:
-        """The block plan of ``p``, or ``None`` when ``p`` takes the graft update only."""
+        """The block plan of ``p``, or ``None`` when ``p`` takes the graft update only.
+
+        Preconditioned: every tensor whose merged shape has two or more dims; a tensor with
+        two or more dims of size > 1 whose dims all merge into one (a ``24 x 12`` weight
+        with ``block_size >= 288``) as one full-matrix factor of the flattened tensor;
+        true vectors (one dim of size > 1, e.g. biases) only with ``precondition_1d``.
+        Scalars and all-ones shapes never.
+        """
         key = (tuple(p.shape), group["block_size"], group["precondition_1d"])
         if key not in self._plans:
             plan = BlockPlan(p.shape, group["block_size"])
             order = len(plan.merged_shape)
-            use = order >= 2 or (order == 1 and group["precondition_1d"])
+            vector = sum(d != 1 for d in p.shape) < 2
+            use = order >= 2 or (order == 1 and (not vector or group["precondition_1d"]))
             self._plans[key] = plan if use else None
         return self._plans[key]
 
@@ -364,6 +392,47 @@ class Shampoo(BlockOptimizer):
         """Shape of a factor's statistics stack: ``count`` blocks of size ``n`` (checked on
         load by the placement layer)."""
         return (count, kron.packed_size(n)) if group["packed_statistics"] else (count, n, n)
+
+    def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        if st and self._merged_without_factors(p, group, st):
+            # saved when such tensors were graft-only: factors are added after loading
+            super(BlockOptimizer, self)._check_loaded_state(p, st)
+            return
+        super()._check_loaded_state(p, st)
+
+    def _after_load_state_dict(self) -> None:
+        super()._after_load_state_dict()
+        self._add_missing_factors()
+
+    def _merged_without_factors(
+        self, p: torch.Tensor, group: dict[str, Any], st: dict[str, Any]
+    ) -> bool:
+        """``st`` is from a version that left tensors merging into one dim graft-only."""
+        plan = self._plan(p, group)
+        return (
+            plan is not None
+            and plan.order == 1
+            and sum(d != 1 for d in p.shape) >= 2
+            and "step" in st
+            and not any(k in st for k in ("stats", "roots", "root_error", "lambda_max"))
+        )
+
+    def _add_missing_factors(self) -> None:
+        """Give loaded states of tensors that merge into one dim (graft-only in older versions)
+        fresh factors: zero statistics and identity roots, so from the load on they collect
+        statistics and get their first root at the next refresh."""
+        rt = self.__dict__.get("_rt")
+        pairs = [(g, q) for g in self.param_groups for q in g["params"]]
+        for key, (group, p) in enumerate(pairs):
+            st = self.state.get(p)
+            if not st or not self._merged_without_factors(p, group, st):
+                continue
+            fresh = self._init_state(p, group)
+            if rt is not None and rt.layout is not None and rt.loading_shard:
+                fresh = localize_state(fresh, rt.layout, key)
+            for k, v in fresh.items():
+                st.setdefault(k, v)
 
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
@@ -460,7 +529,12 @@ class Shampoo(BlockOptimizer):
         return m / bias_correction(beta1, t)
 
     def _accumulate(self, it: _Item, layout: BlockLayout | None) -> None:
-        """Add the gradient to the (scaled) statistics; a failure skips this update, warned."""
+        """Add the gradient to the (scaled) statistics; a failure skips this update, warned.
+
+        Only at steps ``t`` with ``(t - 1) % statistics_frequency == 0`` (every step by
+        default)."""
+        if (it.t - 1) % it.group["statistics_frequency"]:
+            return
         state = it.state
         scales = state.get("stat_scale")
         if scales is None:  # checkpoint from before scaled statistics: scale 1 is exact
@@ -487,7 +561,9 @@ class Shampoo(BlockOptimizer):
     def _due_factors(
         self, state: dict[str, Any], plan: BlockPlan, group: dict[str, Any], t: int, key: int = -1
     ) -> list[DueFactor]:
-        bc = bias_correction(group["betas"][1], t)
+        # bias correction by the number of statistics updates so far (steps 1, 1 + k, ...)
+        updates = (t - 1) // group["statistics_frequency"] + 1
+        bc = bias_correction(group["betas"][1], updates)
         first = t == self._start(group)  # a tensor's first roots: solved in the step
         out = []
         for c, stats in enumerate(state["stats"]):

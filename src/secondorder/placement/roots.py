@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..kernels import kron
-from ..kernels.roots import RootResult, root_workspace_bytes
+from ..kernels.roots import RootResult, absolute_ridge_units, root_workspace_bytes
 from .async_roots import AsyncRootWorker, Snapshot, snapshot
 
 __all__ = [
@@ -155,6 +155,7 @@ class RootScheduler:
                 method,
                 group["eps"],
                 group["inverse_failure_threshold"],
+                group.get("ridge", "relative"),
             )
             buckets.setdefault(key, []).append(f)
         return list(buckets.items())
@@ -356,16 +357,19 @@ def scaled_root(
 ) -> RootResult:
     """Roots of ``scale^2 * matrix`` (``matrix``: statistics divided by their block scale^2)
     by ``inverse_root`` (:func:`secondorder.kernels.roots.inverse_root` or a stand-in);
-    ``spec`` is ``(exponent, device, method, eps, failure_threshold)``.
+    ``spec`` is ``(exponent, device, method, eps, failure_threshold, ridge)``.
 
     The solve sees the scaled matrix, whose entries are bounded whatever the gradients'
     magnitude; the root and ``lambda_max`` are brought back to true units
     (``root * scale^(-2/p)``, ``lambda_max * scale^2`` in float64) where the scale is > 0.
     """
-    exponent, _, method, eps, threshold = spec
+    exponent, _, method, eps, threshold, ridge = spec
+    if ridge == "absolute":  # eps * I on the true statistics: see absolute_ridge_units
+        matrix, scale, eps = absolute_ridge_units(matrix, scale, eps)
     res = inverse_root(
-        matrix, exponent, method=method, ridge_epsilon=eps, failure_threshold=threshold
-    )
+        matrix, exponent, method=method, ridge_epsilon=eps, ridge=ridge,
+        failure_threshold=threshold,
+    )  # fmt: skip
     if scale is None:
         return res
     s = scale.to(device=res.root.device, dtype=torch.float64)
