@@ -203,6 +203,73 @@ def _check_shampoo_local(mesh):
         ref.close()
 
 
+EXACT = dict(KW, fsdp_mode="exact")
+EXACT_VARIANTS = (
+    EXACT,
+    # coupled weight decay reads the parameters: they are gathered too
+    dict(EXACT, precondition_1d=True, weight_decay=0.01, decoupled_weight_decay=False),
+    dict(EXACT, async_roots=True, async_deterministic_delay=1, precondition_1d=True),
+)
+
+
+def _single(kw):
+    return {k: v for k, v in kw.items() if k != "fsdp_mode"}
+
+
+def _check_shampoo_exact(mesh):
+    """fsdp_mode="exact" is single-process Shampoo on the whole tensors, bit for bit."""
+    for kw in EXACT_VARIANTS:
+        holder, other = _Holder(mesh), _Holder(mesh)
+        refp = [torch.nn.Parameter(f.clone()) for f in holder.full]
+        opt = Shampoo(holder.parameters(), **kw)
+        local = Shampoo(other.parameters(), **dict(kw, fsdp_mode="local"))
+        ref = Shampoo(refp, **_single(kw))
+        for step in range(6):
+            grads = holder.set_grads(step)
+            other.set_grads(step)
+            for q, g in zip(refp, grads):
+                q.grad = g.clone()
+            opt.step()
+            local.step()
+            ref.step()
+            for i, (p, q) in enumerate(zip(holder.parameters(), refp)):
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                assert torch.equal(full, q), (kw, step, i)
+        # the check can fail: local mode (blocks cut inside the shards of u) differs
+        assert not torch.equal(other.u.full_tensor(), refp[2]), kw
+        # a single-process state dict loads (every rank keeps its own blocks) and the run
+        # goes on equal to the reference
+        opt2 = Shampoo(holder.parameters(), **kw)
+        opt2.load_state_dict(ref.state_dict())
+        for step in range(6, 9):
+            grads = holder.set_grads(step)
+            for q, g in zip(refp, grads):
+                q.grad = g.clone()
+            opt2.step()
+            ref.step()
+        for i, (p, q) in enumerate(zip(holder.parameters(), refp)):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            assert torch.equal(full, q), (kw, "loaded", i)
+        for o in (opt, opt2, local, ref):
+            o.close()
+    # a real FSDP2 / HSDP model: gradients from FSDP's reduce-scatter
+    model = _fsdp_model(mesh)
+    refp = [torch.nn.Parameter(p.full_tensor().detach().clone()) for p in model.parameters()]
+    opt, ref = Shampoo(model.parameters(), **EXACT), Shampoo(refp, **_single(EXACT))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(5):
+        opt.zero_grad()
+        _fsdp_backward(model, step, rank, world)
+        for q, p in zip(refp, model.parameters()):
+            q.grad = p.grad.full_tensor()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(model.parameters(), refp)):
+            assert torch.equal(p.full_tensor(), q), ("model", step, i)
+    with pytest.raises(ValueError, match="fsdp_mode must be one of 'local', 'exact'"):
+        Shampoo(model.parameters(), fsdp_mode="global")
+
+
 def _check_sonew_cut_links(mesh):
     holder = _Holder(mesh)
     refp = [torch.nn.Parameter(f.clone()) for f in holder.full]
@@ -271,8 +338,12 @@ def _train_holder(holder, opt, steps):
 
 
 def _check_dcp_round_trip(mesh, tmp, label):
-    for cls, kw in ((SONew, SONEW_KW), (Shampoo, dict(KW, precondition_1d=True))):
-        path = os.path.join(tmp, f"{label}-{cls.__name__}")
+    for cls, kw in (
+        (SONew, SONEW_KW),
+        (Shampoo, dict(KW, precondition_1d=True)),
+        (Shampoo, dict(EXACT, precondition_1d=True)),
+    ):
+        path = os.path.join(tmp, f"{label}-{cls.__name__}-{kw.get('fsdp_mode', '')}")
         holder = _Holder(mesh)
         opt = cls(holder.groups() if cls is SONew else holder.parameters(), **kw)
         _train_holder(holder, opt, range(3))
@@ -381,6 +452,7 @@ def _worker(rank, world, init_file, tmp, names):
         for label, mesh in meshes:
             for name, check, args in (
                 ("shampoo", _check_shampoo_local, (mesh,)),
+                ("exact", _check_shampoo_exact, (mesh,)),
                 ("sonew", _check_sonew_cut_links, (mesh,)),
                 ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
             ):

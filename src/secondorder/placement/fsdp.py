@@ -1,0 +1,213 @@
+"""Shampoo's ``fsdp_mode="exact"``: whole-tensor blocks on FSDP2 / HSDP shards.
+
+In the default ``"local"`` mode every rank preconditions its own shard of a parameter as a
+tensor of its own (blocks are cut inside the shard; :mod:`.view`). ``"exact"`` mode gives
+the result of single-process Shampoo on the whole model instead:
+
+1. **gather** (:class:`ExactView`, on entering a step): every sharded parameter is
+   presented to the optimizer as a full-size tensor whose gradient is the whole gradient,
+   all-gathered over the shard dimension of the mesh (HSDP: the shard dimension only; the
+   replicas of a shard hold equal gradients and do the same work). Its own rows hold the
+   local shard; the other rows are zero, unless the optimizer reads parameter values in
+   its update (coupled weight decay, :meth:`BlockOptimizer._reads_params`), in which case
+   the parameter is all-gathered too.
+2. **own** (:class:`ExactLayout`): every block of such a tensor belongs to one rank of the
+   shard group, assigned as under DDP (greedy longest-processing-time on ``sum n_i^3``).
+   That rank alone keeps the block's statistics and roots and computes its preconditioned
+   direction; momentum and the graft's second moments are full-size on every rank (they
+   are elementwise and need no communication).
+3. **scatter back**: the owners' directions are all-gathered
+   (:meth:`~secondorder.placement.ddp.Communicator.exchange`, one collective for all
+   tensors), every rank applies the full direction to its full-size copy, and on leaving
+   the step copies its own rows back into its shard.
+
+Parameters that are not sharded (plain tensors, replicated DTensors) are stepped locally, as
+in local mode: every block is this rank's and nothing is exchanged for them (under FSDP a
+module left out of ``fully_shard`` need not have equal gradients on every rank).
+
+All sharded parameters of one optimizer must share one shard group (the usual FSDP2 / HSDP
+setup: one mesh for the model). Costs are tabulated in docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .ddp import BlockLayout, Communicator, _all_gather_single
+from .params import ParamPlacement, is_dtensor, placement_of
+from .view import LocalView, param_name
+
+__all__ = [
+    "FSDP_MODES",
+    "ExactLayout",
+    "ExactView",
+    "build_exact_view",
+    "exact_layout",
+    "gather_rows",
+]
+
+#: accepted values of ``fsdp_mode``
+FSDP_MODES = ("local", "exact")
+
+
+def gather_rows(local: torch.Tensor, pl: ParamPlacement) -> torch.Tensor:
+    """The whole tensor from every shard's rows (``torch.chunk`` layout, uneven and empty
+    shards included): one all-gather over the shard group, in the tensor's own dtype."""
+    rows = pl.global_shape[0]
+    chunk = -(-rows // pl.shard_count)
+    rest = tuple(pl.global_shape[1:])
+    send = local.new_zeros((chunk, *rest))
+    send[: local.shape[0]] = local
+    recv = local.new_empty((pl.shard_count * chunk, *rest))
+    _all_gather_single(recv, send, group=pl.group())
+    return recv[:rows]
+
+
+class ExactView(LocalView):
+    """A :class:`LocalView` whose sharded parameters are full-size tensors (module
+    docstring, steps 1 and 3). Outside a step (``state_dict``, ``load_state_dict``,
+    ``diagnostics``) the full-size proxy is a zero-stride placeholder of the whole shape:
+    nothing is communicated or allocated."""
+
+    def __init__(self, params: list[torch.Tensor], placements: list[ParamPlacement | None]):
+        super().__init__(params, placements)
+        groups = {(id(pl.mesh), pl.shard_dim) for _, _, pl in self._pairs if pl.sharded}
+        if len(groups) > 1:
+            names = [pl.name for _, _, pl in self._pairs if pl.sharded]
+            raise ValueError(
+                "fsdp_mode='exact' needs every sharded parameter on one shard group (one "
+                f"device mesh and shard dimension), but {', '.join(names)} span "
+                f"{len(groups)}: use fsdp_mode='local', or one optimizer per mesh"
+            )
+        self._stepping = False
+
+    def seen_shape(self, pl: ParamPlacement) -> torch.Size:
+        return pl.global_shape if pl.sharded else pl.local_shape
+
+    def enter(self, opt: torch.optim.Optimizer, grads: bool = True) -> None:
+        super().enter(opt, grads)
+        self._stepping = grads
+        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for _, proxy, pl in self._pairs:
+                if not pl.sharded:
+                    continue
+                local, g = proxy.detach(), proxy.grad
+                proxy.grad = None
+                if g is None:
+                    if grads:  # no gradient: not stepped, but keep the full shape
+                        full = local.new_zeros(()).expand(pl.global_shape)
+                    else:
+                        full = local.new_empty(()).expand(pl.global_shape)
+                    proxy.set_(full)
+                    continue
+                reads = getattr(opt, "_reads_params", lambda group: True)
+                if reads(group_of[id(proxy)]):
+                    full = gather_rows(local, pl)
+                else:
+                    full = local.new_zeros(pl.global_shape)
+                    full[pl.rows()] = local
+                full_grad = gather_rows(g, pl)
+                proxy.set_(full)
+                proxy.grad = full_grad
+
+    def exit(self, opt: torch.optim.Optimizer) -> None:
+        try:
+            if self._stepping:  # the step updated the full-size copies: keep own rows
+                with torch.no_grad():
+                    for p, proxy, pl in self._pairs:
+                        if pl.sharded and proxy.grad is not None:
+                            p.to_local().copy_(proxy[pl.rows()])
+        finally:
+            self._stepping = False
+            super().exit(opt)
+
+
+def build_exact_view(
+    opt: torch.optim.Optimizer, cached: tuple[tuple[int, ...], LocalView | None] | None
+) -> tuple[tuple[int, ...], LocalView | None]:
+    """:func:`~secondorder.placement.view.build_view` for ``fsdp_mode="exact"``."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    key = tuple(id(p) for p in params)
+    if cached is not None and cached[0] == key:
+        return cached
+    if not any(is_dtensor(p) for p in params):
+        return key, None
+    placements = [
+        placement_of(p, param_name(g, gi, pi))
+        for gi, g in enumerate(opt.param_groups)
+        for pi, p in enumerate(g["params"])
+    ]
+    return key, ExactView(params, placements)
+
+
+class ExactLayout(BlockLayout):
+    """Block ownership over one shard group: the blocks of sharded parameters are spread
+    over the group's ranks (:class:`BlockLayout`); every block of the other parameters is
+    this rank's (:meth:`shared` is ``False`` for them: their directions are not exchanged).
+
+    Args:
+        shared_entries / local_entries: ``(key, block_shapes, counts)`` of sharded /
+            unsharded preconditioned parameters.
+        world_size, rank: of the shard group.
+    """
+
+    def __init__(
+        self,
+        shared_entries: Sequence[tuple[Any, Sequence[Sequence[int]], Sequence[int]]],
+        local_entries: Sequence[tuple[Any, Sequence[Sequence[int]], Sequence[int]]],
+        world_size: int,
+        rank: int,
+    ) -> None:
+        super().__init__(shared_entries, world_size, rank)
+        self._local_keys = set()
+        for key, _, counts in local_entries:
+            self._local_keys.add(key)
+            self._owned[key] = [
+                [list(range(n)) if r == rank else [] for r in range(world_size)] for n in counts
+            ]
+
+    def shared(self, key: Any) -> bool:
+        return key not in self._local_keys
+
+    def count(self, key: Any, cls: int) -> int:
+        """All blocks of size class ``cls`` (every rank's)."""
+        return sum(len(o) for o in self._owned[key][cls])
+
+    def localize_loaded(self, key: Any, value: list[list[torch.Tensor]]) -> list[list[Any]]:
+        """A loaded per-block entry with this rank's blocks only: stacks holding every
+        block (a single-process or gathered state dict) are cut to the owned ones; stacks
+        already cut (this mode's own checkpoints) are kept. The leading dimension tells
+        which: an owned subset smaller than the whole can never be mistaken for it."""
+        out = []
+        for c, cls in enumerate(value):
+            full = self.count(key, c)
+            out.append([self.local(key, c, t) if t.shape[0] == full else t for t in cls])
+        return out
+
+
+def exact_layout(opt: Any, pairs: list[tuple[dict[str, Any], torch.Tensor]]):
+    """``(Communicator, ExactLayout)`` over the shard group of ``opt``'s sharded
+    parameters, or ``None`` when none is sharded (then every block is local)."""
+    shared, local, group = [], [], None
+    for i, (g, p) in enumerate(pairs):
+        plan = opt._plan(p, g)
+        pl = opt._placement(p)
+        if pl is not None and pl.sharded:
+            group = pl
+        if plan is None:
+            continue
+        entry = (i, plan.block_shapes, plan.counts)
+        (shared if pl is not None and pl.sharded else local).append(entry)
+    if group is None:
+        return None
+    comm = Communicator(group.group(), opt.communication_dtype)
+    if comm.rank != group.shard_index or comm.world_size != group.shard_count:
+        raise RuntimeError(  # pragma: no cover - DeviceMesh orders its groups this way
+            f"the shard group's rank {comm.rank} of {comm.world_size} does not match the "
+            f"mesh coordinate {group.shard_index} of {group.shard_count}"
+        )
+    return comm, ExactLayout(shared, local, comm.world_size, comm.rank)
