@@ -51,6 +51,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import secondorder
 import secondorder.optim.base
+import secondorder.placement.fsdp as fsdp_placement
 from secondorder import Shampoo, SONew
 from secondorder.kernels import sonew as K
 from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
@@ -204,11 +205,12 @@ def _check_shampoo_local(mesh):
 
 
 EXACT = dict(KW, fsdp_mode="exact")
-EXACT_VARIANTS = (
-    EXACT,
+EXACT_VARIANTS = (  # (settings, how gradients and directions travel)
+    (EXACT, "owners"),
+    (EXACT, "all_gather"),
     # coupled weight decay reads the parameters: they are gathered too
-    dict(EXACT, precondition_1d=True, weight_decay=0.01, decoupled_weight_decay=False),
-    dict(EXACT, async_roots=True, async_deterministic_delay=1, precondition_1d=True),
+    (dict(EXACT, precondition_1d=True, weight_decay=0.01, decoupled_weight_decay=False), "owners"),
+    (dict(EXACT, async_roots=True, async_deterministic_delay=1, precondition_1d=True), "owners"),
 )
 
 
@@ -218,7 +220,8 @@ def _single(kw):
 
 def _check_shampoo_exact(mesh):
     """fsdp_mode="exact" is single-process Shampoo on the whole tensors, bit for bit."""
-    for kw in EXACT_VARIANTS:
+    for kw, exchange in EXACT_VARIANTS:
+        fsdp_placement.EXCHANGE = exchange
         holder, other = _Holder(mesh), _Holder(mesh)
         refp = [torch.nn.Parameter(f.clone()) for f in holder.full]
         opt = Shampoo(holder.parameters(), **kw)
@@ -252,6 +255,7 @@ def _check_shampoo_exact(mesh):
             assert torch.equal(full, q), (kw, "loaded", i)
         for o in (opt, opt2, local, ref):
             o.close()
+    fsdp_placement.EXCHANGE = "owners"
     # a real FSDP2 / HSDP model: gradients from FSDP's reduce-scatter
     model = _fsdp_model(mesh)
     refp = [torch.nn.Parameter(p.full_tensor().detach().clone()) for p in model.parameters()]

@@ -32,10 +32,13 @@ setup: one mesh for the model). Costs are tabulated in docs/distributed.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from ..blocking import BlockPlan
 from .ddp import BlockLayout, Communicator, _all_gather_single
 from .params import ParamPlacement, is_dtensor, placement_of
 from .view import LocalView, param_name
@@ -87,32 +90,43 @@ class ExactView(LocalView):
     def seen_shape(self, pl: ParamPlacement) -> torch.Size:
         return pl.global_shape if pl.sharded else pl.local_shape
 
-    def enter(self, opt: torch.optim.Optimizer, grads: bool = True) -> None:
+    def enter(self, opt: Any, grads: bool = True) -> None:
         super().enter(opt, grads)
         self._stepping = grads
-        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+        sharded = [(proxy, pl) for _, proxy, pl in self._pairs if pl.sharded]
+        shards = {}
         with torch.no_grad():
-            for _, proxy, pl in self._pairs:
-                if not pl.sharded:
-                    continue
-                local, g = proxy.detach(), proxy.grad
+            for proxy, pl in sharded:  # full shape first: the runtime plans whole tensors
+                shards[id(proxy)] = proxy.detach(), proxy.grad
                 proxy.grad = None
-                if g is None:
-                    if grads:  # no gradient: not stepped, but keep the full shape
-                        full = local.new_zeros(()).expand(pl.global_shape)
-                    else:
-                        full = local.new_empty(()).expand(pl.global_shape)
-                    proxy.set_(full)
+                proxy.set_(proxy.new_empty(()).expand(pl.global_shape))  # no memory
+            if not grads or not sharded:
+                return
+            rt = opt._runtime()
+            group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+            routed = []
+            for proxy, pl in sharded:
+                local, g = shards[id(proxy)]
+                if g is None:  # not stepped; the placeholder keeps the shape
                     continue
-                reads = getattr(opt, "_reads_params", lambda group: True)
-                if reads(group_of[id(proxy)]):
+                if opt._reads_params(group_of[id(proxy)]):
                     full = gather_rows(local, pl)
-                else:
+                else:  # other rows are never read, and never written back
                     full = local.new_zeros(pl.global_shape)
                     full[pl.rows()] = local
-                full_grad = gather_rows(g, pl)
+                key = rt.keys[id(proxy)]
+                routes = rt.layout.routes(key) if rt.layout.routed(key) else None
+                if routes is not None and EXCHANGE == "all_gather":
+                    full_grad = gather_rows(g, pl)
+                else:  # own rows now; the owned blocks' other entries below
+                    full_grad = g.new_zeros(pl.global_shape)
+                    full_grad[pl.rows()] = g
+                    if routes is not None:
+                        routed.append((full_grad.view(-1), routes))
                 proxy.set_(full)
                 proxy.grad = full_grad
+            # gradient entries travel from the rank holding their row to their block's owner
+            _route(rt.comm, routed, outgoing="send", incoming="recv")
 
     def exit(self, opt: torch.optim.Optimizer) -> None:
         try:
@@ -144,6 +158,58 @@ def build_exact_view(
     return key, ExactView(params, placements)
 
 
+#: how gradients and directions travel: ``"owners"`` (default; an entry goes only to the
+#: rank that needs it: all-to-all) or ``"all_gather"`` (every rank receives whole gradients
+#: and directions; kept for comparison, see benchmarks/bench_fsdp_exact.py)
+EXCHANGE = "owners"
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where the entries of one sharded, preconditioned parameter travel, as indices into
+    the flattened whole tensor, per peer rank of the shard group (empty for this rank):
+    ``send[r]``: entries of this rank's rows whose block rank ``r`` owns (their gradient
+    goes to ``r``, their direction comes from ``r``); ``recv[r]``: entries of rank ``r``'s
+    rows whose block this rank owns (gradient from ``r``, direction to ``r``)."""
+
+    send: list[torch.Tensor]
+    recv: list[torch.Tensor]
+
+
+def _route(
+    comm: Communicator,
+    routed: list[tuple[torch.Tensor, Routes]],
+    outgoing: str,
+    incoming: str,
+    wire: torch.dtype | None = None,
+) -> None:
+    """Exchange entries of flat tensors between the ranks of ``comm``: every rank sends
+    ``flat[getattr(routes, outgoing)[r]]`` to rank ``r`` and writes what rank ``r`` sent into
+    ``flat[getattr(routes, incoming)[r]]``; one all-to-all per dtype, in ``wire`` (default:
+    the tensors' own dtype, exact). Every rank passes the same parameters in the same order."""
+    by_dtype: dict[torch.dtype, list[tuple[torch.Tensor, Routes]]] = {}
+    for flat, routes in routed:
+        by_dtype.setdefault(flat.dtype, []).append((flat, routes))
+    world = comm.world_size
+    for dtype, items in by_dtype.items():
+        wt = wire or dtype
+        device = items[0][0].device
+        parts = [flat[getattr(rt, outgoing)[r]] for r in range(world) for flat, rt in items]
+        in_splits = [sum(getattr(rt, outgoing)[r].numel() for _, rt in items) for r in range(world)]
+        out_splits = [
+            sum(getattr(rt, incoming)[r].numel() for _, rt in items) for r in range(world)
+        ]
+        send = torch.cat(parts).to(wt) if parts else torch.empty(0, dtype=wt, device=device)
+        recv = torch.empty(sum(out_splits), dtype=wt, device=device)
+        dist.all_to_all_single(recv, send, out_splits, in_splits, group=comm.group)
+        offset = 0
+        for r in range(world):
+            for flat, rt in items:
+                idx = getattr(rt, incoming)[r]
+                flat[idx] = recv[offset : offset + idx.numel()].to(dtype)
+                offset += idx.numel()
+
+
 class ExactLayout(BlockLayout):
     """Block ownership over one shard group: the blocks of sharded parameters are spread
     over the group's ranks (:class:`BlockLayout`); every block of the other parameters is
@@ -153,6 +219,8 @@ class ExactLayout(BlockLayout):
         shared_entries / local_entries: ``(key, block_shapes, counts)`` of sharded /
             unsharded preconditioned parameters.
         world_size, rank: of the shard group.
+        sharded: ``key -> (plan, placement, device)`` of the sharded parameters (for their
+            :class:`Routes`).
     """
 
     def __init__(
@@ -161,8 +229,11 @@ class ExactLayout(BlockLayout):
         local_entries: Sequence[tuple[Any, Sequence[Sequence[int]], Sequence[int]]],
         world_size: int,
         rank: int,
+        sharded: dict[Any, tuple[BlockPlan, ParamPlacement, torch.device]] | None = None,
     ) -> None:
         super().__init__(shared_entries, world_size, rank)
+        self._sharded = dict(sharded or {})
+        self._routes: dict[Any, Routes] = {}
         self._local_keys = set()
         for key, _, counts in local_entries:
             self._local_keys.add(key)
@@ -172,6 +243,71 @@ class ExactLayout(BlockLayout):
 
     def shared(self, key: Any) -> bool:
         return key not in self._local_keys
+
+    def routed(self, key: Any) -> bool:
+        """Whether ``key`` is a sharded, preconditioned parameter (its entries travel)."""
+        return key in self._sharded and key in self._owned
+
+    def routes(self, key: Any) -> Routes:
+        """The :class:`Routes` of a sharded, preconditioned parameter (built once, from the
+        owner of every entry: the block ownership put back into the tensor's shape)."""
+        if key not in self._routes:
+            plan, pl, device = self._sharded[key]
+            stacks = []
+            for c, (bs, n) in enumerate(zip(plan.block_shapes, plan.counts)):
+                owner = torch.empty(n, *bs)
+                for r in range(self.world_size):
+                    owner[self.owned(key, c, r)] = float(r)
+                stacks.append(owner)
+            owner = plan.merge(stacks).reshape(-1).long()
+            rows = pl.global_shape[0]
+            cols = owner.numel() // max(rows, 1)
+            chunk = -(-rows // self.world_size)
+            bounds = [
+                (min(r * chunk, rows) * cols, min((r + 1) * chunk, rows) * cols)
+                for r in range(self.world_size)
+            ]
+            me = self.rank
+            lo, hi = bounds[me]
+            empty = torch.empty(0, dtype=torch.long)
+
+            def entries(lo: int, hi: int, r: int) -> torch.Tensor:
+                return lo + torch.nonzero(owner[lo:hi] == r).view(-1)
+
+            send = [empty if r == me else entries(lo, hi, r) for r in range(self.world_size)]
+            recv = [empty if r == me else entries(*bounds[r], me) for r in range(self.world_size)]
+            self._routes[key] = Routes([t.to(device) for t in send], [t.to(device) for t in recv])
+        return self._routes[key]
+
+    def route_directions(
+        self, comm: Communicator, items: Sequence[Any], directions: list[Any]
+    ) -> list[Any]:
+        """Full-size directions whose rows of this rank are complete (the other rows are
+        never applied): owned blocks computed here, the rest of this rank's rows received
+        from their blocks' owners (one all-to-all, in ``comm.dtype``). ``items`` /
+        ``directions`` as in :meth:`~secondorder.placement.runtime.Runtime.gather_directions`.
+        """
+        out, routed = [], []
+        for it, ds in zip(items, directions):
+            if not isinstance(ds, list):
+                out.append(ds)
+                continue
+            if not self.routed(it.key):
+                out.append(it.plan.merge(ds))
+                continue
+            stacks = []
+            for c, d in enumerate(ds):
+                n = it.plan.counts[c]
+                if d.shape[0] != n:
+                    full = d.new_zeros(n, *d.shape[1:])
+                    full.index_copy_(0, self.index(it.key, c, d.device), d)
+                    d = full
+                stacks.append(d)
+            full = it.plan.merge(stacks).contiguous()
+            routed.append((full.view(-1), self.routes(it.key)))
+            out.append(full)
+        _route(comm, routed, outgoing="recv", incoming="send", wire=comm.dtype)
+        return out
 
     def count(self, key: Any, cls: int) -> int:
         """All blocks of size class ``cls`` (every rank's)."""
@@ -192,7 +328,7 @@ class ExactLayout(BlockLayout):
 def exact_layout(opt: Any, pairs: list[tuple[dict[str, Any], torch.Tensor]]):
     """``(Communicator, ExactLayout)`` over the shard group of ``opt``'s sharded
     parameters, or ``None`` when none is sharded (then every block is local)."""
-    shared, local, group = [], [], None
+    shared, local, group, sharded = [], [], None, {}
     for i, (g, p) in enumerate(pairs):
         plan = opt._plan(p, g)
         pl = opt._placement(p)
@@ -201,7 +337,11 @@ def exact_layout(opt: Any, pairs: list[tuple[dict[str, Any], torch.Tensor]]):
         if plan is None:
             continue
         entry = (i, plan.block_shapes, plan.counts)
-        (shared if pl is not None and pl.sharded else local).append(entry)
+        if pl is not None and pl.sharded:
+            shared.append(entry)
+            sharded[i] = (plan, pl, p.device)
+        else:
+            local.append(entry)
     if group is None:
         return None
     comm = Communicator(group.group(), opt.communication_dtype)
@@ -210,4 +350,4 @@ def exact_layout(opt: Any, pairs: list[tuple[dict[str, Any], torch.Tensor]]):
             f"the shard group's rank {comm.rank} of {comm.world_size} does not match the "
             f"mesh coordinate {group.shard_index} of {group.shard_count}"
         )
-    return comm, ExactLayout(shared, local, comm.world_size, comm.rank)
+    return comm, ExactLayout(shared, local, comm.world_size, comm.rank, sharded)

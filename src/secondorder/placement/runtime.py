@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import fsdp
 from .ddp import (
     BlockLayout,
     Communicator,
@@ -195,6 +196,8 @@ class Runtime:
 
         ``items[j]`` has ``key`` and ``plan``; ``directions[j]`` is a list of owned block
         stacks (one per size class) or an already full tensor (graft-only tensors)."""
+        if isinstance(self.layout, ExactLayout) and fsdp.EXCHANGE == "owners":
+            return self.layout.route_directions(self.comm, items, directions)
         shared = [
             isinstance(ds, list) and self.layout.shared(it.key) for it, ds in zip(items, directions)
         ]
