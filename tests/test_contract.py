@@ -95,7 +95,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("process_group", "gloo"),
         ("max_consecutive_root_failures", 0), ("on_root_failure", "ignore"),
         ("root_memory_budget", 0), ("root_memory_budget", 1.5), ("packed_statistics", "yes"),
-        ("shard_optimizer_state", "yes"),
+        ("shard_optimizer_state", "yes"), ("fsdp_mode", "global"),
     ],
     "SONew": [
         ("lr", -1.0), ("lr", NAN), ("lr", INF), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)),

@@ -272,6 +272,20 @@ def _check_shampoo_exact(mesh):
             assert torch.equal(p.full_tensor(), q), ("model", step, i)
     with pytest.raises(ValueError, match="fsdp_mode must be one of 'local', 'exact'"):
         Shampoo(model.parameters(), fsdp_mode="global")
+    with pytest.raises(ValueError, match="full_state_dict.*fsdp_mode='exact'"):
+        opt.full_state_dict()
+
+
+def _check_exact_one_group(meshes):
+    """Exact mode needs one shard group: parameters on two meshes are refused."""
+    (_, fsdp), (_, hsdp) = meshes
+    a, b = _Holder(fsdp), _Holder(hsdp)
+    opt = Shampoo([a.w, b.w], **EXACT)
+    a.set_grads(0)
+    b.set_grads(0)
+    with pytest.raises(ValueError, match="one shard group"):
+        opt.step()
+    assert torch.equal(a.w.full_tensor(), a.full[0]) and not opt.state
 
 
 def _check_sonew_cut_links(mesh):
@@ -466,6 +480,9 @@ def _worker(rank, world, init_file, tmp, names):
         if "bad" in names:
             _mark(tmp, rank, "bad")
             _check_bad_input(meshes[0][1])
+        if "exact-groups" in names:
+            _mark(tmp, rank, "exact-groups")
+            _check_exact_one_group(meshes)
         if "reshard" in names:
             _mark(tmp, rank, "reshard")
             _check_reshard(meshes, tmp)
@@ -495,13 +512,33 @@ def _spawn(world, tmp_path, names):
 
 @pytest.mark.distributed
 def test_fsdp_two_ranks(tmp_path):
-    _spawn(2, tmp_path, ("shampoo", "sonew", "dcp", "bad"))
+    _spawn(2, tmp_path, ("shampoo", "exact", "sonew", "dcp", "bad"))
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp_and_hsdp_four_ranks(tmp_path):
-    _spawn(4, tmp_path, ("shampoo", "sonew", "dcp", "reshard"))
+    _spawn(4, tmp_path, ("shampoo", "exact", "exact-groups", "sonew", "dcp", "reshard"))
+
+
+def test_exact_mode_on_plain_tensors_is_shampoo():
+    """Without DTensor parameters fsdp_mode="exact" changes nothing: bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(7, 5, generator=gen), torch.randn(9, generator=gen)]
+    a = [torch.nn.Parameter(f.clone()) for f in full]
+    b = [torch.nn.Parameter(f.clone()) for f in full]
+    kw = dict(KW, precondition_1d=True)
+    opt, ref = Shampoo(a, fsdp_mode="exact", **kw), Shampoo(b, **kw)
+    for _ in range(5):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], full[0])
+    with pytest.raises(ValueError, match="fsdp_mode must be one of 'local', 'exact'; got 'all'"):
+        Shampoo(a, fsdp_mode="all")
 
 
 def test_shard_rows_follow_torch_chunk():

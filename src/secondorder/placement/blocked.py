@@ -211,7 +211,19 @@ class BlockOptimizer(SecondOrderOptimizer):
         (each gets the same dict), e.g. ``sd = opt.full_state_dict(); if rank == 0:
         torch.save(sd, path)``. It loads into single-process and distributed runs of any
         world size. Without a process group it equals :meth:`state_dict`.
+
+        Not available with ``fsdp_mode="exact"`` on sharded parameters (``ValueError``):
+        there each rank's momentum is exact only on its own rows and owned blocks; save with
+        :meth:`state_dict` or ``torch.distributed.checkpoint`` instead.
         """
+        view = self._local_view() if self.fsdp_mode == "exact" else None
+        if view is not None and view.sharded:
+            raise ValueError(
+                "full_state_dict() is not available with fsdp_mode='exact' on sharded "
+                "(FSDP2 / HSDP) parameters: each rank keeps exact momentum only for its own "
+                "rows and owned blocks. Save with state_dict() or torch.distributed.checkpoint "
+                "(get_optimizer_state_dict), which load back at the same number of shards"
+            )
         return self._state_dict(gather=True)
 
     def _state_dict(self, gather: bool) -> dict[str, Any]:
