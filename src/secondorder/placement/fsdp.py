@@ -4,22 +4,27 @@ In the default ``"local"`` mode every rank preconditions its own shard of a para
 tensor of its own (blocks are cut inside the shard; :mod:`.view`). ``"exact"`` mode gives
 the result of single-process Shampoo on the whole model instead:
 
-1. **gather** (:class:`ExactView`, on entering a step): every sharded parameter is
-   presented to the optimizer as a full-size tensor whose gradient is the whole gradient,
-   all-gathered over the shard dimension of the mesh (HSDP: the shard dimension only; the
-   replicas of a shard hold equal gradients and do the same work). Its own rows hold the
-   local shard; the other rows are zero, unless the optimizer reads parameter values in
-   its update (coupled weight decay, :meth:`BlockOptimizer._reads_params`), in which case
-   the parameter is all-gathered too.
-2. **own** (:class:`ExactLayout`): every block of such a tensor belongs to one rank of the
-   shard group, assigned as under DDP (greedy longest-processing-time on ``sum n_i^3``).
-   That rank alone keeps the block's statistics and roots and computes its preconditioned
-   direction; momentum and the graft's second moments are full-size on every rank (they
-   are elementwise and need no communication).
-3. **scatter back**: the owners' directions are all-gathered
-   (:meth:`~secondorder.placement.ddp.Communicator.exchange`, one collective for all
-   tensors), every rank applies the full direction to its full-size copy, and on leaving
-   the step copies its own rows back into its shard.
+1. **own** (:class:`ExactLayout`): every block of a sharded tensor belongs to one rank of
+   the shard group (HSDP: the shard dimension of the mesh; replicas of a shard hold equal
+   gradients and do the same work), assigned as under DDP (greedy longest-processing-time
+   on ``sum n_i^3``). That rank alone keeps the block's statistics and roots and computes
+   its preconditioned direction.
+2. **gather to the owners** (:class:`ExactView`, on entering a step): every sharded
+   parameter is presented to the optimizer as a full-size tensor. Its gradient holds this
+   rank's rows and, received in one all-to-all (:func:`_route`, over the :class:`Routes`
+   computed once per parameter), the entries of the blocks this rank owns; other entries
+   are zero and never used. Momentum and graft moments are full-size and elementwise, so
+   they are exact wherever the gradient is: on the rank's rows and its owned blocks. The
+   parameter's other rows are zero unless the update reads parameter values (coupled
+   weight decay, :meth:`BlockOptimizer._reads_params`), in which case it is all-gathered.
+3. **back to the rows** (:meth:`ExactLayout.route_directions`): a second all-to-all sends
+   every direction entry from its block's owner to the rank holding its row; the update is
+   applied to the full-size copy, and on leaving the step each rank copies its own rows
+   back into its shard. Graft-only tensors need no exchange (their direction is
+   elementwise, from the rank's own rows).
+
+``EXCHANGE = "all_gather"`` replaces both all-to-alls by all-gathers of whole gradients and
+directions (``S`` times the traffic on ``S`` shards; kept for comparison and tests).
 
 Parameters that are not sharded (plain tensors, replicated DTensors) are stepped locally, as
 in local mode: every block is this rank's and nothing is exchanged for them (under FSDP a
@@ -92,7 +97,15 @@ class ExactView(LocalView):
 
     def enter(self, opt: Any, grads: bool = True) -> None:
         super().enter(opt, grads)
+        try:
+            self._enter_full(opt, grads)
+        except BaseException:
+            self._stepping = False  # nothing was updated: put everything back, then raise
+            self.exit(opt)
+            raise
         self._stepping = grads
+
+    def _enter_full(self, opt: Any, grads: bool) -> None:
         sharded = [(proxy, pl) for _, proxy, pl in self._pairs if pl.sharded]
         shards = {}
         with torch.no_grad():
