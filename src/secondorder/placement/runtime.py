@@ -65,7 +65,9 @@ class Runtime:
     # ------------------------------------------------------------------- build
     def refresh(self, opt: Any, solve: Solve) -> Runtime:
         """Bring the index, the block layout and the root scheduler up to date."""
-        sig = tuple((len(g["params"]), *(g[k] for k in opt._plan_keys)) for g in opt.param_groups)
+        sig = tuple(
+            (len(g["params"]), *(g[k] for k in opt._plan_keys)) for g in opt.param_groups
+        )
         if self.sig != sig:
             pairs = [(g, p) for g in opt.param_groups for p in g["params"]]
             if (self.layout is not None or self.owners is not None) and any(

@@ -72,10 +72,8 @@ def _has_tensor(v: Any) -> bool:
 
 
 def _is_shard_dict(v: Any) -> bool:
-    return (
-        isinstance(v, dict)
-        and bool(v)
-        and all(isinstance(k, str) and _SHARD_KEY.fullmatch(k) for k in v)
+    return isinstance(v, dict) and bool(v) and all(
+        isinstance(k, str) and _SHARD_KEY.fullmatch(k) for k in v
     )
 
 
