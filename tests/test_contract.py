@@ -97,6 +97,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("root_memory_budget", 0), ("root_memory_budget", 1.5), ("packed_statistics", "yes"),
         ("shard_optimizer_state", "yes"),
         ("ridge", "abs"), ("statistics_frequency", 0), ("statistics_frequency", 1.5),
+        ("shard_optimizer_state", "yes"), ("fsdp_mode", "global"),
     ],
     "SONew": [
         ("lr", -1.0), ("lr", NAN), ("lr", INF), ("betas", (1.0, 0.9)), ("betas", (0.9, 1.5)),

@@ -51,6 +51,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import secondorder
 import secondorder.optim.base
+import secondorder.placement.fsdp as fsdp_placement
 from secondorder import Shampoo, SONew
 from secondorder.kernels import sonew as K
 from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
@@ -203,6 +204,90 @@ def _check_shampoo_local(mesh):
         ref.close()
 
 
+EXACT = dict(KW, fsdp_mode="exact")
+EXACT_VARIANTS = (  # (settings, how gradients and directions travel)
+    (EXACT, "owners"),
+    (EXACT, "all_gather"),
+    # coupled weight decay reads the parameters: they are gathered too
+    (dict(EXACT, precondition_1d=True, weight_decay=0.01, decoupled_weight_decay=False), "owners"),
+    (dict(EXACT, async_roots=True, async_deterministic_delay=1, precondition_1d=True), "owners"),
+)
+
+
+def _single(kw):
+    return {k: v for k, v in kw.items() if k != "fsdp_mode"}
+
+
+def _check_shampoo_exact(mesh):
+    """fsdp_mode="exact" is single-process Shampoo on the whole tensors, bit for bit."""
+    for kw, exchange in EXACT_VARIANTS:
+        fsdp_placement.EXCHANGE = exchange
+        holder, other = _Holder(mesh), _Holder(mesh)
+        refp = [torch.nn.Parameter(f.clone()) for f in holder.full]
+        opt = Shampoo(holder.parameters(), **kw)
+        local = Shampoo(other.parameters(), **dict(kw, fsdp_mode="local"))
+        ref = Shampoo(refp, **_single(kw))
+        for step in range(6):
+            grads = holder.set_grads(step)
+            other.set_grads(step)
+            for q, g in zip(refp, grads):
+                q.grad = g.clone()
+            opt.step()
+            local.step()
+            ref.step()
+            for i, (p, q) in enumerate(zip(holder.parameters(), refp)):
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                assert torch.equal(full, q), (kw, step, i)
+        # the check can fail: local mode (blocks cut inside the shards of u) differs
+        assert not torch.equal(other.u.full_tensor(), refp[2]), kw
+        # a single-process state dict loads (every rank keeps its own blocks) and the run
+        # goes on equal to the reference
+        opt2 = Shampoo(holder.parameters(), **kw)
+        opt2.load_state_dict(ref.state_dict())
+        for step in range(6, 9):
+            grads = holder.set_grads(step)
+            for q, g in zip(refp, grads):
+                q.grad = g.clone()
+            opt2.step()
+            ref.step()
+        for i, (p, q) in enumerate(zip(holder.parameters(), refp)):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            assert torch.equal(full, q), (kw, "loaded", i)
+        for o in (opt, opt2, local, ref):
+            o.close()
+    fsdp_placement.EXCHANGE = "owners"
+    # a real FSDP2 / HSDP model: gradients from FSDP's reduce-scatter
+    model = _fsdp_model(mesh)
+    refp = [torch.nn.Parameter(p.full_tensor().detach().clone()) for p in model.parameters()]
+    opt, ref = Shampoo(model.parameters(), **EXACT), Shampoo(refp, **_single(EXACT))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(5):
+        opt.zero_grad()
+        _fsdp_backward(model, step, rank, world)
+        for q, p in zip(refp, model.parameters()):
+            q.grad = p.grad.full_tensor()
+        opt.step()
+        ref.step()
+        for i, (p, q) in enumerate(zip(model.parameters(), refp)):
+            assert torch.equal(p.full_tensor(), q), ("model", step, i)
+    with pytest.raises(ValueError, match="fsdp_mode must be one of 'local', 'exact'"):
+        Shampoo(model.parameters(), fsdp_mode="global")
+    with pytest.raises(ValueError, match="full_state_dict.*fsdp_mode='exact'"):
+        opt.full_state_dict()
+
+
+def _check_exact_one_group(meshes):
+    """Exact mode needs one shard group: parameters on two meshes are refused."""
+    (_, fsdp), (_, hsdp) = meshes
+    a, b = _Holder(fsdp), _Holder(hsdp)
+    opt = Shampoo([a.w, b.w], **EXACT)
+    a.set_grads(0)
+    b.set_grads(0)
+    with pytest.raises(ValueError, match="one shard group"):
+        opt.step()
+    assert torch.equal(a.w.full_tensor(), a.full[0]) and not opt.state
+
+
 def _check_sonew_cut_links(mesh):
     holder = _Holder(mesh)
     refp = [torch.nn.Parameter(f.clone()) for f in holder.full]
@@ -271,8 +356,12 @@ def _train_holder(holder, opt, steps):
 
 
 def _check_dcp_round_trip(mesh, tmp, label):
-    for cls, kw in ((SONew, SONEW_KW), (Shampoo, dict(KW, precondition_1d=True))):
-        path = os.path.join(tmp, f"{label}-{cls.__name__}")
+    for cls, kw in (
+        (SONew, SONEW_KW),
+        (Shampoo, dict(KW, precondition_1d=True)),
+        (Shampoo, dict(EXACT, precondition_1d=True)),
+    ):
+        path = os.path.join(tmp, f"{label}-{cls.__name__}-{kw.get('fsdp_mode', '')}")
         holder = _Holder(mesh)
         opt = cls(holder.groups() if cls is SONew else holder.parameters(), **kw)
         _train_holder(holder, opt, range(3))
@@ -381,6 +470,7 @@ def _worker(rank, world, init_file, tmp, names):
         for label, mesh in meshes:
             for name, check, args in (
                 ("shampoo", _check_shampoo_local, (mesh,)),
+                ("exact", _check_shampoo_exact, (mesh,)),
                 ("sonew", _check_sonew_cut_links, (mesh,)),
                 ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
             ):
@@ -390,6 +480,9 @@ def _worker(rank, world, init_file, tmp, names):
         if "bad" in names:
             _mark(tmp, rank, "bad")
             _check_bad_input(meshes[0][1])
+        if "exact-groups" in names:
+            _mark(tmp, rank, "exact-groups")
+            _check_exact_one_group(meshes)
         if "reshard" in names:
             _mark(tmp, rank, "reshard")
             _check_reshard(meshes, tmp)
@@ -419,13 +512,33 @@ def _spawn(world, tmp_path, names):
 
 @pytest.mark.distributed
 def test_fsdp_two_ranks(tmp_path):
-    _spawn(2, tmp_path, ("shampoo", "sonew", "dcp", "bad"))
+    _spawn(2, tmp_path, ("shampoo", "exact", "sonew", "dcp", "bad"))
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp_and_hsdp_four_ranks(tmp_path):
-    _spawn(4, tmp_path, ("shampoo", "sonew", "dcp", "reshard"))
+    _spawn(4, tmp_path, ("shampoo", "exact", "exact-groups", "sonew", "dcp", "reshard"))
+
+
+def test_exact_mode_on_plain_tensors_is_shampoo():
+    """Without DTensor parameters fsdp_mode="exact" changes nothing: bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(7, 5, generator=gen), torch.randn(9, generator=gen)]
+    a = [torch.nn.Parameter(f.clone()) for f in full]
+    b = [torch.nn.Parameter(f.clone()) for f in full]
+    kw = dict(KW, precondition_1d=True)
+    opt, ref = Shampoo(a, fsdp_mode="exact", **kw), Shampoo(b, **kw)
+    for _ in range(5):
+        for p, q in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], full[0])
+    with pytest.raises(ValueError, match="fsdp_mode must be one of 'local', 'exact'; got 'all'"):
+        Shampoo(a, fsdp_mode="all")
 
 
 def test_shard_rows_follow_torch_chunk():

@@ -200,8 +200,12 @@ class Shampoo(BlockOptimizer):
         shard_optimizer_state: with ``distributed``, each parameter (all its blocks, its
             momentum and graft state) belongs to one rank, which alone updates it and then
             sends it to the others (ZeRO-1): per-rank state ~ 1/world.
+        fsdp_mode: on FSDP2 / HSDP (DTensor) parameters, ``"local"`` (default: blocks cut
+            inside each rank's shard) or ``"exact"`` (gradients gathered over the shards, each
+            block of the whole tensor preconditioned by one owner rank: the result of
+            single-process Shampoo on the whole model). Plain tensors: no effect.
 
-    The system keywords (``async_*`` to ``shard_optimizer_state``) configure the placement
+    The system keywords (``async_*`` to ``fsdp_mode``) configure the placement
     layer; docs/distributed.md describes each in full.
     """
 
@@ -248,6 +252,7 @@ class Shampoo(BlockOptimizer):
         communication_dtype: torch.dtype = torch.float32,
         root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
         shard_optimizer_state: bool = False,
+        fsdp_mode: str = "local",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -283,6 +288,7 @@ class Shampoo(BlockOptimizer):
             communication_dtype=communication_dtype,
             root_memory_budget=root_memory_budget,
             shard_optimizer_state=shard_optimizer_state,
+            fsdp_mode=fsdp_mode,
         )  # validated and kept by the placement layer (BlockOptimizer)
         super().__init__(params, defaults, nonfinite=nonfinite, **system)
 

@@ -23,6 +23,9 @@ parallelism people train with onto that view, so an optimizer never branches on 
   that ``torch.distributed.checkpoint`` saves and reshards it. An optimizer whose math
   couples entries across a whole tensor asks :meth:`LocalView.placement` for a proxy's
   placement and reduces over :meth:`ParamPlacement.all_reduce_`.
+  Shampoo's ``fsdp_mode="exact"`` (:mod:`secondorder.placement.fsdp`) instead shows sharded
+  parameters whole during a step and sends gradient and direction entries between the
+  shards and the owners of the blocks of the whole tensors.
 
 See ``docs/distributed.md`` for the modes, what each costs and what it guarantees.
 """

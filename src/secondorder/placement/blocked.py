@@ -38,6 +38,7 @@ import torch
 from .._validation import check_bool, check_choice, check_int
 from ..optim.base import SecondOrderOptimizer, tree_bytes
 from .ddp import COMMUNICATION_DTYPES, check_process_group
+from .fsdp import FSDP_MODES, build_exact_view
 from .roots import DEFAULT_ROOT_MEMORY_BUDGET, IDLE, store_root
 from .runtime import Runtime
 
@@ -50,7 +51,7 @@ class BlockOptimizer(SecondOrderOptimizer):
     System keywords (validated here; Shampoo documents them for its users):
     ``async_roots``, ``async_staleness``, ``async_deterministic_delay``, ``async_workers``,
     ``distributed``, ``process_group``, ``communication_dtype``, ``root_memory_budget``,
-    ``shard_optimizer_state``.
+    ``shard_optimizer_state``, ``fsdp_mode``.
     """
 
     # process groups and thread pools cannot be copied; rebuilt lazily (_after_load_state_dict)
@@ -75,6 +76,7 @@ class BlockOptimizer(SecondOrderOptimizer):
         communication_dtype: torch.dtype = torch.float32,
         root_memory_budget: int | None = DEFAULT_ROOT_MEMORY_BUDGET,
         shard_optimizer_state: bool = False,
+        fsdp_mode: str = "local",
     ) -> None:
         if root_memory_budget is not None:
             check_int("root_memory_budget", root_memory_budget, low=1)
@@ -98,6 +100,11 @@ class BlockOptimizer(SecondOrderOptimizer):
                 "shard_optimizer_state=True needs distributed=True (it splits the optimizer "
                 "state across the ranks of process_group), got distributed=False"
             )
+        self.fsdp_mode = check_choice("fsdp_mode", fsdp_mode, FSDP_MODES)
+        if fsdp_mode == "exact":
+            # sharded parameters' state is full-size (placement/fsdp.py): it is saved per
+            # shard like the blocks, not as a DTensor laid out like the parameter
+            self._param_shaped_keys = ()
         self._clock = 0  # number of updating steps: the time base of async_roots
         self._rt = Runtime(self._label)
         super().__init__(params, defaults, nonfinite=nonfinite)
@@ -105,6 +112,24 @@ class BlockOptimizer(SecondOrderOptimizer):
     def _runtime(self) -> Runtime:
         """Parameter index, block ownership and root scheduler (built lazily)."""
         return self._rt.refresh(self, self._root_solve)
+
+    def _local_view(self) -> Any:
+        """``fsdp_mode="exact"``: sharded parameters seen as full-size tensors
+        (:class:`~secondorder.placement.fsdp.ExactView`); local shards otherwise."""
+        if self.fsdp_mode != "exact":
+            return super()._local_view()
+        cached = self.__dict__.get("_placement_view")
+        if cached is not None and cached[1] is not None and cached[1].active:
+            return cached[1]
+        self.__dict__["_placement_view"] = cached = build_exact_view(self, cached)
+        return cached[1]
+
+    @staticmethod
+    def _reads_params(group: dict[str, Any]) -> bool:
+        """Whether a step of ``group`` reads parameter values (not only gradients): coupled
+        weight decay adds ``weight_decay * p`` to the gradient. In ``fsdp_mode="exact"``
+        the sharded parameters of such groups are all-gathered for the step."""
+        return group.get("weight_decay", 0) != 0 and not group.get("decoupled_weight_decay", True)
 
     def _stats_shape(self, group: dict[str, Any], n: int, count: int) -> tuple[int, ...]:
         """Shape of a factor's ``stats`` stack of ``count`` blocks of size ``n``."""
@@ -116,6 +141,13 @@ class BlockOptimizer(SecondOrderOptimizer):
         super()._check_loaded_state(p, st)
         if not st:
             return
+        for key in type(self)._param_shaped_keys:  # exact mode: not checked by the base
+            value = st.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise ValueError(
+                    f"state {key!r} has shape {tuple(value.shape)} but its parameter has "
+                    f"shape {tuple(p.shape)}: the state dict does not match these parameters"
+                )
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         plan = self._plan(p, group)
         need = {"step"}
@@ -179,7 +211,19 @@ class BlockOptimizer(SecondOrderOptimizer):
         (each gets the same dict), e.g. ``sd = opt.full_state_dict(); if rank == 0:
         torch.save(sd, path)``. It loads into single-process and distributed runs of any
         world size. Without a process group it equals :meth:`state_dict`.
+
+        Not available with ``fsdp_mode="exact"`` on sharded parameters (``ValueError``):
+        there each rank's momentum is exact only on its own rows and owned blocks; save with
+        :meth:`state_dict` or ``torch.distributed.checkpoint`` instead.
         """
+        view = self._local_view() if self.fsdp_mode == "exact" else None
+        if view is not None and view.sharded:
+            raise ValueError(
+                "full_state_dict() is not available with fsdp_mode='exact' on sharded "
+                "(FSDP2 / HSDP) parameters: each rank keeps exact momentum only for its own "
+                "rows and owned blocks. Save with state_dict() or torch.distributed.checkpoint "
+                "(get_optimizer_state_dict), which load back at the same number of shards"
+            )
         return self._state_dict(gather=True)
 
     def _state_dict(self, gather: bool) -> dict[str, Any]:
@@ -210,6 +254,7 @@ class BlockOptimizer(SecondOrderOptimizer):
             ("communication_dtype", torch.float32),
             ("root_memory_budget", DEFAULT_ROOT_MEMORY_BUDGET),
             ("shard_optimizer_state", False),
+            ("fsdp_mode", "local"),
         ):
             self.__dict__.setdefault(name, value)
 

@@ -134,6 +134,11 @@ class BlockLayout:
             self._index_cache[k] = torch.tensor(self.owned(key, cls, r), device=device).long()
         return self._index_cache[k]
 
+    def shared(self, key: Any) -> bool:
+        """Whether ``key``'s blocks are spread over the ranks (their directions are
+        exchanged); always, here (see :class:`~secondorder.placement.fsdp.ExactLayout`)."""
+        return True
+
     def owns_all(self, key: Any, cls: int) -> bool:
         owned = self._owned[key][cls]
         return len(owned[self.rank]) == sum(len(o) for o in owned)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from . import fsdp
 from .ddp import (
     BlockLayout,
     Communicator,
@@ -32,6 +33,7 @@ from .ddp import (
     is_block_state,
     localize_state,
 )
+from .fsdp import ExactLayout, exact_layout
 from .roots import RootFailureError, RootScheduler, Solve, make_root_scheduler
 
 __all__ = ["Runtime"]
@@ -95,6 +97,10 @@ class Runtime:
                     if plan is not None:
                         entries.append((i, plan.block_shapes, plan.counts))
                 self.layout = BlockLayout(entries, self.comm.world_size, self.comm.rank)
+            elif getattr(opt, "fsdp_mode", "local") == "exact":  # owners in the shard group
+                built = exact_layout(opt, pairs)
+                if built is not None:
+                    self.comm, self.layout = built
             self.sig = sig
         if self.roots is None:
             self.roots = make_root_scheduler(
@@ -192,16 +198,21 @@ class Runtime:
 
         ``items[j]`` has ``key`` and ``plan``; ``directions[j]`` is a list of owned block
         stacks (one per size class) or an already full tensor (graft-only tensors)."""
+        if isinstance(self.layout, ExactLayout) and fsdp.EXCHANGE == "owners":
+            return self.layout.route_directions(self.comm, items, directions)
+        shared = [
+            isinstance(ds, list) and self.layout.shared(it.key) for it, ds in zip(items, directions)
+        ]
         exchange = [
             (it.key, c, d, it.plan.counts[c])
-            for it, ds in zip(items, directions)
-            if isinstance(ds, list)
+            for it, ds, s in zip(items, directions, shared)
+            if s
             for c, d in enumerate(ds)
         ]
         full = iter(self.comm.exchange(self.layout, exchange))
         return [
-            it.plan.merge([next(full) for _ in ds]) if isinstance(ds, list) else ds
-            for it, ds in zip(items, directions)
+            it.plan.merge([next(full) for _ in ds] if s else ds) if isinstance(ds, list) else ds
+            for it, ds, s in zip(items, directions, shared)
         ]
 
     # ------------------------------------------------------------ state dict
@@ -234,7 +245,10 @@ class Runtime:
         shard = state_dict.pop("distributed_shard", None)
         if shard is not None:
             self._check_shard(shard)
-        self.loading_shard = shard is not None
+        exact = isinstance(self.layout, ExactLayout)
+        if exact and shard is None:  # fsdp_mode="exact" (DCP keeps no marker): by shape
+            state_dict = self._localize_loaded(state_dict)
+        self.loading_shard = shard is not None or exact
         try:
             load(state_dict)
         finally:
@@ -243,7 +257,7 @@ class Runtime:
             for key, p in enumerate(self.params):
                 if self.owners[key] != self.comm.rank:
                     opt.state.pop(p, None)
-        if self.layout is not None and shard is None:
+        if self.layout is not None and shard is None and not exact:
             for key, p in enumerate(self.params):
                 st = opt.state.get(p)
                 if st and any(is_block_state(v) for v in st.values()):
@@ -255,11 +269,29 @@ class Runtime:
             opt._clock = int(saved_async["clock"])
         self.roots.restore(opt, self, saved_async["pending"], full=shard is None)
 
+    def _localize_loaded(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``fsdp_mode="exact"``: the loaded per-block entries cut to this rank's blocks
+        (:meth:`~secondorder.placement.fsdp.ExactLayout.localize_loaded`)."""
+        ids = [pid for g in state_dict.get("param_groups", []) for pid in g["params"]]
+        if len(ids) != len(self.params):
+            return state_dict  # the base class reports the mismatch
+        state = dict(state_dict.get("state", {}))
+        for key, pid in enumerate(ids):
+            st = state.get(pid)
+            if not st or not any(is_block_state(v) for v in st.values()):
+                continue
+            try:
+                state[pid] = {
+                    n: self.layout.localize_loaded(key, v) if is_block_state(v) else v
+                    for n, v in st.items()
+                }
+            except (KeyError, IndexError):
+                continue  # not this parameter's blocks: the shape check reports it
+        return {**state_dict, "state": state}
+
     def _check_shard(self, shard: dict[str, Any]) -> None:
         here = (
-            None
-            if not self.sharded
-            else dict(rank=self.comm.rank, world_size=self.comm.world_size)
+            None if not self.sharded else dict(rank=self.comm.rank, world_size=self.comm.world_size)
         )
         if here != {k: shard[k] for k in ("rank", "world_size")}:
             where = (

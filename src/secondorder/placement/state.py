@@ -163,7 +163,7 @@ def state_to_local(
                             f"optimizer's parameter there has shape {tuple(pl.global_shape)}: "
                             "the state dict does not match these parameters"
                         )
-                    shape = list(pl.local_shape)
+                    shape = list(view.seen_shape(pl))
                 row.append(shape)
             local_shapes.append(row)
         sd["param_shapes"] = local_shapes

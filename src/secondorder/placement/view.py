@@ -58,6 +58,11 @@ class LocalView:
         """The placement of a proxy (inside the view) or of a real parameter."""
         return self._by_proxy.get(id(t)) or self._by_param.get(id(t))
 
+    def seen_shape(self, pl: ParamPlacement) -> torch.Size:
+        """The shape the optimizer sees for a parameter of placement ``pl``: its local
+        shard's (a view showing whole tensors overrides this)."""
+        return pl.local_shape
+
     @property
     def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor, ParamPlacement]]:
         """``(parameter, proxy, placement)`` for every DTensor parameter."""
