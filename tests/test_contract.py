@@ -95,7 +95,6 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("process_group", "gloo"),
         ("max_consecutive_root_failures", 0), ("on_root_failure", "ignore"),
         ("root_memory_budget", 0), ("root_memory_budget", 1.5), ("packed_statistics", "yes"),
-        ("shard_optimizer_state", "yes"),
         ("ridge", "abs"), ("statistics_frequency", 0), ("statistics_frequency", 1.5),
         ("shard_optimizer_state", "yes"), ("fsdp_mode", "global"),
     ],
