@@ -164,7 +164,7 @@ def train_run_adaptive(
     timer = _Timer(plan.device)
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
-    lrs: list[float] = []
+    lrs: list[Any] = []
     examples: list[int] = []
     val: list[dict[str, float]] = []
     samples: list[dict[str, float]] = []
@@ -180,7 +180,8 @@ def train_run_adaptive(
         bplan = controller.plan
         index = stream.take(bplan.examples_per_step)
         micro = [workload.train_batch(i) for i in index.split(bplan.micro_batch)]
-        lrs.append(float(optimizer.param_groups[0]["lr"]))  # the lr of this step
+        lr_now = optimizer.param_groups[0]["lr"]  # the lr of this step (a tensor: no sync)
+        lrs.append(lr_now.detach().clone() if isinstance(lr_now, torch.Tensor) else lr_now)
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=plan.device)
@@ -237,7 +238,7 @@ def train_run_adaptive(
         "batch_schedule": schedule.text,
         "smoothing_window": window,
         "batch_sizes": sizes,
-        "lrs": lrs,
+        "lrs": [float(x) for x in lrs],
         "examples": examples,
         "examples_processed": seen,
     }
