@@ -102,17 +102,20 @@ def test_without_warmup_the_factor_follows_the_batch_at_once():
     rule=st.sampled_from(["linear", "sqrt"]),
 )
 def test_the_factor_is_continuous_and_settles_on_the_target(growths, warmup, rule):
-    """Between consecutive calls the factor moves by at most |target - factor| x
-    (examples elapsed / warm-up): no jumps; ``warmup`` examples after the last growth it is
-    the target."""
+    """No jumps: over ``step`` examples the factor moves by at most |target - anchor| x
+    step / warm-up, for the ramp in force (anchor: the factor when the batch last changed),
+    and never past its target; ``warmup`` examples after the last growth it is the target."""
     s = BatchLRScaling(2, rule, lr_max_scale=math.inf, lr_warmup=warmup)
     n, b, prev = 0, 2, s(0, 2)
+    anchor, target = 1.0, 1.0
     for step, extra in growths:
         n, b = n + step, b + extra
         now = s(n, b)
-        target = batch_lr_scale(b, 2, rule)
-        assert min(prev, target) - 1e-12 <= now <= max(prev, target) + 1e-12
-        assert abs(now - prev) <= abs(target - prev) * step / warmup + 1e-12
+        assert min(anchor, target) - 1e-12 <= now <= max(anchor, target) + 1e-12
+        assert abs(now - prev) <= abs(target - anchor) * step / warmup + 1e-12
+        new_target = batch_lr_scale(b, 2, rule)
+        if new_target != target:  # a new ramp starts here, from the factor now
+            anchor, target = now, new_target
         prev = now
     assert s(n + warmup, b) == batch_lr_scale(b, 2, rule)
 
