@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ def test_parse_batch_schedule():
     s = parse_batch_schedule("adaptive:test=inner_product,theta=0.5,nu=1,max_micro_batch=16")
     assert s.options == {"test": "inner_product", "theta": 0.5, "nu": 1, "max_micro_batch": 16}
     assert parse_batch_schedule("adaptive").options == {}
+    s = parse_batch_schedule("adaptive:eta=0.1,lr_scaling=sqrt,lr_max_scale=4,lr_warmup=256")
+    scaling = s.lr_scaling(8)
+    assert (scaling.lr_scaling, scaling.lr_max_scale, scaling.lr_warmup) == ("sqrt", 4.0, 256)
+    assert s.controller(8, 100).eta == 0.1  # the lr keys do not reach the controller
+    # "none" is read as Python's None by the value parser: still the rule "none"
+    assert parse_batch_schedule("adaptive:lr_scaling=none").lr_scaling(8).lr_scaling == "none"
+    assert parse_batch_schedule("adaptive:lr_max_scale=inf").lr_scaling(8).lr_max_scale == math.inf
 
 
 @pytest.mark.parametrize(
@@ -29,6 +37,10 @@ def test_parse_batch_schedule():
         ("adaptive:speed=3", "speed"),
         ("growing", "constant, adaptive"),
         ("adaptive:chunk=0", "chunk"),
+        ("adaptive:lr_scaling=cube", "lr_scaling"),
+        ("adaptive:lr_max_scale=0.5", "lr_max_scale"),
+        ("adaptive:lr_warmup=-8", "lr_warmup"),
+        ("adaptive:lr_warmup=0.5", "lr_warmup"),
     ],
 )
 def test_bad_batch_schedules_name_the_argument(text, needle):
@@ -72,14 +84,30 @@ def test_adaptive_run_with_the_inner_product_family_and_accumulation(tmp_path: P
     assert sum(r["batch_sizes"]) == r["examples_processed"] >= 16
 
 
-def test_an_adaptive_run_that_never_grows_is_the_constant_run():
+def test_the_lr_follows_the_batch_as_specified():
+    """``lr_scaling=linear``: the lr of every step is the base lr times min(cap, batch / b0)
+    of that step's batch (constant schedule, no ramp), exactly."""
+    from secondorder.bench.runner import BenchConfig, run_benchmark
+
+    config = BenchConfig(
+        optimizers=["adagrad:lr=0.01"], steps=12, batch_size=4, threads=1, schedule="constant",
+        batch_schedule="adaptive:test=norm,eta=0.2,lr_scaling=linear,lr_max_scale=3",
+    )  # fmt: skip
+    (r,) = run_benchmark(config, stream=None)["optimizers"]
+    assert r["status"] == "ok" and r["batch_sizes"][-1] > 4  # it grew
+    assert r["lrs"] == [0.01 * min(3.0, b / 4) for b in r["batch_sizes"]]
+    assert max(r["lrs"]) > 0.01
+
+
+@pytest.mark.parametrize("extra", ["", ",lr_scaling=sqrt,lr_warmup=7"])
+def test_an_adaptive_run_that_never_grows_is_the_constant_run(extra):
     from secondorder.bench.runner import BenchConfig, run_benchmark
 
     # warm-up over 2 steps, then linear decay: the sample-counted schedule matches it
     common = dict(optimizers=["adagradnorm"], steps=5, batch_size=6, threads=1, warmup=2.0)
     (const,) = run_benchmark(BenchConfig(**common), stream=None)["optimizers"]
     # a tolerance so loose the test can never ask for a larger batch
-    never = "adaptive:test=norm,eta=1e30"
+    never = "adaptive:test=norm,eta=1e30" + extra
     (adapt,) = run_benchmark(BenchConfig(**common, batch_schedule=never), stream=None)[
         "optimizers"
     ]

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .controller import AccumulationPlan, AdaptiveBatchSize
+from .lr import BatchLRScaling
 
 __all__ = ["AdaptiveBatchLoop", "IndexStream", "SampleCountedLR", "linear_warmup_decay"]
 
@@ -57,16 +58,36 @@ def linear_warmup_decay(warmup_samples: int, total_samples: int) -> Callable[[in
 
 
 class SampleCountedLR:
-    """Sets every param group's ``lr`` to ``base_lr · factor(samples)``; call
-    :meth:`update` with the number of examples processed so far."""
+    """Sets every param group's ``lr`` to ``base_lr · factor(samples) · scale``; call
+    :meth:`update` with the number of examples processed so far (and, with
+    ``batch_scaling``, the batch size of the next step).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float]) -> None:
-        self.optimizer, self.factor = optimizer, factor
+    ``scale`` is 1, or ``batch_scaling(samples, batch)`` (:class:`~.lr.BatchLRScaling`: the
+    learning rate follows the batch size). ``base_lr`` is each group's ``lr`` at
+    construction."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        factor: Callable[[int], float],
+        batch_scaling: BatchLRScaling | None = None,
+    ) -> None:
+        if batch_scaling is not None and not isinstance(batch_scaling, BatchLRScaling):
+            raise TypeError(
+                f"batch_scaling must be a BatchLRScaling or None, got "
+                f"{type(batch_scaling).__name__}"
+            )
+        self.optimizer, self.factor, self.batch_scaling = optimizer, factor, batch_scaling
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
-        self.update(0)
+        self.scale = 1.0
+        self.update(0, None if batch_scaling is None else batch_scaling.initial_batch)
 
-    def update(self, samples: int) -> None:
-        f = self.factor(samples)
+    def update(self, samples: int, batch_size: int | None = None) -> None:
+        if self.batch_scaling is not None:
+            if batch_size is None:
+                raise ValueError("SampleCountedLR with batch_scaling: update() needs batch_size")
+            self.scale = self.batch_scaling(samples, batch_size)
+        f = self.factor(samples) * self.scale
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(base * f)
@@ -129,10 +150,11 @@ class AdaptiveBatchLoop:
         return [next(self._iter) for _ in range(plan.accumulation)]
 
     def finish_step(self, stats: Any = None, samples: torch.Tensor | None = None) -> int:
-        """Count the step's examples, update the controller and the LR; the next batch size."""
+        """Count the step's examples, update the controller and the LR (for the next step's
+        batch size); the next batch size."""
         assert self._plan is not None, "finish_step() before next_step()"
         self.samples += self._plan.examples_per_step
         b = self.controller.update(stats=stats, samples=samples)
         if self.lr_schedule is not None:
-            self.lr_schedule.update(self.samples)
+            self.lr_schedule.update(self.samples, b)
         return b

@@ -1,18 +1,20 @@
-"""Adaptive batch sizes in ``secondorder bench``: ``--batch-schedule adaptive:test=norm,eta=0.1``.
+"""Adaptive batch sizes in ``secondorder bench``: ``--batch-schedule adaptive:test=norm,...``.
 
 An adaptive run starts at the workload's (or ``--batch-size``'s) batch and grows it with
 :class:`secondorder.AdaptiveBatchSize`; it processes **the same examples in the same order**
 as the constant-batch run of the same request (steps × batch size; the last step may run
 past the end), so it takes fewer, larger steps, and a run whose batch never grows *is* the
 constant run. Its learning-rate schedule counts examples (the constant run's schedule, with
-"step ``s``" read as "``s · batch`` examples"). The statistics of the test are computed
-from per-sample gradients (``torch.func``, in chunks of ``chunk`` examples) at the current
-weights, before the step, and that work is inside the timed step: it is part of what the
-method costs.
+"step ``s``" read as "``s · batch`` examples"), times a factor of the batch size when
+``lr_scaling`` is ``linear`` or ``sqrt`` (:mod:`secondorder.batching.lr`). The statistics of
+the test are computed from per-sample gradients (``torch.func``, in chunks of ``chunk``
+examples) at the current weights, before the step, and that work is inside the timed step:
+it is part of what the method costs.
 
-Results add, per optimizer: ``batch_schedule``, ``batch_sizes`` (per step), ``examples``
-(cumulative, per step), ``examples_processed``, ``examples_to_target``; :func:`summary`
-gives the extra table lines and :func:`write_batch_plot` the ``batch_size.png`` figure.
+Results add, per optimizer: ``batch_schedule``, ``batch_sizes`` and ``lrs`` (per step; the
+first param group's lr), ``examples`` (cumulative, per step), ``examples_processed``,
+``examples_to_target``; :func:`summary` gives the extra table lines and
+:func:`write_batch_plot` the ``batch_size.png`` figure.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..batching import TESTS, AdaptiveBatchSize, IndexStream, SampleCountedLR
+from ..batching import TESTS, AdaptiveBatchSize, BatchLRScaling, IndexStream, SampleCountedLR
 from ..batching.persample import flatten_samples, gradient_stats, per_sample_grads
 from . import health
 from .errors import BenchUsageError
@@ -46,7 +48,8 @@ from .training import (
 
 BATCH_PLOT_FILE = "batch_size.png"
 KEYS = ("test", "eta", "theta", "nu", "max_batch", "max_micro_batch", "per_layer", "interval",
-        "chunk")  # fmt: skip
+        "chunk", "lr_scaling", "lr_max_scale", "lr_warmup")  # fmt: skip
+LR_KEYS = ("lr_scaling", "lr_max_scale", "lr_warmup")
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,21 @@ class BatchSchedule:
     options: dict[str, Any] = field(default_factory=dict)
 
     def controller(self, initial_batch: int, num_train: int) -> AdaptiveBatchSize:
-        kw = {k: v for k, v in self.options.items() if k not in ("max_batch", "chunk")}
+        kw = {k: v for k, v in self.options.items()
+              if k not in ("max_batch", "chunk", *LR_KEYS)}  # fmt: skip
         max_batch = self.options.get("max_batch", num_train)
         try:
             return AdaptiveBatchSize(initial_batch, max_batch, **kw)
+        except (ValueError, TypeError) as exc:
+            raise BenchUsageError(f"--batch-schedule {self.text!r}: {exc}") from None
+
+    def lr_scaling(self, initial_batch: int) -> BatchLRScaling:
+        """The learning rate's factor of the batch size (``lr_scaling=none`` by default)."""
+        kw = {k: v for k, v in self.options.items() if k in LR_KEYS}
+        if kw.get("lr_scaling", "none") is None:  # the CLI reads "none" as Python's None
+            kw["lr_scaling"] = "none"
+        try:
+            return BatchLRScaling(initial_batch, **kw)
         except (ValueError, TypeError) as exc:
             raise BenchUsageError(f"--batch-schedule {self.text!r}: {exc}") from None
 
@@ -73,7 +87,9 @@ def parse_batch_schedule(text: str | None) -> BatchSchedule | None:
     """``None``/``constant`` (a fixed batch) or ``adaptive[:key=value,...]`` with keys
     ``test`` (one of the tests), ``eta``, ``theta``, ``nu``, ``max_batch`` (default: the
     training set), ``max_micro_batch``, ``per_layer``, ``interval``, ``chunk`` (examples per
-    per-sample-gradient chunk, default 64)."""
+    per-sample-gradient chunk, default 64), and the learning rate's batch-size policy
+    ``lr_scaling`` (``none``, ``linear``, ``sqrt``), ``lr_max_scale`` (cap on the factor,
+    default 8), ``lr_warmup`` (examples over which the factor follows a growth, default 0)."""
     if text is None or text.strip() == "constant":
         return None
     kind, _, rest = text.partition(":")
@@ -100,6 +116,7 @@ def parse_batch_schedule(text: str | None) -> BatchSchedule | None:
         raise BenchUsageError(f"--batch-schedule {text!r}: chunk must be an int >= 1")
     schedule = BatchSchedule(text.strip(), options)
     schedule.controller(1, 1)  # checks every controller argument (names it when bad)
+    schedule.lr_scaling(1)  # and the learning-rate policy's
     return schedule
 
 
@@ -137,7 +154,9 @@ def train_run_adaptive(
     optimizer = built.optimizer
     # the constant run's schedule with "step s" read as "s x batch examples processed"
     per_step = lr_factor(plan.schedule, plan.order.shape[0], plan.warmup_steps)
-    lr = SampleCountedLR(optimizer, lambda seen: per_step(seen / batch_size))
+    # times the factor of the batch size (1 unless lr_scaling is set), for the next step's batch
+    lr = SampleCountedLR(optimizer, lambda seen: per_step(seen / batch_size),
+                         schedule.lr_scaling(batch_size))  # fmt: skip
     stream = _Replay(plan.order.reshape(-1), num_train, plan.seed)
 
     def loss_of(m: Any, batch: Any) -> torch.Tensor:
@@ -146,6 +165,7 @@ def train_run_adaptive(
     timer = _Timer(plan.device)
     losses: list[torch.Tensor] = []
     sizes: list[int] = []
+    lrs: list[Any] = []
     examples: list[int] = []
     val: list[dict[str, float]] = []
     samples: list[dict[str, float]] = []
@@ -161,6 +181,8 @@ def train_run_adaptive(
         bplan = controller.plan
         index = stream.take(bplan.examples_per_step)
         micro = [workload.train_batch(i) for i in index.split(bplan.micro_batch)]
+        lr_now = optimizer.param_groups[0]["lr"]  # the lr of this step (a tensor: no sync)
+        lrs.append(lr_now.detach().clone() if isinstance(lr_now, torch.Tensor) else lr_now)
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=plan.device)
@@ -190,7 +212,7 @@ def train_run_adaptive(
         sizes.append(index.numel())
         examples.append(seen)
         controller.update(stats=stats, samples=grads, segments=segments)
-        lr.update(seen)
+        lr.update(seen, controller.batch_size)
         peak = max(peak, state_bytes(optimizer))
         if seen // eval_examples > before // eval_examples or seen >= total:
             _evaluate(model, workload, val, step)
@@ -218,6 +240,7 @@ def train_run_adaptive(
         "batch_schedule": schedule.text,
         "smoothing_window": window,
         "batch_sizes": sizes,
+        "lrs": [float(x) for x in lrs],
         "examples": examples,
         "examples_processed": seen,
     }
@@ -246,17 +269,19 @@ def summary(results: dict[str, Any]) -> list[str]:
         tgt = r.get("examples_to_target")
         if tgt is None and r.get("steps_to_target") and not r.get("examples"):
             tgt = r["steps_to_target"] * s["batch_size"]
+        lrs = r.get("lrs") or []
+        lr_text = f", lr {lrs[0]:.3g} -> {lrs[-1]:.3g}" if lrs else ""
         lines.append(
             f"  {r['label']}: {ex} examples in {r['steps_run']} steps, batch "
-            f"{sizes[0]} -> {sizes[-1]}, steps->tgt {r.get('steps_to_target') or '-'}, "
+            f"{sizes[0]} -> {sizes[-1]}{lr_text}, steps->tgt {r.get('steps_to_target') or '-'}, "
             f"examples->tgt {tgt if tgt is not None else '-'}"
         )
     return lines
 
 
 def write_batch_plot(results: dict[str, Any], out_dir: str | Path) -> Path | None:
-    """``batch_size.png``: batch size and loss against examples processed; ``None`` when no
-    run had an adaptive batch (or matplotlib is missing)."""
+    """``batch_size.png``: batch size, learning rate and loss against examples processed;
+    ``None`` when no run had an adaptive batch (or matplotlib is missing)."""
     runs = [(i, r) for i, r in enumerate(results["optimizers"]) if r.get("batch_sizes")]
     if not runs:
         return None
@@ -267,15 +292,19 @@ def write_batch_plot(results: dict[str, Any], out_dir: str | Path) -> Path | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     for i, r in runs:
         left.step(r["examples"], r["batch_sizes"], where="post", color=f"C{i % 10}",
                   label=r["label"])  # fmt: skip
+        if r.get("lrs"):
+            middle.step(r["examples"], r["lrs"], where="post", color=f"C{i % 10}",
+                        label=r["label"])  # fmt: skip
         right.plot(r["examples"], r["train_loss_smoothed"], color=f"C{i % 10}", label=r["label"])
     left.set_yscale("log")
     left.set_ylabel("batch size")
+    middle.set_ylabel("learning rate")
     right.set_ylabel("train loss")
-    for ax in (left, right):
+    for ax in (left, middle, right):
         ax.set_xlabel("examples processed")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
