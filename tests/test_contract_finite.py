@@ -33,11 +33,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Rows known to fail, with the reason; marked ``xfail(strict=False)`` (not silenced: the
 #: test still runs and reports XPASS once fixed).
 KNOWN_FAILURES: dict[str, str] = {
-    "Shampoo": (
-        "a jump from 1e-30 to 1e30 gradients inside one root period: the roots of the tiny "
-        "statistics (~1e15 in true units) applied to the huge momentum overflow float32 in the "
-        "Kronecker product before grafting rescales it (steady huge or tiny gradients pass)"
-    ),
     "MFAC": "gradients of ~1e22: the float32 Gram matrix of the ring buffer overflows",
     "MKOR": "gradients of ~1e22: the base optimizer's second moment (exp_avg_sq) overflows",
 }
