@@ -167,6 +167,23 @@ class _Item:
         return _step_gradient(self.group, self.p.grad, self.p)
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _add_update(p: torch.Tensor, direction: torch.Tensor, lr: Any) -> None:
+    """``p <- p - lr * direction`` (direction rounded to ``p``'s dtype first).
+
+    For bfloat16/float16 ``p`` the sum is formed in float32 and rounded once: torch's
+    low-precision ``add_`` rounds the elements at the tail of a tensor differently from the
+    rest, which would make the result depend on how a step cuts the tensor into pieces.
+    """
+    d = direction.to(p.dtype)
+    if p.dtype in _LOW_PRECISION:
+        p.copy_(p.float().add_(d.float(), alpha=-lr))
+    else:
+        p.add_(d, alpha=-lr)
+
+
 def _step_gradient(group: dict[str, Any], grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """float32 ``grad`` (a new tensor) with entries saturated at ``2**63`` and, for
     ``decoupled_weight_decay=False``, the L2 term ``weight_decay * p`` added.
@@ -990,7 +1007,7 @@ class Shampoo(SecondOrderOptimizer):
         lr, wd = group["lr"], group["weight_decay"]
         if wd != 0 and group["decoupled_weight_decay"]:
             p.mul_(1.0 - lr * wd)
-        p.add_(direction.to(p.dtype), alpha=-lr)
+        _add_update(p, direction, lr)
 
     # ------------------------------------------------- elementwise work, in pieces
     def _piece_elements(self) -> int | None:
@@ -1129,10 +1146,14 @@ class Shampoo(SecondOrderOptimizer):
             for p, d in zip(ps, ds):
                 Shampoo._apply_direction(group, p, d)
             return
-        ds = [d if d.dtype == p.dtype else d.to(p.dtype) for p, d in zip(ps, ds)]
         if wd != 0 and group["decoupled_weight_decay"]:
             torch._foreach_mul_(ps, 1.0 - lr * wd)
-        torch._foreach_add_(ps, ds, alpha=-lr)
+        wide = [(p, d.to(p.dtype)) for p, d in zip(ps, ds) if p.dtype not in _LOW_PRECISION]
+        if wide:
+            torch._foreach_add_([p for p, _ in wide], [d for _, d in wide], alpha=-lr)
+        for p, d in zip(ps, ds):
+            if p.dtype in _LOW_PRECISION:
+                _add_update(p, d, lr)
 
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
