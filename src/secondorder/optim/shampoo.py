@@ -1034,7 +1034,16 @@ class Shampoo(SecondOrderOptimizer):
             k = (id(it.group), it.t, pre, it.p.device)
             st = it.state
             own = [it.p, it.p.grad] + [st[n] for n in ("exp_avg", "graft_v") if n in st]
-            for pc in cut(it, own, cap):
+            try:
+                cuts = cut(it, own, cap)
+            except Exception as e:  # noqa: BLE001 - contained: the whole tensor at once
+                self._warn_once(
+                    ("pieces", type(e).__name__),
+                    f"Shampoo: cutting a tensor's update into pieces raised "
+                    f"{type(e).__name__}: {e}; it was updated whole (the step was applied).",
+                )
+                cuts = [Piece(it, None, it.p.numel())]
+            for pc in cuts:
                 if chunk and (k != key or (cap is not None and size + pc.numel > cap)):
                     self._update_pieces(chunk)
                     chunk, size = [], 0
