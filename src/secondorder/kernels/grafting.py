@@ -179,9 +179,11 @@ def graft_directions(
     step: int,
     beta2: float,
     eps: float | torch.Tensor,
+    inplace: bool = False,
 ) -> list[torch.Tensor]:
     """:func:`graft_direction` for lists. For ``sgd`` and ``None`` the inputs themselves are
-    returned (no copy: the caller must not modify them in place)."""
+    returned (no copy: the caller must not modify them in place); ``inplace=True`` writes
+    the directions into ``ms`` (one allocation fewer)."""
     if kind in (None, "sgd"):
         return list(ms)
     if kind not in GRAFTS_WITH_STATE:
@@ -196,4 +198,7 @@ def graft_directions(
     if bc != 1.0:
         torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
+    if inplace:
+        torch._foreach_div_(ms, denom)
+        return list(ms)
     return torch._foreach_div(ms, denom)

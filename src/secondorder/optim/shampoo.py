@@ -184,6 +184,22 @@ def _add_update(p: torch.Tensor, direction: torch.Tensor, lr: Any) -> None:
         p.add_(d, alpha=-lr)
 
 
+def _step_gradients(
+    group: dict[str, Any], grads: list[torch.Tensor], ps: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """:func:`_step_gradient` for lists (multi-tensor ops for float32 gradients and a plain
+    number ``weight_decay``; the same values)."""
+    wd = group["weight_decay"]
+    if isinstance(wd, torch.Tensor) or any(g.dtype != torch.float32 for g in grads):
+        return [_step_gradient(group, g, p) for g, p in zip(grads, ps)]
+    gs = torch._foreach_clamp_min(grads, -_GRAD_LIMIT)
+    torch._foreach_clamp_max_(gs, _GRAD_LIMIT)
+    if wd != 0 and not group["decoupled_weight_decay"]:
+        p32 = [p.float() if p.dtype != torch.float32 else p for p in ps]
+        torch._foreach_add_(gs, p32, alpha=wd)
+    return gs
+
+
 def _step_gradient(group: dict[str, Any], grad: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """float32 ``grad`` (a new tensor) with entries saturated at ``2**63`` and, for
     ``decoupled_weight_decay=False``, the L2 term ``weight_decay * p`` added.
@@ -1067,7 +1083,7 @@ class Shampoo(SecondOrderOptimizer):
         kind = self._graft_kind(group, preconditioned)
         try:
             ps = [pc.view(pc.item.p) for pc in chunk]
-            gs = [_step_gradient(group, pc.view(pc.item.p.grad), p) for pc, p in zip(chunk, ps)]
+            gs = _step_gradients(group, [pc.view(pc.item.p.grad) for pc in chunk], ps)
             if beta1 > 0:
                 ms = [pc.view(pc.item.state["exp_avg"]) for pc in chunk]
                 if isinstance(beta1, torch.Tensor):
@@ -1084,7 +1100,10 @@ class Shampoo(SecondOrderOptimizer):
                 vs = [pc.view(pc.item.state["graft_v"]) for pc in chunk]
                 update_second_moments(kind, vs, gs, beta2)
             eps = group["graft_eps"]
-            a = None if kind is None else graft_directions(kind, mh, vs, t, beta2, eps)
+            # mh (a new tensor, or gs: this step's own copy) is needed later only when it is
+            # to be preconditioned
+            inplace = not preconditioned
+            a = None if kind is None else graft_directions(kind, mh, vs, t, beta2, eps, inplace)
             del gs, vs
         except Exception as e:  # noqa: BLE001 - contained: the step must complete
             self._warn_once(
