@@ -29,15 +29,23 @@ the gradient's largest entry (:func:`~secondorder.kernels.kron.update_scaled_sta
 ``S_hat_i`` stays bounded for any finite gradient, so gradients of 1e20 or 1e-30 neither
 overflow nor underflow float32. The roots are solved on ``S_hat_i`` and scaled back by
 ``s^(-2/p)``. With ``packed_statistics=True`` only the upper triangle of each ``S_hat_i``
-is stored.
+is stored. The Kronecker product of step 5 runs in scaled units
+(:func:`~secondorder.kernels.kron.precondition_scaled`: momentum and intermediate products
+divided per block by powers of two), so stale roots of tiny statistics meeting huge momentum
+cannot overflow; grafting folds the scale into its norm ratio (bit-identical to the unscaled
+product for ordinary gradients), and with ``graft=None`` the direction saturates at 2**63.
+
+Steps 4-6 run in pieces of bounded size (:mod:`secondorder.optim.pieces`): large tensors in
+runs of block rows, small tensors of a group together with ``torch._foreach_*`` ops; pieces
+hold at most ``root_memory_budget / 32`` bytes, and the result does not depend on the cut.
 
 A step runs in two stages. Stage 1 does everything that can raise (gradient checks, new
-state for new parameters, the graft direction from out-of-place momentum and accumulator)
-and modifies nothing, so an exception leaves parameters and state bit-identical and the
-step can simply be retried. Stage 2 commits (step counters, statistics, roots, moments,
-parameters); a failure there is contained and warned about once per kind: a statistics
-update that raises leaves that gradient out of the statistics, a root solve that raises is
-a rejected root, an update that cannot be preconditioned takes the graft direction. With
+state for new parameters) and modifies nothing, so an exception leaves parameters and state
+bit-identical and the step can simply be retried. Stage 2 commits (step counters,
+statistics, roots, moments, parameters); a failure there is contained and warned about once
+per kind: a statistics update that raises leaves that gradient out of the statistics, a root
+solve that raises is a rejected root, an update that cannot be preconditioned takes the
+graft direction, a piece whose momentum or graft raises is not updated this step. With
 ``distributed=True`` the all-gather of the directions is a collective whose failure is not
 contained (a broken process group cannot be recovered from inside a step).
 
@@ -302,13 +310,16 @@ class Shampoo(SecondOrderOptimizer):
         process_group: the group for ``distributed`` (``None``: the default group).
         communication_dtype: dtype of the all-gathered directions: ``torch.float32``
             (default, exact) or ``torch.bfloat16`` (half the traffic).
-        root_memory_budget: bytes of solver workspace allowed at once while roots are
-            refreshed (>= 1; default 256 MiB). Due factors are solved in chunks whose
-            estimated workspace fits (at least one matrix per chunk); peaks are reported by
-            :meth:`memory_diagnostics`. ``None``: one chunk per bucket (fastest, unbounded).
+        root_memory_budget: bytes of transient memory allowed at once (>= 1; default
+            256 MiB): while roots are refreshed, due factors are solved in chunks whose
+            estimated solver workspace fits (at least one matrix per chunk; peaks are
+            reported by :meth:`memory_diagnostics`), and each step's elementwise work runs
+            in pieces of at most ``root_memory_budget / 32`` bytes (at least one block row),
+            whose temporaries fit it. ``None``: one chunk per bucket and whole tensors
+            (fastest, unbounded).
 
     Failures never leave a half-done step: everything that can raise (gradient checks, new
-    state, the graft direction) runs before anything is modified; after that point failures
+    state) runs before anything is modified; after that point failures
     are contained and warned about once per kind (a root solve that raises is a rejected
     root; a failed statistics update skips that update; a failed preconditioning takes the
     graft direction), so a step either happens or leaves parameters and state untouched.
