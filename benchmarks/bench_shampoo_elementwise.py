@@ -7,8 +7,10 @@ The model is the ``byte-lm`` workload's transformer (``secondorder bench``: 4 bl
 128, 52 parameter tensors, 0.8M parameters, most of them small), with fixed random
 gradients. Two settings are timed, ``opt.step()`` alone, roots excluded:
 
-* ``graft-only``: ``start_preconditioning_step`` never reached, so every step is the
-  elementwise pipeline alone (momentum, Adam graft, weight decay, update: AdamW's work);
+* ``elementwise``: the elementwise pipeline alone (momentum, Adam graft, weight decay,
+  update: AdamW's work): ``start_preconditioning_step`` is never reached and the
+  statistics update (``Shampoo._accumulate``) is switched off, in both trees;
+* ``graft-only``: the same with the statistics on (a real step before the first root);
 * ``preconditioned``: roots computed once at step 1 and never again
   (``precondition_frequency`` huge), then the per-step path: statistics, Kronecker products
   with grafting, and the same elementwise work.
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 SETTINGS = {
+    "elementwise": dict(start_preconditioning_step=10**9),  # and no statistics, see below
     "graft-only": dict(start_preconditioning_step=10**9),
     "preconditioned": dict(start_preconditioning_step=1, precondition_frequency=10**9),
 }
@@ -50,6 +53,8 @@ def measure(setting: str, steps: int, repeats: int) -> dict:
     for p, q in zip(*(m.parameters() for m in models)):
         p.grad = torch.randn(p.shape, generator=gen).mul_(1e-2)
         q.grad = p.grad.clone()
+    if setting == "elementwise":
+        Shampoo._accumulate = lambda self, it, layout: None
     sh = Shampoo(models[0].parameters(), lr=1e-4, weight_decay=0.01, **SETTINGS[setting])
     ad = torch.optim.AdamW(models[1].parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
     sh.step()  # state (and, preconditioned, the only roots)
