@@ -30,6 +30,7 @@ from secondorder.blocking import BlockPlan
 from secondorder.kernels import kron
 from secondorder.kernels.grafting import graft_direction, graft_rescale, update_second_moment
 from secondorder.optim import pieces
+from secondorder.optim import shampoo as shampoo_module
 
 # blocked rows and columns, remainders, a merged conv kernel, a 3-d tensor, a vector, a scalar
 SHAPES = [(11, 7), (6, 13), (4, 3, 2, 2), (5, 4, 6), (9,), ()]
@@ -136,8 +137,9 @@ def test_ordinary_gradients_step_bit_identically_to_the_previous_code(config, dt
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pieces_under_a_tiny_budget_equal_whole_tensors(config, dtype):
+def test_pieces_under_a_tiny_budget_equal_whole_tensors(config, dtype, monkeypatch):
     # budget 1: one block row (or one element) per piece, one root matrix per solver call
+    monkeypatch.setattr(shampoo_module, "_MIN_PIECE_ELEMENTS", 1)
     kw = dict(BASE, **CONFIGS[config])
     shapes = SHAPES + [(17, 5), (3, 9)]
     p_cut, p_whole = _params(dtype, shapes), _params(dtype, shapes)
@@ -155,6 +157,7 @@ def test_pieces_are_actually_cut(monkeypatch):
         return real(self, chunk)
 
     monkeypatch.setattr(Shampoo, "_update_pieces", spy)
+    monkeypatch.setattr(shampoo_module, "_MIN_PIECE_ELEMENTS", 1)
     params = _params(shapes=[(11, 7), (9,), (2, 2)])
     _run(Shampoo, params, steps=2, root_memory_budget=4 * 8 * 28, **BASE)  # 28 elements
     first = seen[: len(seen) // 2]
@@ -163,6 +166,19 @@ def test_pieces_are_actually_cut(monkeypatch):
     assert [r for chunk in first for s, r in chunk if s == (9,)] == [None]  # fits: whole
     # small tensors of one group share a chunk (one multi-tensor call per operation)
     assert any(len(chunk) > 1 for chunk in first)
+
+
+def test_a_tiny_budget_keeps_pieces_of_a_reasonable_size(monkeypatch):
+    seen = []
+    real = Shampoo._update_pieces
+
+    def spy(self, chunk):
+        seen.extend(pc.numel for pc in chunk)
+        return real(self, chunk)
+
+    monkeypatch.setattr(Shampoo, "_update_pieces", spy)
+    _run(Shampoo, _params(shapes=[(300_000,)]), steps=1, root_memory_budget=1, **BASE)
+    assert seen == [2**16] * 4 + [300_000 - 4 * 2**16]
 
 
 @settings(max_examples=25, deadline=None)

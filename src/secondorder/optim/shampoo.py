@@ -37,7 +37,8 @@ product for ordinary gradients), and with ``graft=None`` the direction saturates
 
 Steps 4-6 run in pieces of bounded size (:mod:`secondorder.optim.pieces`): large tensors in
 runs of block rows, small tensors of a group together with ``torch._foreach_*`` ops; pieces
-hold at most ``root_memory_budget / 32`` bytes, and the result does not depend on the cut.
+hold at most ``root_memory_budget / 32`` bytes (at least 256 KiB and one block row), and
+the result does not depend on the cut.
 
 A step runs in two stages. Stage 1 does everything that can raise (gradient checks, new
 state for new parameters) and modifies nothing, so an exception leaves parameters and state
@@ -118,6 +119,9 @@ _GRAFT_TINY = 1e-16
 #: Kronecker product and its result): pieces have ``root_memory_budget / (4 * this)``
 #: elements at most
 _PIECE_TEMPORARIES = 8
+#: ... but not fewer elements than this (or one block row): a tiny budget must not turn a
+#: large tensor into a million pieces of Python overhead
+_MIN_PIECE_ELEMENTS = 2**16
 
 ROOT_METHODS = ("auto", "newton", "eigh")
 MATMUL_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -314,9 +318,9 @@ class Shampoo(SecondOrderOptimizer):
             256 MiB): while roots are refreshed, due factors are solved in chunks whose
             estimated solver workspace fits (at least one matrix per chunk; peaks are
             reported by :meth:`memory_diagnostics`), and each step's elementwise work runs
-            in pieces of at most ``root_memory_budget / 32`` bytes (at least one block row),
-            whose temporaries fit it. ``None``: one chunk per bucket and whole tensors
-            (fastest, unbounded).
+            in pieces of at most ``root_memory_budget / 32`` bytes (but at least 256 KiB
+            and one block row), whose temporaries fit it. ``None``: one chunk per bucket
+            and whole tensors (fastest, unbounded).
 
     Failures never leave a half-done step: everything that can raise (gradient checks, new
     state) runs before anything is modified; after that point failures
@@ -1041,7 +1045,7 @@ class Shampoo(SecondOrderOptimizer):
         """Elements of a piece of elementwise work (None: whole tensors, unbounded)."""
         if self.root_memory_budget is None:
             return None
-        return max(1, self.root_memory_budget // (4 * _PIECE_TEMPORARIES))
+        return max(_MIN_PIECE_ELEMENTS, self.root_memory_budget // (4 * _PIECE_TEMPORARIES))
 
     def _update_local(self, items: list[_Item]) -> None:
         """Steps 4-6 for every item (single process): momentum, graft, direction, update.
