@@ -224,11 +224,12 @@ def _stack(shape, gen, scale=1.0):
 def test_precondition_scaled_is_precondition_times_powers_of_two(shape, scale):
     gen = torch.Generator().manual_seed(3)
     x, roots = _stack(shape, gen, scale)
-    d, e = kron.precondition_scaled(x, roots)
-    assert d.abs().amax() < 2 and e.dtype == torch.int32
+    d, s = kron.precondition_scaled(x, roots)
+    assert d.abs().amax() < 2 and s.dtype == torch.float64
+    assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # powers of two
     want = kron.precondition(x, roots).float()
-    assert torch.equal(kron.unscale(d.clone(), e, limit=math.inf), want)
-    assert torch.equal(kron.unscale(d.clone(), e), want.clamp(-(2.0**63), 2.0**63))
+    assert torch.equal(kron.unscale(d.clone(), s, limit=math.inf), want)
+    assert torch.equal(kron.unscale(d.clone(), s), want.clamp(-(2.0**63), 2.0**63))
 
 
 def test_precondition_scaled_is_finite_where_the_plain_product_overflows():
@@ -236,25 +237,24 @@ def test_precondition_scaled_is_finite_where_the_plain_product_overflows():
     x, roots = _stack((2, 6, 5), gen, 1e19)
     roots = [r * 1e15 for r in roots]  # roots of tiny statistics
     assert not torch.isfinite(kron.precondition(x, roots)).all()
-    d, e = kron.precondition_scaled(x, roots)
-    assert torch.isfinite(d).all() and d.abs().amax() >= 0.5
+    d, s = kron.precondition_scaled(x, roots)
+    assert torch.isfinite(d).all() and d.abs().amax() >= 1
     # float64 reference of the direction (the product's overflow-free unit vector)
     ref = kron.precondition(x.double(), [r.double() for r in roots])
     ref = ref / torch.linalg.vector_norm(ref.flatten(1), dim=1).view(-1, 1, 1)
     got = d.double() / torch.linalg.vector_norm(d.double().flatten(1), dim=1).view(-1, 1, 1)
     # float32 products over 6 + 5 terms: a few hundred eps at most
     assert (got - ref).abs().max() < 1e3 * torch.finfo(torch.float32).eps
-    sat = kron.unscale(d.clone(), e)
+    sat = kron.unscale(d.clone(), s)
     assert torch.isfinite(sat).all() and sat.abs().amax() == kron.DIRECTION_LIMIT
 
 
-def test_pow2_is_exact_and_clamped():
-    e = torch.tensor([-200, -126, -1, 0, 1, 63, 127, 300])
-    want = torch.tensor([2.0**-126, 2.0**-126, 0.5, 1.0, 2.0, 2.0**63, 2.0**127, 2.0**127])
-    assert torch.equal(kron.pow2(e), want)
-    x = torch.tensor([[0.0], [0.75], [1.0], [3e38], [1e-40]])
-    want_e = torch.tensor([0, 0, 1, 128, -132], dtype=torch.int32)
-    assert torch.equal(kron.pow2_exponents(x), want_e)
+def test_pow2_floor_is_exact_and_clamped():
+    a = torch.tensor([0.0, 1e-40, 2.0**-126, 0.75, 1.0, 3.0, 2.0**63 * 1.5, 3e38])
+    want = torch.tensor([2.0**-126, 2.0**-126, 2.0**-126, 0.5, 1.0, 2.0, 2.0**63, 2.0**127])
+    assert torch.equal(kron.pow2_floor(a), want)
+    x = torch.tensor([[0.0, -3.0], [1e-3, 2e-3]])
+    assert torch.equal(kron.block_amax(x), torch.tensor([3.0, 2e-3]))
 
 
 def test_graft_rescale_keeps_zero_blocks_zero_with_an_underflowing_tiny():

@@ -178,20 +178,20 @@ def precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
 # ------------------------------------------------------------ scaled application
 #: ``|entries|`` of a saturated unscaled direction (see :func:`unscale`)
 DIRECTION_LIMIT = 2.0**63
+_EXPONENT_BITS = 0x7F800000
+_F32_MIN, _F32_MAX_POW2 = 2.0**-126, 2.0**127
 
 
-def pow2_exponents(x: torch.Tensor) -> torch.Tensor:
-    """Per block of a stack ``(B, ...)``: the exponent ``e`` (int32, ``(B,)``) of the block's
-    largest entry, ``max |x| = m * 2**e`` with ``m`` in ``[0.5, 1)`` (``e = 0`` for a zero
-    block). Dividing the block by ``pow2(e)`` brings its entries into ``(-2, 2)``."""
-    amax = x.reshape(x.shape[0], -1).abs().amax(dim=1).float()
-    return torch.frexp(amax).exponent
+def block_amax(x: torch.Tensor) -> torch.Tensor:
+    """Largest ``|entry|`` of each block of a stack ``(B, ...)``, float32 ``(B,)``."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=float("inf"), dim=1).float()
 
 
-def pow2(e: torch.Tensor) -> torch.Tensor:
-    """``2.0**e`` as float32, exactly, with ``e`` (integer tensor) clamped to the exponents
-    of normal float32 numbers ``[-126, 127]`` (built from the bits: no rounding anywhere)."""
-    bits = (e.to(torch.int32).clamp(-126, 127) + 127) << 23
+def pow2_floor(a: torch.Tensor) -> torch.Tensor:
+    """The largest power of two ``<= a`` (float32, elementwise, exact: the exponent bits of
+    ``a``), and ``2**-126`` for ``a`` below it (zero included). Dividing a block by
+    ``pow2_floor(block_amax(x))`` brings its entries into ``(-2, 2)``."""
+    bits = a.float().clamp_min(_F32_MIN).view(torch.int32) & _EXPONENT_BITS
     return bits.view(torch.float32)
 
 
@@ -199,54 +199,57 @@ def _per_block(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-def _normalize(x: torch.Tensor, e_total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Divide each block of ``x`` (in place) by the power of two of its largest entry."""
-    e = pow2_exponents(x)
-    x.div_(_per_block(pow2(e), x))
-    return x, e_total + e.clamp(-126, 127)
+def _normalize(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide each block of ``x`` (in place) by the power of two of its largest entry and
+    multiply ``scale`` (float64, exact for powers of two) by it."""
+    s = pow2_floor(block_amax(x))
+    x.div_(_per_block(s, x))
+    return x, scale * s.double()
 
 
 def precondition_scaled(
     x: torch.Tensor, roots: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`precondition` in scaled units: ``(d, e)`` with ``d * 2**e == precondition(x,
-    roots)`` per block, ``d`` float32 with entries in ``(-2, 2)`` and ``e`` int32 ``(B,)``.
+    """:func:`precondition` in scaled units: ``(d, scale)`` with ``d * scale ==
+    precondition(x, roots)`` per block; ``d`` float32 with entries in ``(-2, 2)``,
+    ``scale`` a float64 power of two per block ``(B,)``.
 
-    ``x`` and the intermediate product after each factor are divided by a power of two (per
-    block) that brings their largest entry into ``[1, 2)``, so no intermediate overflows as
-    long as each root's entries times its size stay below the dtype's largest value, whatever
-    the magnitude of ``x`` or of the roots' product (large gradients hitting the roots of
-    tiny statistics would overflow :func:`precondition`). Scaling by powers of two is exact:
-    in the normal range ``d * 2**e`` is bit-identical to :func:`precondition` (the matmuls
-    see operands of the same shapes and contiguous layout, see the tests). Squares of ``d``
-    cannot overflow, so norms of ``d`` are safe in float32.
+    ``x`` and the product after each factor are divided by a power of two (per block) that
+    brings their largest entry into ``[1, 2)``, so no intermediate overflows as long as each
+    root's entries times its size stay below the dtype's largest value, whatever the
+    magnitude of ``x`` or of the roots' product (large gradients hitting the roots of tiny
+    statistics overflow :func:`precondition`). Scaling by powers of two is exact: in the
+    normal range ``d * scale`` is bit-identical to :func:`precondition` (the matmuls see
+    the same operands up to powers of two). Squares of ``d`` cannot overflow, so norms of
+    ``d`` are safe in float32.
     """
     dt = roots[0].dtype
-    x32 = x.float()
-    e0 = pow2_exponents(x32)
-    xs = torch.div(x32, _per_block(pow2(e0), x32)).to(dt).contiguous()
-    e = e0.clamp(-126, 127)
+    s0 = pow2_floor(block_amax(x))
+    xs = torch.div(x.float(), _per_block(s0, x)).to(dt).contiguous()
+    scale = s0.double()
     k = xs.dim() - 1
     if k == 1:
         out = torch.bmm(roots[0], xs.unsqueeze(-1)).squeeze(-1)
-        return _normalize(out.float(), e)
+        return _normalize(out.float(), scale)
     if k == 2:
-        y, e = _normalize(torch.bmm(roots[0], xs), e)
-        out = torch.bmm(y, roots[1]).float()
-        return _normalize(out, e)
+        y, scale = _normalize(torch.bmm(roots[0], xs), scale)
+        return _normalize(torch.bmm(y, roots[1]).float(), scale)
     for i in range(k):
         b, n = xs.shape[0], xs.shape[1]
         rest = xs.shape[2:]
         y = torch.bmm(roots[i], xs.reshape(b, n, -1)).reshape(b, n, *rest)
-        y, e = _normalize(y, e)
+        y, scale = _normalize(y, scale)
         xs = y.movedim(1, -1)
-    return xs.contiguous().float(), e
+    return xs.contiguous().float(), scale
 
 
-def unscale(d: torch.Tensor, e: torch.Tensor, limit: float = DIRECTION_LIMIT) -> torch.Tensor:
-    """``d * 2**e`` per block (in place), entries saturated at ``+-limit``: finite even where the
-    true product is beyond float32, and exact (bit-identical to the unscaled product) below."""
-    e1 = e.clamp(-126, 127)
-    d.mul_(_per_block(pow2(e1), d))
-    d.mul_(_per_block(pow2(e - e1), d))  # 1 in the normal range; beyond it inf or 0
+def unscale(
+    d: torch.Tensor, scale: torch.Tensor, limit: float = DIRECTION_LIMIT
+) -> torch.Tensor:
+    """``d * scale`` per block (in place; ``scale`` float64 powers of two), entries saturated at
+    ``+-limit``: finite even where the true product is beyond float32, and exact
+    (bit-identical to the unscaled product) below."""
+    s1 = scale.clamp(_F32_MIN, _F32_MAX_POW2)
+    s2 = (scale / s1).clamp(_F32_MIN, _F32_MAX_POW2)  # 1 in the normal range
+    d.mul_(_per_block(s1, d)).mul_(_per_block(s2, d))  # beyond it: inf, or 0
     return d.clamp_(-limit, limit)

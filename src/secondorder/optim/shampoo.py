@@ -1014,16 +1014,16 @@ class Shampoo(SecondOrderOptimizer):
         ``d * ||a|| / (||d|| + tiny / 2**e)``, and in the normal range (powers of two scale
         exactly) bit for bit. Without a graft ``D`` itself is used, saturated at ``2**63``.
         """
-        d, e = kron.precondition_scaled(x, roots)
+        d, scale = kron.precondition_scaled(x, roots)
         if kind is None:
-            d = kron.unscale(d, e)
+            d = kron.unscale(d, scale)
         else:
-            tiny = kron.pow2(-e).mul_(_GRAFT_TINY).view(-1, *([1] * (d.dim() - 1)))
+            # (D + tiny) / scale, exactly where it matters (a zero block stays zero anyway)
+            tiny = (_GRAFT_TINY / scale).float().view(-1, *([1] * (d.dim() - 1)))
             a_norms = None
             if kind == "sgd":  # a is the momentum itself: its squares may overflow float32
-                ea = kron.pow2_exponents(ab)
-                scale = kron.pow2(ea).view(-1, *([1] * (ab.dim() - 1)))
-                a_norms = block_norms(ab / scale).mul_(scale)
+                sa = kron.pow2_floor(kron.block_amax(ab)).view(-1, *([1] * (ab.dim() - 1)))
+                a_norms = block_norms(ab / sa).mul_(sa)
             graft_rescale(d, ab, tiny, a_norms=a_norms)
         if group["on_root_failure"] == "graft" and streaks is not None:
             # blocks whose roots keep failing take the graft direction
