@@ -184,7 +184,8 @@ _F32_MIN, _F32_MAX_POW2 = 2.0**-126, 2.0**127
 
 def block_amax(x: torch.Tensor) -> torch.Tensor:
     """Largest ``|entry|`` of each block of a stack ``(B, ...)``, float32 ``(B,)``."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=float("inf"), dim=1).float()
+    flat = x.reshape(x.shape[0], -1)  # max and -min: no |x| temporary (vector_norm(inf) is slow)
+    return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_()).float()
 
 
 def pow2_floor(a: torch.Tensor) -> torch.Tensor:
@@ -199,12 +200,17 @@ def _per_block(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-def _normalize(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Divide each block of ``x`` (in place) by the power of two of its largest entry and
-    multiply ``scale`` (float64, exact for powers of two) by it."""
+def _normalize(x: torch.Tensor, scales: list[torch.Tensor]) -> torch.Tensor:
+    """Divide each block of ``x`` (in place) by the power of two of its largest entry,
+    appended to ``scales``."""
     s = pow2_floor(block_amax(x))
-    x.div_(_per_block(s, x))
-    return x, scale * s.double()
+    scales.append(s)
+    return x.div_(_per_block(s, x))
+
+
+def _product(scales: list[torch.Tensor]) -> torch.Tensor:
+    """The product of per-block powers of two, in float64 (exact: no over- or underflow)."""
+    return torch.stack(scales).double().prod(dim=0)
 
 
 def precondition_scaled(
@@ -224,23 +230,21 @@ def precondition_scaled(
     ``d`` are safe in float32.
     """
     dt = roots[0].dtype
-    s0 = pow2_floor(block_amax(x))
-    xs = torch.div(x.float(), _per_block(s0, x)).to(dt).contiguous()
-    scale = s0.double()
+    scales = [pow2_floor(block_amax(x))]
+    xs = torch.div(x.float(), _per_block(scales[0], x)).to(dt).contiguous()
     k = xs.dim() - 1
     if k == 1:
         out = torch.bmm(roots[0], xs.unsqueeze(-1)).squeeze(-1)
-        return _normalize(out.float(), scale)
+        return _normalize(out.float(), scales), _product(scales)
     if k == 2:
-        y, scale = _normalize(torch.bmm(roots[0], xs), scale)
-        return _normalize(torch.bmm(y, roots[1]).float(), scale)
+        y = _normalize(torch.bmm(roots[0], xs), scales)
+        return _normalize(torch.bmm(y, roots[1]).float(), scales), _product(scales)
     for i in range(k):
         b, n = xs.shape[0], xs.shape[1]
         rest = xs.shape[2:]
         y = torch.bmm(roots[i], xs.reshape(b, n, -1)).reshape(b, n, *rest)
-        y, scale = _normalize(y, scale)
-        xs = y.movedim(1, -1)
-    return xs.contiguous().float(), scale
+        xs = _normalize(y, scales).movedim(1, -1)
+    return xs.contiguous().float(), _product(scales)
 
 
 def unscale(
