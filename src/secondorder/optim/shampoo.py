@@ -37,8 +37,8 @@ product for ordinary gradients), and with ``graft=None`` the direction saturates
 
 Steps 4-6 run in pieces of bounded size (:mod:`secondorder.optim.pieces`): large tensors in
 runs of block rows, small tensors of a group together with ``torch._foreach_*`` ops; pieces
-hold at most ``root_memory_budget / 32`` bytes (at least 256 KiB and one block row), and
-the result does not depend on the cut.
+hold at most ``root_memory_budget / 8`` bytes of float32 (eight temporaries of a piece fit
+the budget; at least 256 KiB and one block row), and the result does not depend on the cut.
 
 A step runs in two stages. Stage 1 does everything that can raise (gradient checks, new
 state for new parameters) and modifies nothing, so an exception leaves parameters and state
@@ -318,9 +318,9 @@ class Shampoo(SecondOrderOptimizer):
             256 MiB): while roots are refreshed, due factors are solved in chunks whose
             estimated solver workspace fits (at least one matrix per chunk; peaks are
             reported by :meth:`memory_diagnostics`), and each step's elementwise work runs
-            in pieces of at most ``root_memory_budget / 32`` bytes (but at least 256 KiB
-            and one block row), whose temporaries fit it. ``None``: one chunk per bucket
-            and whole tensors (fastest, unbounded).
+            in pieces of at most ``root_memory_budget / 8`` bytes of float32 (but at least
+            256 KiB and one block row), whose eight temporaries fit it. ``None``: one
+            chunk per bucket and whole tensors (fastest, unbounded).
 
     Failures never leave a half-done step: everything that can raise (gradient checks, new
     state) runs before anything is modified; after that point failures
