@@ -32,13 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 #: Rows known to fail, with the reason; marked ``xfail(strict=False)`` (not silenced: the
 #: test still runs and reports XPASS once fixed).
-KNOWN_FAILURES: dict[str, str] = {
-    "Shampoo": (
-        "a jump from 1e-30 to 1e30 gradients inside one root period: the roots of the tiny "
-        "statistics (~1e15 in true units) applied to the huge momentum overflow float32 in the "
-        "Kronecker product before grafting rescales it (steady huge or tiny gradients pass)"
-    ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 ROWS = [r for r in contract.ROWS if contract.base_name(r) not in contract.REFERENCE]
 

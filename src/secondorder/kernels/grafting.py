@@ -25,6 +25,7 @@ None       none                              no rescaling
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -126,9 +127,78 @@ def block_norms(x: torch.Tensor) -> torch.Tensor:
     return n.reshape((b,) + (1,) * (x.dim() - 1))
 
 
-def graft_rescale(d: torch.Tensor, a: torch.Tensor, tiny: float = 1e-16) -> torch.Tensor:
+def graft_rescale(
+    d: torch.Tensor,
+    a: torch.Tensor,
+    tiny: float | torch.Tensor = 1e-16,
+    a_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rescale each block of ``d`` (stacked ``(B, ...)``) to the norm of the same block of ``a``.
 
-    Returns ``d * ||a_b|| / (||d_b|| + tiny)`` per block ``b`` (in place on ``d``).
+    Returns ``d * ||a_b|| / (||d_b|| + tiny)`` per block ``b`` (in place on ``d``). ``tiny``
+    may be a per-block tensor ``(B, 1, ..., 1)``; ``a_norms`` (that shape too) replaces
+    ``block_norms(a)`` when given. A block of zeros stays zero (never ``0 * inf``).
     """
-    return d.mul_(block_norms(a).div_(block_norms(d).add_(tiny)))
+    ratio = (block_norms(a) if a_norms is None else a_norms).div_(block_norms(d).add_(tiny))
+    return d.mul_(ratio.nan_to_num_(nan=0.0, posinf=0.0))
+
+
+# ------------------------------------------------------------------ lists of tensors
+# The same arithmetic on lists of tensors, one ``torch._foreach_*`` call per operation for
+# the whole list when the coefficients are plain numbers (a loop of the per-tensor ops
+# otherwise, e.g. for tensor hyperparameters). On the CPU the foreach ops run the per-tensor
+# kernels, so the results are bit-identical to the single-tensor functions above.
+
+
+def _plain(*coefficients: Any) -> bool:
+    return not any(isinstance(c, torch.Tensor) for c in coefficients)
+
+
+def update_second_moments(
+    kind: str | None, vs: list[torch.Tensor], gs: list[torch.Tensor], beta2: float
+) -> None:
+    """:func:`update_second_moment` for lists (in place on ``vs``)."""
+    if kind not in GRAFTS_WITH_STATE or not vs:
+        return
+    if not _plain(beta2):
+        for v, g in zip(vs, gs):
+            update_second_moment(kind, v, g, beta2)
+        return
+    if kind == "adagrad" or beta2 == 1.0:
+        torch._foreach_addcmul_(vs, gs, gs)
+        torch._foreach_clamp_max_(vs, torch.finfo(vs[0].dtype).max)
+    else:
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+
+
+def graft_directions(
+    kind: str | None,
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor] | None,
+    step: int,
+    beta2: float,
+    eps: float | torch.Tensor,
+    inplace: bool = False,
+) -> list[torch.Tensor]:
+    """:func:`graft_direction` for lists. For ``sgd`` and ``None`` the inputs themselves are
+    returned (no copy: the caller must not modify them in place); ``inplace=True`` writes
+    the directions into ``ms`` (one allocation fewer)."""
+    if kind in (None, "sgd"):
+        return list(ms)
+    if kind not in GRAFTS_WITH_STATE:
+        raise ValueError(f"graft must be one of {GRAFT_KINDS}, got {kind!r}")
+    assert vs is not None
+    if not ms:
+        return []
+    if not _plain(beta2, eps):
+        return [graft_direction(kind, m, v, step, beta2, eps) for m, v in zip(ms, vs)]
+    bc = bias_correction(beta2, step) if kind == "adam" else 1.0
+    denom = torch._foreach_div(vs, bc) if bc != 1.0 else torch._foreach_sqrt(vs)
+    if bc != 1.0:
+        torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    if inplace:
+        torch._foreach_div_(ms, denom)
+        return list(ms)
+    return torch._foreach_div(ms, denom)

@@ -173,3 +173,87 @@ def precondition(x: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
         y = torch.bmm(roots[i], x.reshape(b, n, -1)).reshape(b, n, *rest)
         x = y.movedim(1, -1)
     return x.contiguous()
+
+
+# ------------------------------------------------------------ scaled application
+#: ``|entries|`` of a saturated unscaled direction (see :func:`unscale`)
+DIRECTION_LIMIT = 2.0**63
+_EXPONENT_BITS = 0x7F800000
+_F32_MIN, _F32_MAX_POW2 = 2.0**-126, 2.0**127
+
+
+def block_amax(x: torch.Tensor) -> torch.Tensor:
+    """Largest ``|entry|`` of each block of a stack ``(B, ...)``, float32 ``(B,)``."""
+    flat = x.reshape(x.shape[0], -1)  # max and -min: no |x| temporary (vector_norm(inf) is slow)
+    return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_()).float()
+
+
+def pow2_floor(a: torch.Tensor) -> torch.Tensor:
+    """The largest power of two ``<= a`` (float32, elementwise, exact: the exponent bits of
+    ``a``), and ``2**-126`` for ``a`` below it (zero included). Dividing a block by
+    ``pow2_floor(block_amax(x))`` brings its entries into ``(-2, 2)``."""
+    bits = a.float().clamp_min(_F32_MIN).view(torch.int32) & _EXPONENT_BITS
+    return bits.view(torch.float32)
+
+
+def _per_block(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return s.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _normalize(x: torch.Tensor, scales: list[torch.Tensor]) -> torch.Tensor:
+    """Divide each block of ``x`` (in place) by the power of two of its largest entry,
+    appended to ``scales``."""
+    s = pow2_floor(block_amax(x))
+    scales.append(s)
+    return x.div_(_per_block(s, x))
+
+
+def _product(scales: list[torch.Tensor]) -> torch.Tensor:
+    """The product of per-block powers of two, in float64 (exact: no over- or underflow)."""
+    return torch.stack(scales).double().prod(dim=0)
+
+
+def precondition_scaled(
+    x: torch.Tensor, roots: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`precondition` in scaled units: ``(d, scale)`` with ``d * scale ==
+    precondition(x, roots)`` per block; ``d`` float32 with entries in ``(-2, 2)``,
+    ``scale`` a float64 power of two per block ``(B,)``.
+
+    ``x`` and the product after each factor are divided by a power of two (per block) that
+    brings their largest entry into ``[1, 2)``, so no intermediate overflows as long as each
+    root's entries times its size stay below the dtype's largest value, whatever the
+    magnitude of ``x`` or of the roots' product (large gradients hitting the roots of tiny
+    statistics overflow :func:`precondition`). Scaling by powers of two is exact: in the
+    normal range ``d * scale`` is bit-identical to :func:`precondition` (the matmuls see
+    the same operands up to powers of two). Squares of ``d`` cannot overflow, so norms of
+    ``d`` are safe in float32.
+    """
+    dt = roots[0].dtype
+    scales = [pow2_floor(block_amax(x))]
+    xs = torch.div(x.float(), _per_block(scales[0], x)).to(dt).contiguous()
+    k = xs.dim() - 1
+    if k == 1:
+        out = torch.bmm(roots[0], xs.unsqueeze(-1)).squeeze(-1)
+        return _normalize(out.float(), scales), _product(scales)
+    if k == 2:
+        y = _normalize(torch.bmm(roots[0], xs), scales)
+        return _normalize(torch.bmm(y, roots[1]).float(), scales), _product(scales)
+    for i in range(k):
+        b, n = xs.shape[0], xs.shape[1]
+        rest = xs.shape[2:]
+        y = torch.bmm(roots[i], xs.reshape(b, n, -1)).reshape(b, n, *rest)
+        xs = _normalize(y, scales).movedim(1, -1)
+    return xs.contiguous().float(), _product(scales)
+
+
+def unscale(
+    d: torch.Tensor, scale: torch.Tensor, limit: float = DIRECTION_LIMIT
+) -> torch.Tensor:
+    """``d * scale`` per block (in place; ``scale`` float64 powers of two), entries saturated at
+    ``+-limit``: finite even where the true product is beyond float32, and exact
+    (bit-identical to the unscaled product) below."""
+    s1 = scale.clamp(_F32_MIN, _F32_MAX_POW2)
+    s2 = (scale / s1).clamp(_F32_MIN, _F32_MAX_POW2)  # 1 in the normal range
+    d.mul_(_per_block(s1, d)).mul_(_per_block(s2, d))  # beyond it: inf, or 0
+    return d.clamp_(-limit, limit)
