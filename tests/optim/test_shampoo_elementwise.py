@@ -30,7 +30,7 @@ from secondorder.blocking import BlockPlan
 from secondorder.kernels import kron
 from secondorder.kernels.grafting import graft_direction, graft_rescale, update_second_moment
 from secondorder.optim import pieces
-from secondorder.optim import shampoo as shampoo_module
+from secondorder.optim import shampoo_steps as shampoo_module
 
 # blocked rows and columns, remainders, a merged conv kernel, a 3-d tensor, a vector, a scalar
 SHAPES = [(11, 7), (6, 13), (4, 3, 2, 2), (5, 4, 6), (9,), ()]

@@ -24,6 +24,7 @@ import secondorder.blocking as blocking
 import secondorder.kernels.kron as kron
 import secondorder.kernels.roots as roots
 import secondorder.optim.shampoo as mod
+import secondorder.optim.shampoo_steps as steps
 from secondorder import Shampoo
 from secondorder.optim.shampoo import RootFailureError
 
@@ -95,13 +96,14 @@ def _identical(a, b):
 # optimizer imported by name are patched where it looks them up.
 TARGETS = [
     (mod, "inverse_root"),
-    (mod, "graft_direction"),
-    (mod, "update_second_moment"),
-    (mod, "graft_rescale"),
     (mod, "bias_correction"),
-    (mod, "graft_directions"),
-    (mod, "update_second_moments"),
-    (mod, "cut"),
+    (steps, "graft_direction"),
+    (steps, "update_second_moment"),
+    (steps, "graft_rescale"),
+    (steps, "bias_correction"),
+    (steps, "graft_directions"),
+    (steps, "update_second_moments"),
+    (steps, "cut"),
     (kron, "update_scaled_statistics"),
     (kron, "precondition"),
     (kron, "precondition_scaled"),
