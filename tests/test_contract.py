@@ -112,13 +112,13 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("weight_decay", -0.1), ("hessian_power", 0.0), ("hessian_power", 1.5),
         ("spatial_average", "window"), ("spatial_average", 0), ("spatial_average", True),
         ("abs_before_average", 1), ("update_every", 0), ("n_probes", 0), ("n_probes", 1.5),
-        ("seed", -1), ("seed", "a"), ("nonfinite", "ignore"),
+        ("seed", -1), ("seed", "a"), ("nonfinite", "ignore"), ("foreach", "yes"),
     ],
     "MFAC": [
         ("lr", -1.0), ("lr", INF), ("num_grads", 0), ("num_grads", 2.5), ("damp", 0.0),
         ("damp", -1e-3), ("damp", NAN), ("momentum", 1.0), ("momentum", -0.1),
         ("weight_decay", -1e-2), ("block_size", 0), ("block_size", 1.5), ("scale", "t"),
-        ("nonfinite", "ignore"),
+        ("nonfinite", "ignore"), ("foreach", 1),
     ],
     "SCALE": [
         ("lr", -1.0), ("lr", NAN), ("momentum", 1.0), ("momentum", -0.1), ("weight_decay", -1.0),

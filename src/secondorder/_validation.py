@@ -190,8 +190,9 @@ def check_unsupported_flags(group: dict[str, Any], implemented: Iterable[str], n
 
     ``foreach`` and ``fused`` are performance hints and are accepted: ``fused`` is
     ignored, ``foreach`` too except by the optimizers that take it as an argument (SONew,
-    SOAP, Muon, SCALE, AdaGradNorm: ``None`` auto, ``True`` multi-tensor, ``False`` per
-    tensor, bit-identical on the CPU); the others pick their own multi-tensor paths.
+    SOAP, Muon, SCALE, AdaGradNorm, M-FAC, AdaHessian: ``None`` auto, ``True``
+    multi-tensor, ``False`` per tensor, bit-identical on the CPU); the others pick their
+    own multi-tensor paths.
     """
     for flag, instead in UNSUPPORTED_FLAGS.items():
         if flag not in implemented and group.get(flag):

@@ -48,7 +48,8 @@ def _run(make, device, steps=6, create_graph=False):
     for foreach in (True, False):
         net = _model(device=device)
         opt = make(net)
-        opt._foreach = foreach
+        for group in opt.param_groups:
+            group["foreach"] = foreach
         for k in range(steps):
             opt.zero_grad(set_to_none=True)
             _loss(net, k).backward(create_graph=create_graph and opt.create_graph)
@@ -82,10 +83,14 @@ def test_mfac_foreach_equals_per_tensor(kw, device):
 def test_the_default_path_follows_the_device():
     """As torch.optim: multi-tensor off the CPU, one tensor at a time on it."""
     p = nn.Parameter(torch.zeros(2))
-    for opt in (AdaHessian([p]), MFAC([p])):
-        assert opt._use_foreach([p]) is False
-        opt._foreach = True
-        assert opt._use_foreach([p]) is True
+    for cls in (AdaHessian, MFAC):
+        opt = cls([p])
+        assert opt._use_foreach(opt.param_groups[0], [p]) is False
+        assert cls._use_foreach({"foreach": True}, [p]) is True
+        assert cls._use_foreach({"foreach": None}, [p.to("meta")]) is True  # off the CPU
+        assert cls([p], foreach=True).param_groups[0]["foreach"] is True
+        with pytest.raises(TypeError, match="foreach"):
+            cls([p], foreach="yes")
 
 
 def test_mkor_saturated_grads_equal_the_originals_in_the_ordinary_range():

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .._validation import check_betas, check_bool, check_float, check_int
+from ..kernels import foreach as F
 from ..kernels import hutchinson as H
 from ..kernels.grafting import bias_correction
 from .base import SecondOrderOptimizer
@@ -77,6 +78,10 @@ class AdaHessian(SecondOrderOptimizer):
             without communicating. Each process's estimate comes from its own part of the
             batch: this class does no communication (DDP averages the gradients, not
             the Hessian-vector products taken afterwards).
+        foreach: ``None`` (default: as torch.optim, multi-tensor ``torch._foreach_*``
+            updates when no parameter of the group is on the CPU; on the CPU the
+            one-tensor-at-a-time loop, which reuses memory, measured faster), ``True`` or
+            ``False`` to force a path; both give bit-identical results (tested).
         nonfinite: ``"skip"`` (default) or ``"raise"``, see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`. A refresh step whose
             Hessian estimate is non-finite is skipped the same way (with a warning).
@@ -103,9 +108,11 @@ class AdaHessian(SecondOrderOptimizer):
         n_probes: int = 1,
         seed: int = 0,
         *,
+        foreach: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
+            foreach=foreach,
             lr=lr,
             betas=betas,
             eps=eps,
@@ -124,6 +131,7 @@ class AdaHessian(SecondOrderOptimizer):
 
     # ------------------------------------------------------------------ groups
     def _validate_group(self, group: dict[str, Any]) -> None:
+        F.check_foreach(group.get("foreach"))
         check_float("lr", group["lr"], low=0.0)
         group["betas"] = check_betas(group["betas"], allow_beta2_one=False)
         check_float("eps", group["eps"], low=0.0, low_open=True)
@@ -345,20 +353,16 @@ class AdaHessian(SecondOrderOptimizer):
                 torch._foreach_addcmul_(vs, ds, ds, value=1.0 - beta2)
             if wd != 0.0:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
-            if self._use_foreach(params):
+            if self._use_foreach(group, params):
                 self._apply_foreach(group, params, bc1)
             else:
                 self._apply_per_tensor(group, params, bc1)
 
-    #: multi-tensor (``torch._foreach_*``) elementwise updates: ``None`` (default) uses them
-    #: when the parameters are not on the CPU, as torch.optim does (on the CPU they have no
-    #: fused kernels and the one-tensor-at-a-time loop, which reuses memory, is faster);
-    #: ``True``/``False`` force one path. Both give bit-identical results (tested).
-    _foreach: bool | None = None
-
-    def _use_foreach(self, params: list[torch.Tensor]) -> bool:
-        if self._foreach is not None:
-            return self._foreach
+    @staticmethod
+    def _use_foreach(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """The group's ``foreach``, or for ``None`` whether no parameter is on the CPU."""
+        if group.get("foreach") is not None:
+            return group["foreach"]
         return all(p.device.type != "cpu" for p in params)
 
     def _apply_per_tensor(

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_float, check_int
+from ..kernels import foreach as F
 from ..kernels import mfac as K
 from .base import SecondOrderOptimizer
 
@@ -63,6 +64,10 @@ class MFAC(SecondOrderOptimizer):
             the window, so it is preconditioned, as in the authors' code.
         block_size: ``None`` (dense window over the whole group) or an int ``b >= 1``.
         scale: ``"m"`` or ``"count"``, see above.
+        foreach: ``None`` (default: as torch.optim, multi-tensor ``torch._foreach_*``
+            updates when no parameter of the group is on the CPU; on the CPU the
+            one-tensor-at-a-time loop, which reuses memory, measured faster), ``True`` or
+            ``False`` to force a path; both give bit-identical results (tested).
         nonfinite: ``"skip"`` (default) or ``"raise"``, see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`.
 
@@ -98,9 +103,11 @@ class MFAC(SecondOrderOptimizer):
         block_size: int | None = None,
         scale: str = "m",
         *,
+        foreach: bool | None = None,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
+            foreach=foreach,
             lr=lr,
             num_grads=num_grads,
             damp=damp,
@@ -113,6 +120,7 @@ class MFAC(SecondOrderOptimizer):
 
     # ------------------------------------------------------------------ groups
     def _validate_group(self, group: dict[str, Any]) -> None:
+        F.check_foreach(group.get("foreach"))
         check_float("lr", group["lr"], low=0.0)
         check_int("num_grads", group["num_grads"], low=1)
         check_float("damp", group["damp"], low=0.0, low_open=True)
@@ -207,20 +215,16 @@ class MFAC(SecondOrderOptimizer):
                 dirs = [self._block_direction(group, p, slot, s) for p in params]
             for p in params:
                 self.state[p]["step"].fill_(t)
-            if self._use_foreach(params):
+            if self._use_foreach(group, params):
                 self._apply_foreach(group, params, dirs)
             else:
                 self._apply_per_tensor(group, params, dirs)
 
-    #: multi-tensor (``torch._foreach_*``) elementwise updates: ``None`` (default) uses them
-    #: when the parameters are not on the CPU, as torch.optim does (on the CPU they have no
-    #: fused kernels and the one-tensor-at-a-time loop, which reuses memory, is faster);
-    #: ``True``/``False`` force one path. Both give bit-identical results (tested).
-    _foreach: bool | None = None
-
-    def _use_foreach(self, params: list[torch.Tensor]) -> bool:
-        if self._foreach is not None:
-            return self._foreach
+    @staticmethod
+    def _use_foreach(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+        """The group's ``foreach``, or for ``None`` whether no parameter is on the CPU."""
+        if group.get("foreach") is not None:
+            return group["foreach"]
         return all(p.device.type != "cpu" for p in params)
 
     def _momentum_buffer(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
