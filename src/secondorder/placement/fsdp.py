@@ -45,8 +45,8 @@ import torch.distributed as dist
 
 from ..blocking import BlockPlan
 from .ddp import BlockLayout, Communicator, _all_gather_single
-from .params import ParamPlacement, is_dtensor, placement_of
-from .view import LocalView, param_name
+from .params import ParamPlacement
+from .view import LocalView, build_view
 
 __all__ = [
     "FSDP_MODES",
@@ -157,18 +157,7 @@ def build_exact_view(
     opt: torch.optim.Optimizer, cached: tuple[tuple[int, ...], LocalView | None] | None
 ) -> tuple[tuple[int, ...], LocalView | None]:
     """:func:`~secondorder.placement.view.build_view` for ``fsdp_mode="exact"``."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    key = tuple(id(p) for p in params)
-    if cached is not None and cached[0] == key:
-        return cached
-    if not any(is_dtensor(p) for p in params):
-        return key, None
-    placements = [
-        placement_of(p, param_name(g, gi, pi))
-        for gi, g in enumerate(opt.param_groups)
-        for pi, p in enumerate(g["params"])
-    ]
-    return key, ExactView(params, placements)
+    return build_view(opt, cached, ExactView)
 
 
 #: how gradients and directions travel: ``"owners"`` (default; an entry goes only to the

@@ -133,11 +133,13 @@ def _rekey(opt: torch.optim.Optimizer, mapping: dict[int, torch.Tensor]) -> None
 
 
 def build_view(
-    opt: torch.optim.Optimizer, cached: tuple[tuple[int, ...], LocalView | None] | None
+    opt: torch.optim.Optimizer,
+    cached: tuple[tuple[int, ...], LocalView | None] | None,
+    view_class: type[LocalView] = LocalView,
 ) -> tuple[tuple[int, ...], LocalView | None]:
     """``(key, view)`` for ``opt``'s current parameters: ``cached`` while the parameters
-    are the same (``key``: their ids), else a new view; the view is ``None`` when no
-    parameter is a DTensor. Raises ``ValueError`` for unsupported placements."""
+    are the same (``key``: their ids), else a new ``view_class`` view; the view is ``None``
+    when no parameter is a DTensor. Raises ``ValueError`` for unsupported placements."""
     params = [p for g in opt.param_groups for p in g["params"]]
     key = tuple(id(p) for p in params)
     if cached is not None and cached[0] == key:
@@ -149,7 +151,7 @@ def build_view(
         for gi, g in enumerate(opt.param_groups)
         for pi, p in enumerate(g["params"])
     ]
-    return key, LocalView(params, placements)
+    return key, view_class(params, placements)
 
 
 def param_name(group: dict[str, Any], gi: int, pi: int) -> str:
