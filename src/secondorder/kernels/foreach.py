@@ -48,6 +48,14 @@ def resolve_foreach(flag: bool | None, tensors: Sequence[torch.Tensor]) -> bool:
     return all(type(t) in _PLAIN_TYPES and t.device.type in FOREACH_DEVICES for t in tensors)
 
 
+def use_foreach_off_cpu(group: dict[str, Any], tensors: Sequence[torch.Tensor]) -> bool:
+    """torch.optim's auto rule, for optimizers whose per-tensor loop is faster on the CPU:
+    the group's ``foreach``, or for ``None`` whether no tensor is on the CPU."""
+    if group.get("foreach") is not None:
+        return group["foreach"]
+    return all(t.device.type != "cpu" for t in tensors)
+
+
 def groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
     out: dict[tuple[torch.device, torch.dtype], list[int]] = {}

@@ -220,12 +220,7 @@ class MFAC(SecondOrderOptimizer):
             else:
                 self._apply_per_tensor(group, params, dirs)
 
-    @staticmethod
-    def _use_foreach(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
-        """The group's ``foreach``, or for ``None`` whether no parameter is on the CPU."""
-        if group.get("foreach") is not None:
-            return group["foreach"]
-        return all(p.device.type != "cpu" for p in params)
+    _use_foreach = staticmethod(F.use_foreach_off_cpu)
 
     def _momentum_buffer(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         st = self.state[p]
