@@ -24,26 +24,11 @@ import torch.multiprocessing as mp
 
 from secondorder import Shampoo
 
-KW = dict(lr=0.05, block_size=4, precondition_frequency=2, start_preconditioning_step=2)
+# the model (weights (7, 10), (5, 7), (3, 5) with block_size 4, three graft-only biases),
+# batches and settings of the unsharded distributed tests
+from test_distributed import KW, _batch, _model, _step  # noqa: E402 - tests/ is on sys.path
+
 SHARD = dict(distributed=True, shard_optimizer_state=True)
-
-
-def _model():
-    # weights (7, 10), (5, 7), (3, 5) with block_size 4, and three graft-only biases
-    return torch.nn.Sequential(
-        torch.nn.Linear(10, 7), torch.nn.Tanh(), torch.nn.Linear(7, 5), torch.nn.Linear(5, 3)
-    )
-
-
-def _batch(step, n=12):
-    gen = torch.Generator().manual_seed(100 + step)
-    return torch.randn(n, 10, generator=gen), torch.randn(n, 3, generator=gen)
-
-
-def _step(model, opt, x, y):
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
 
 
 def _assert_same_params(m1, m2):
