@@ -7,17 +7,14 @@ with known mean and covariance.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _spawn import run_ranks  # noqa: E402 - tests/ is on sys.path
 from secondorder import AdaptiveBatchSize
 from secondorder.batching import (
     AdaptiveBatchLoop,
@@ -360,28 +357,19 @@ def test_loop_ranks_get_disjoint_slices():
 
 
 # ---------------------------------------------------------------------- distributed
-def _dist_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        G = _samples(13, 5, 7)
-        parts = torch.tensor_split(G, world)  # uneven shards
-        mine = stats_from_samples(parts[rank])
-        red = all_reduce_stats(mine)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"count": red.count, "mean": red.mean.tolist(), "m2": red.m2.tolist()}, f)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # checks passed: skip interpreter teardown (gloo threads can abort it)
+def _dist_check(rank, world, tmp):
+    G = _samples(13, 5, 7)
+    parts = torch.tensor_split(G, world)  # uneven shards
+    red = all_reduce_stats(stats_from_samples(parts[rank]))
+    return {"count": red.count, "mean": red.mean.tolist(), "m2": red.m2.tolist()}
 
 
 @pytest.mark.distributed
 def test_all_reduced_statistics_equal_single_process(tmp_path):
     world = 2
-    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    reports = run_ranks(_dist_check, world, tmp_path)
     whole = stats_from_samples(_samples(13, 5, 7))
-    for r in range(world):
-        rep = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for rep in reports:
         assert rep["count"] == whole.count
         mean = torch.tensor(rep["mean"], dtype=torch.float64)
         m2 = torch.tensor(rep["m2"], dtype=torch.float64)

@@ -35,8 +35,8 @@ import random
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _spawn import run_ranks  # noqa: E402 - tests/ is on sys.path
 from secondorder import Shampoo
 from secondorder.distributed import BlockLayout, Communicator, assign_blocks, block_cost
 
@@ -292,27 +292,19 @@ def _check_async(world, rank, report):
         o.close()
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(THREADS)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        report = {}
-        _check_identical_grads(world, rank, report)
-        _check_ddp(world, rank, report)
-        _check_bf16(world, rank, report)
-        _check_async(world, rank, report)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # checks passed: skip interpreter teardown (gloo threads can abort it)
+def _check_all(rank, world, tmp):
+    report = {}
+    _check_identical_grads(world, rank, report)
+    _check_ddp(world, rank, report)
+    _check_bf16(world, rank, report)
+    _check_async(world, rank, report)
+    return report
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_distributed_shampoo_equals_single_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    reports = run_ranks(_check_all, world, tmp_path, threads=THREADS)
     assert sum(r["owned_blocks"] for r in reports) == 12  # 6 + 4 + 2 blocks
     single = reports[0]["block_bytes_single"]
     # each rank holds only its blocks' statistics and roots; together exactly one copy

@@ -9,16 +9,13 @@ fails the test within seconds instead of hanging for the default 30 minutes.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _spawn import run_ranks  # noqa: E402 - tests/ is on sys.path
 from secondorder import Shampoo
 
 KW = dict(lr=0.05, block_size=4, precondition_frequency=2, start_preconditioning_step=2)
@@ -42,60 +39,47 @@ def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _worker(rank, world, init_file, out_dir, async_roots):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-    )
-    try:
-        kw = dict(KW, async_roots=async_roots)
-        if async_roots:
-            kw["async_deterministic_delay"] = 1
-        report = {}
-        model = _model()
-        opt = Shampoo(model.parameters(), distributed=True, **kw)
-        for step in range(3):
-            _step(model, opt, step)
-        # the idiom: only rank 0 asks for the state dict, the others train on
-        t0 = time.perf_counter()
-        if rank == 0:
-            shard0 = opt.state_dict()
-            report["rank0_state_dict_seconds"] = time.perf_counter() - t0
-            assert shard0["distributed_shard"] == dict(rank=0, world_size=world)
-        for step in range(3, 5):
-            _step(model, opt, step)
-        # every rank's own shard resumes bit-identically on the same rank
-        shard = opt.state_dict()
-        full = opt.full_state_dict()  # collective, single-process format
-        assert "distributed_shard" not in full
-        m2 = _model()
-        m2.load_state_dict(model.state_dict())
-        opt2 = Shampoo(m2.parameters(), distributed=True, **kw)
-        opt2.load_state_dict(shard)
-        m3 = _model()
-        m3.load_state_dict(model.state_dict())
-        single = Shampoo(m3.parameters(), **kw)  # the full state loads in one process
-        single.load_state_dict(full)
-        for step in range(5, 9):
-            for m, o in ((model, opt), (m2, opt2), (m3, single)):
-                _step(m, o, step)
-        assert torch.equal(_flat(model), _flat(m2))
-        report["full_vs_single_max_abs_diff"] = (_flat(model) - _flat(m3)).abs().max().item()
-        assert report["full_vs_single_max_abs_diff"] <= 1e-5  # batched kernels: fp32 rounding
-        # a shard cannot be loaded by a single process (or another rank): a clear error
-        with pytest.raises(ValueError, match="full_state_dict"):
-            Shampoo(_model().parameters(), **kw).load_state_dict(shard)
-        for o in (opt, opt2, single):
-            o.close()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # checks passed: skip interpreter teardown (gloo threads can abort it)
+def _check(rank, world, tmp, async_roots):
+    kw = dict(KW, async_roots=async_roots)
+    if async_roots:
+        kw["async_deterministic_delay"] = 1
+    report = {}
+    model = _model()
+    opt = Shampoo(model.parameters(), distributed=True, **kw)
+    for step in range(3):
+        _step(model, opt, step)
+    # the idiom: only rank 0 asks for the state dict, the others train on
+    t0 = time.perf_counter()
+    if rank == 0:
+        shard0 = opt.state_dict()
+        report["rank0_state_dict_seconds"] = time.perf_counter() - t0
+        assert shard0["distributed_shard"] == dict(rank=0, world_size=world)
+    for step in range(3, 5):
+        _step(model, opt, step)
+    # every rank's own shard resumes bit-identically on the same rank
+    shard = opt.state_dict()
+    full = opt.full_state_dict()  # collective, single-process format
+    assert "distributed_shard" not in full
+    m2 = _model()
+    m2.load_state_dict(model.state_dict())
+    opt2 = Shampoo(m2.parameters(), distributed=True, **kw)
+    opt2.load_state_dict(shard)
+    m3 = _model()
+    m3.load_state_dict(model.state_dict())
+    single = Shampoo(m3.parameters(), **kw)  # the full state loads in one process
+    single.load_state_dict(full)
+    for step in range(5, 9):
+        for m, o in ((model, opt), (m2, opt2), (m3, single)):
+            _step(m, o, step)
+    assert torch.equal(_flat(model), _flat(m2))
+    report["full_vs_single_max_abs_diff"] = (_flat(model) - _flat(m3)).abs().max().item()
+    assert report["full_vs_single_max_abs_diff"] <= 1e-5  # batched kernels: fp32 rounding
+    # a shard cannot be loaded by a single process (or another rank): a clear error
+    with pytest.raises(ValueError, match="full_state_dict"):
+        Shampoo(_model().parameters(), **kw).load_state_dict(shard)
+    for o in (opt, opt2, single):
+        o.close()
+    return report
 
 
 @pytest.mark.distributed
@@ -103,10 +87,7 @@ def _worker(rank, world, init_file, out_dir, async_roots):
 @pytest.mark.parametrize("async_roots", [False, True])
 def test_state_dict_on_rank_zero_only_does_not_block(tmp_path, async_roots):
     world = 2
-    mp.spawn(
-        _worker, args=(world, str(tmp_path / "init"), str(tmp_path), async_roots), nprocs=world
-    )
-    report = json.loads((tmp_path / "rank0.json").read_text())
+    report = run_ranks(_check, world, tmp_path, async_roots, pg_timeout=PG_TIMEOUT_S)[0]
     # no collective: no waiting for the other rank (which is busy training)
     assert report["rank0_state_dict_seconds"] < PG_TIMEOUT_S / 2
     print("\n", json.dumps(report))

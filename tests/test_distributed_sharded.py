@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _spawn import run_ranks  # noqa: E402 - tests/ is on sys.path
 from secondorder import Shampoo
 
 # the model (weights (7, 10), (5, 7), (3, 5) with block_size 4, three graft-only biases),
@@ -176,26 +175,18 @@ def _check_async(world, rank, report):
         o.close()
 
 
-def _worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        report = {}
-        _check_equal(world, rank, report)
-        _check_ddp(world, rank, report)
-        _check_async(world, rank, report)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(report, f)
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # checks passed: skip interpreter teardown (gloo threads can abort it)
+def _check_all(rank, world, tmp):
+    report = {}
+    _check_equal(world, rank, report)
+    _check_ddp(world, rank, report)
+    _check_async(world, rank, report)
+    return report
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sharded_state_equals_unsharded_and_single_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    reports = run_ranks(_check_all, world, tmp_path)
     assert sum(r["owned_params"] for r in reports) == 6  # every parameter on exactly one rank
     single = reports[0]["state_bytes_single"]
     # the state of each parameter lives on one rank: together exactly one copy

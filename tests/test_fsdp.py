@@ -30,7 +30,6 @@ What each check compares against, and its tolerance:
 from __future__ import annotations
 
 import copy
-import faulthandler
 import math
 import os
 from contextlib import contextmanager
@@ -39,7 +38,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
@@ -52,12 +50,12 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import secondorder
 import secondorder.optim.base
 import secondorder.placement.fsdp as fsdp_placement
+from _spawn import mark, run_ranks  # tests/ is on sys.path
 from secondorder import Shampoo, SONew
 from secondorder.kernels import sonew as K
 from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
 
 EPS = torch.finfo(torch.float32).eps
-HANG_SECONDS = 400  # deadlock guard only; a healthy 4-rank run takes ~1 min quiet, 8x that loaded
 SONEW_KW = dict(lr=0.02, weight_decay=0.01, betas=(0.9, 0.99))
 
 
@@ -454,60 +452,31 @@ def _check_bad_input(mesh):
     assert before["state"] == opt.state_dict()["state"] == {}
 
 
-def _mark(tmp, rank, stage):
-    """Append the stage a rank reached to its own file (read back when a rank dies)."""
-    with open(os.path.join(tmp, f"stages-{rank}.txt"), "a") as f:
-        f.write(stage + "\n")
-
-
-def _worker(rank, world, init_file, tmp, names):
-    torch.set_num_threads(1)
-    # a collective that some rank never joins would hang: dump every stack and exit instead
-    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        meshes = _meshes(world)
-        for label, mesh in meshes:
-            for name, check, args in (
-                ("shampoo", _check_shampoo_local, (mesh,)),
-                ("exact", _check_shampoo_exact, (mesh,)),
-                ("sonew", _check_sonew_cut_links, (mesh,)),
-                ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
-            ):
-                if name in names:
-                    _mark(tmp, rank, f"{name}:{label}")
-                    check(*args)
-        if "bad" in names:
-            _mark(tmp, rank, "bad")
-            _check_bad_input(meshes[0][1])
-        if "exact-groups" in names:
-            _mark(tmp, rank, "exact-groups")
-            _check_exact_one_group(meshes)
-        if "reshard" in names:
-            _mark(tmp, rank, "reshard")
-            _check_reshard(meshes, tmp)
-        _mark(tmp, rank, "barrier")
-        dist.barrier()
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-        dist.destroy_process_group()
-    _mark(tmp, rank, "done")
-    # Every check passed and the process group is gone. Interpreter teardown with gloo's C++
-    # worker threads alive can still abort the process (rarely, under load: "terminate called
-    # without an active exception"), which would fail a run whose checks all passed, so leave
-    # without it. Failures above raise before this line and reach the parent as usual.
-    os._exit(0)
+def _check_named(rank, world, tmp, names):
+    meshes = _meshes(world)
+    for label, mesh in meshes:
+        for name, check, args in (
+            ("shampoo", _check_shampoo_local, (mesh,)),
+            ("exact", _check_shampoo_exact, (mesh,)),
+            ("sonew", _check_sonew_cut_links, (mesh,)),
+            ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
+        ):
+            if name in names:
+                mark(f"{name}:{label}")
+                check(*args)
+    if "bad" in names:
+        mark("bad")
+        _check_bad_input(meshes[0][1])
+    if "exact-groups" in names:
+        mark("exact-groups")
+        _check_exact_one_group(meshes)
+    if "reshard" in names:
+        mark("reshard")
+        _check_reshard(meshes, tmp)
 
 
 def _spawn(world, tmp_path, names):
-    try:
-        mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), names), nprocs=world)
-    except mp.ProcessExitedException as err:
-        stages = {}
-        for rank in range(world):
-            path = tmp_path / f"stages-{rank}.txt"
-            stages[rank] = path.read_text().split() if path.exists() else []
-        raise AssertionError(f"a rank died ({err}); stages reached per rank: {stages}") from err
+    run_ranks(_check_named, world, tmp_path, names)
 
 
 @pytest.mark.distributed
