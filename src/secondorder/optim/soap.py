@@ -41,6 +41,24 @@ merges into one (a 24x12 matrix with ``block_size >= 288``) gets one factor over
 dim. True 1-d tensors (biases, norms) and 0-d tensors run plain Adam unless
 ``precondition_1d=True`` (then one factor per block of the vector). All optimizer state is
 float32 whatever the parameter's dtype.
+
+**Sharded parameters** (FSDP2 ``fully_shard``, HSDP: DTensors with ``Shard(0)``). Each rank
+runs SOAP on its shard as on a tensor of its own: blocks are cut inside the shard, and the
+factors, bases and rotated moments are those of the shard's blocks. Everything else SOAP
+computes is per block (rotations, Adam in the rotated basis, the refresh), per tensor but
+the same on every shard (the step count and so the refresh schedule: all shards step
+together, a non-finite gradient anywhere skips the step everywhere), or elementwise (plain
+Adam). The one quantity of the whole tensor is the scale of the stored state: ``max |g|``
+is reduced by max over the shards, so every shard stores its state in the units a single
+process would use (one small collective per step and shard group; a rank whose shard is
+empty takes part and does nothing else). A step is thus single-process SOAP applied to each
+shard as a tensor of its own, and SOAP on the whole tensor when the block boundaries
+coincide (``block_size`` divides the rows of every shard). Which tensors get factors is
+decided on the shard's shape, as for a tensor of that shape: a one-row shard of a matrix
+narrower than ``block_size`` is a vector (plain Adam unless ``precondition_1d``).
+Checkpoints keep the per-block state under ``shard_<i>_of_<n>`` keys (it depends on where
+the shards were cut: it loads back only at the same number of shards) and plain Adam's
+moments as DTensors (they reshard); see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -65,6 +83,7 @@ from ..kernels.eigenbasis import (
     unrotate,
 )
 from ..kernels.grafting import bias_correction
+from ..placement.params import all_reduce_over_shards
 from .base import SecondOrderOptimizer
 
 __all__ = ["SOAP"]
@@ -105,6 +124,9 @@ class SOAP(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg", "exp_avg_sq")
+    _supports_dtensor = True  # local shards (module docstring, docs/distributed.md)
+    # sharded parameters take part in the reduction of max |g| over their shards
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -230,7 +252,9 @@ class SOAP(SecondOrderOptimizer):
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         due: list[tuple[dict[str, Any], int, int, str]] = []  # (state, class, axis, method)
+        grads, maxima = self._gradients(work)
         for group, params in work:
+            params = [p for p in params if p.numel()]  # empty shards: in the reduction only
             if not params:
                 continue
             foreach = F.resolve_foreach(group["foreach"], params)
@@ -243,9 +267,8 @@ class SOAP(SecondOrderOptimizer):
             for p in params:
                 state = self.state[p]
                 t = int(state["step"].item())  # a CPU tensor: no device sync
-                g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
                 plan = self._plan(p, group)
-                g, eps = self._rescale(group, p, g, state, plan, foreach)
+                g, eps = self._rescale(group, p, grads[id(p)], maxima[id(p)], state, foreach)
                 parts.append((plan, self._units(group, p, g, eps, state, plan, t, units)))
                 if plan is not None:
                     due.extend(self._update_factors(group, g, state, plan, t))
@@ -259,13 +282,34 @@ class SOAP(SecondOrderOptimizer):
         if due:
             self._refresh(due)
 
+    def _gradients(
+        self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Per parameter (by ``id``): its gradient in float32 and ``max |g|`` over the whole
+        tensor, a 0-d device tensor. For a shard of a DTensor parameter that maximum is
+        reduced over the shards (one collective per shard group and step, in which a rank
+        holding an empty shard takes part), so that every shard stores its state in the
+        units of one scale, the one a single process holding the whole tensor uses."""
+        ps = [p for _, params in work for p in params]
+        grads = {id(p): p.grad.float() if p.grad.dtype != torch.float32 else p.grad for p in ps}
+        maxima = [grads[id(p)].abs().amax() if p.numel() else grads[id(p)].new_zeros(())
+                  for p in ps]  # fmt: skip
+        placements = [self._placement(p) for p in ps]
+        shards = [i for i, pl in enumerate(placements) if pl is not None and pl.sharded]
+        if shards:
+            common = torch.stack([maxima[i] for i in shards])
+            all_reduce_over_shards(common, [placements[i] for i in shards], "max")
+            for i, m in zip(shards, common.unbind()):
+                maxima[i] = m
+        return grads, {id(p): m for p, m in zip(ps, maxima)}
+
     def _rescale(
         self,
         group: dict[str, Any],
         p: torch.Tensor,
         g: torch.Tensor,
+        amax: torch.Tensor,
         state: dict[str, Any],
-        plan: BlockPlan | None,
         foreach: bool,
     ) -> tuple[torch.Tensor, Any]:
         """Scale-aware state: the gradient divided by ``c = 2**scale_exp`` and the ``eps`` to
@@ -277,12 +321,12 @@ class SOAP(SecondOrderOptimizer):
         scaling, bit for bit) while gradients stay below ``2**SAFE_EXP``; a larger gradient
         raises it (never lowers it), and the stored values are multiplied by the exact power
         of two that keeps them consistent, so squares and their sums cannot overflow float32.
-        No host sync: the exponent is a device scalar.
+        No host sync: the exponent is a device scalar. ``amax`` is ``max |g|`` of the whole
+        tensor (:meth:`_gradients`: on shards, the maximum over all of them).
         """
         e_old = state.get("scale_exp")
         if e_old is None:  # a state without one (created by an older version)
             e_old = state["scale_exp"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        amax = g.abs().amax()
         e_new = torch.maximum(e_old, (torch.log2(amax).ceil_() - SAFE_EXP).clamp_(min=0.0))
         ratio = torch.exp2(e_old - e_new)  # <= 1, exactly a power of two
         sq = ratio * ratio
