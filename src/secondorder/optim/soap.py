@@ -53,9 +53,12 @@ is reduced by max over the shards, so every shard stores its state in the units 
 process would use (one small collective per step and shard group; a rank whose shard is
 empty takes part and does nothing else). A step is thus single-process SOAP applied to each
 shard as a tensor of its own, and SOAP on the whole tensor when the block boundaries
-coincide (``block_size`` divides the rows of every shard). Which tensors get factors is
-decided on the shard's shape, as for a tensor of that shape: a one-row shard of a matrix
-narrower than ``block_size`` is a vector (plain Adam unless ``precondition_1d``).
+coincide (``block_size`` divides the rows of every shard). One exception: whether a
+tensor is rotated or runs plain Adam is decided for the whole parameter, so that all its
+shards hold the same kind of state (checkpoints save plain Adam's moments as one tensor
+over all shards): a one-row shard of a matrix is rotated (as a tensor of its own it would be
+a vector: that is SOAP on it with ``precondition_1d=True``), and a vector rotated with
+``precondition_1d`` that has a one-entry shard runs plain Adam on every shard.
 Checkpoints keep the per-block state under ``shard_<i>_of_<n>`` keys (it depends on where
 the shards were cut: it loads back only at the same number of shards) and plain Adam's
 moments as DTensors (they reshard); see docs/distributed.md.
@@ -179,15 +182,23 @@ class SOAP(SecondOrderOptimizer):
 
     # ------------------------------------------------------------------- shapes
     def _plan(self, p: torch.Tensor, group: dict[str, Any]) -> BlockPlan | None:
-        """The block plan of ``p``, or ``None`` when ``p`` runs plain Adam."""
-        key = (tuple(p.shape), group["block_size"], group["precondition_1d"])
+        """The block plan of ``p``, or ``None`` when ``p`` runs plain Adam.
+
+        Rotated: tensors with two or more dims of size > 1, and true vectors with
+        ``precondition_1d``. For a shard of a DTensor parameter this is decided for the
+        whole parameter, so that all its shards hold the same kind of state: a one-row
+        shard of a matrix is rotated (one factor over its row), and a vector with a
+        one-entry shard runs plain Adam on every shard (that shard has nothing to rotate).
+        """
+        pl = self._placement(p)
+        shards = _shard_shapes(pl) if pl is not None and pl.sharded else [tuple(p.shape)]
+        whole = shards[0] if pl is None else tuple(pl.global_shape)
+        key = (tuple(p.shape), whole, len(shards), group["block_size"], group["precondition_1d"])
         if key not in self._plans:
-            plan = BlockPlan(p.shape, group["block_size"])
-            nonunit = sum(1 for d in p.shape if d != 1)
-            use = plan.order >= 2 or (
-                plan.order == 1 and (nonunit >= 2 or group["precondition_1d"])
-            )
-            self._plans[key] = plan if use else None
+            nonunit = sum(1 for d in whole if d != 1)
+            use = nonunit >= 2 or (nonunit == 1 and group["precondition_1d"])
+            use = use and all(any(d != 1 for d in s) for s in shards)
+            self._plans[key] = BlockPlan(p.shape, group["block_size"]) if use else None
         return self._plans[key]
 
     # -------------------------------------------------------------------- state
@@ -507,6 +518,14 @@ class SOAP(SecondOrderOptimizer):
                 idx += 1
         return out
 
+
+
+def _shard_shapes(pl: Any) -> list[tuple[int, ...]]:
+    """The shapes of the non-empty shards of a sharded parameter (``torch.chunk`` rows)."""
+    rows, rest = pl.global_shape[0], tuple(pl.global_shape[1:])
+    chunk = -(-rows // pl.shard_count)
+    sizes = [min(chunk, rows - i * chunk) for i in range(pl.shard_count) if i * chunk < rows]
+    return [(n, *rest) for n in sizes]
 
 
 class _Unit(NamedTuple):
