@@ -412,30 +412,37 @@ class SOAP(SecondOrderOptimizer):
         ]
 
     def _refresh(self, due: list[tuple[dict[str, Any], int, int, str]]) -> None:
-        """New bases for all due factors, one batched call per (size, device, method)."""
-        buckets: dict[tuple[Any, ...], list[tuple[dict[str, Any], int, int]]] = {}
-        for state, c, i, method in due:
+        """New bases for all due factors, one batched call per (size, device, method).
+
+        The new bases are installed afterwards, in the order of ``due`` (per parameter, block
+        class and axis): the momentum's rotations into them are applied axis by axis in the
+        same order whatever other parameters share the buckets (mode products commute, but
+        their rounding does not), so a parameter's step never depends on the others."""
+        buckets: dict[tuple[Any, ...], list[int]] = {}
+        for k, (state, c, i, method) in enumerate(due):
             f = state["factors"][c][i]
-            buckets.setdefault((f.shape[-1], f.device, method), []).append((state, c, i))
-        for (_, _, method), items in buckets.items():
-            factors = [st["factors"][c][i] for st, c, i in items]
-            bases = [st["bases"][c][i] for st, c, i in items]
+            buckets.setdefault((f.shape[-1], f.device, method), []).append(k)
+        new: list[Any] = [None] * len(due)
+        for (_, _, method), ks in buckets.items():
+            factors = [due[k][0]["factors"][due[k][1]][due[k][2]] for k in ks]
+            bases = [due[k][0]["bases"][due[k][1]][due[k][2]] for k in ks]
             cat = (lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0])  # noqa: E731
             res = refresh_bases(tie_break(cat(factors), TIE_BREAK), cat(bases), method)
             sizes = [f.shape[0] for f in factors]
-            parts = zip(*(x.split(sizes) for x in res))
-            for (st, c, i), (basis, perm, eig, ok) in zip(items, parts):
-                old = st["bases"][c][i]
-                m = st.get("rotated_exp_avg")
-                if m is not None:  # re-express the momentum in the new basis (exact)
-                    m[c].copy_(mode_product(m[c], i, torch.bmm(basis.mT, old)))
-                old.copy_(basis)
-                old_eig = st["eigenvalues"][c][i]
-                old_eig.copy_(torch.where(ok[:, None], eig, old_eig))
-                st["basis_failures"][c][i].add_((~ok).long())
-                v = st["rotated_exp_avg_sq"][c]
-                v.copy_(permute_axis(v, i, perm))
+            for k, part in zip(ks, zip(*(x.split(sizes) for x in res))):
+                new[k] = part
             self._warn_failures(res.ok)
+        for (st, c, i, _), (basis, perm, eig, ok) in zip(due, new):
+            old = st["bases"][c][i]
+            m = st.get("rotated_exp_avg")
+            if m is not None:  # re-express the momentum in the new basis (exact)
+                m[c].copy_(mode_product(m[c], i, torch.bmm(basis.mT, old)))
+            old.copy_(basis)
+            old_eig = st["eigenvalues"][c][i]
+            old_eig.copy_(torch.where(ok[:, None], eig, old_eig))
+            st["basis_failures"][c][i].add_((~ok).long())
+            v = st["rotated_exp_avg_sq"][c]
+            v.copy_(permute_axis(v, i, perm))
 
     def _warn_failures(self, ok: torch.Tensor) -> None:
         """Warn once if a refresh produced a non-finite basis (kept the previous one).
