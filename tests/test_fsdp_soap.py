@@ -180,7 +180,8 @@ def _check_model(mesh):
             opt.zero_grad()
             _fsdp_backward(model, step, rank, world)
             nan = step == 4
-            if nan and rank == 0:  # one rank's shard only
+            # one shard only (under HSDP its replicas hold the same gradient)
+            if nan and mesh.get_local_rank(mesh.ndim - 1) == 0:
                 params[0].grad.to_local()[0, 0] = float("nan")
             before = _snapshot(opt, params)
             opt.step()
