@@ -263,7 +263,7 @@ class SOAP(SecondOrderOptimizer):
     # --------------------------------------------------------------------- step
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         due: list[tuple[dict[str, Any], int, int, str]] = []  # (state, class, axis, method)
-        grads, maxima = self._gradients(work)
+        maxima = self._gradient_maxima(work)
         for group, params in work:
             params = [p for p in params if p.numel()]  # empty shards: in the reduction only
             if not params:
@@ -278,8 +278,9 @@ class SOAP(SecondOrderOptimizer):
             for p in params:
                 state = self.state[p]
                 t = int(state["step"].item())  # a CPU tensor: no device sync
+                g = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
                 plan = self._plan(p, group)
-                g, eps = self._rescale(group, p, grads[id(p)], maxima[id(p)], state, foreach)
+                g, eps = self._rescale(group, p, g, maxima[id(p)], state, foreach)
                 parts.append((plan, self._units(group, p, g, eps, state, plan, t, units)))
                 if plan is not None:
                     due.extend(self._update_factors(group, g, state, plan, t))
@@ -293,17 +294,17 @@ class SOAP(SecondOrderOptimizer):
         if due:
             self._refresh(due)
 
-    def _gradients(
+    def _gradient_maxima(
         self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]
-    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """Per parameter (by ``id``): its gradient in float32 and ``max |g|`` over the whole
-        tensor, a 0-d device tensor. For a shard of a DTensor parameter that maximum is
-        reduced over the shards (one collective per shard group and step, in which a rank
-        holding an empty shard takes part), so that every shard stores its state in the
-        units of one scale, the one a single process holding the whole tensor uses."""
+    ) -> dict[int, torch.Tensor]:
+        """Per parameter (by ``id``): ``max |g|`` over the whole tensor, a float32 0-d device
+        tensor (exact in any dtype). For a shard of a DTensor parameter it is reduced over
+        the shards (one collective per shard group and step, in which a rank holding an
+        empty shard takes part), so that every shard stores its state in the units of one
+        scale, the one a single process holding the whole tensor uses (:meth:`_rescale`)."""
         ps = [p for _, params in work for p in params]
-        grads = {id(p): p.grad.float() if p.grad.dtype != torch.float32 else p.grad for p in ps}
-        maxima = [grads[id(p)].abs().amax() if p.numel() else grads[id(p)].new_zeros(())
+        f32 = torch.float32
+        maxima = [p.grad.abs().amax().to(f32) if p.numel() else p.grad.new_zeros((), dtype=f32)
                   for p in ps]  # fmt: skip
         placements = [self._placement(p) for p in ps]
         shards = [i for i, pl in enumerate(placements) if pl is not None and pl.sharded]
@@ -312,7 +313,7 @@ class SOAP(SecondOrderOptimizer):
             all_reduce_over_shards(common, [placements[i] for i in shards], "max")
             for i, m in zip(shards, common.unbind()):
                 maxima[i] = m
-        return grads, {id(p): m for p, m in zip(ps, maxima)}
+        return {id(p): m for p, m in zip(ps, maxima)}
 
     def _rescale(
         self,
@@ -333,7 +334,7 @@ class SOAP(SecondOrderOptimizer):
         raises it (never lowers it), and the stored values are multiplied by the exact power
         of two that keeps them consistent, so squares and their sums cannot overflow float32.
         No host sync: the exponent is a device scalar. ``amax`` is ``max |g|`` of the whole
-        tensor (:meth:`_gradients`: on shards, the maximum over all of them).
+        tensor (:meth:`_gradient_maxima`: on shards, the maximum over all of them).
         """
         e_old = state.get("scale_exp")
         if e_old is None:  # a state without one (created by an older version)
