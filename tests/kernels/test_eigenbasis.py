@@ -124,6 +124,23 @@ def test_qr_refresh_is_one_subspace_iteration_step():
         torch.testing.assert_close(res.eigenvalues[b].double(), est, rtol=0, atol=20 * EPS32)
 
 
+@pytest.mark.parametrize("method", ["qr", "eigh"])
+@pytest.mark.parametrize("n", [2, 3, 5, 7, 8])
+def test_a_refresh_does_not_depend_on_the_rest_of_the_batch(n, method):
+    """A factor's new basis is the same bits alone and anywhere in a batch of others (SOAP
+    batches the refreshes of all parameters; a parameter's step must not depend on the
+    others, e.g. on the other shards' shapes under FSDP)."""
+    g = torch.Generator().manual_seed(n)
+    a, _, _ = spd_batch(7, n, g)
+    old = random_orthogonal(7, n, g).float().contiguous()
+    a = a.float()
+    alone = refresh_bases(a[3:4], old[3:4], method)
+    for lo, hi in ((0, 7), (1, 4), (2, 5), (3, 7)):
+        res = refresh_bases(a[lo:hi].clone(), old[lo:hi].clone(), method)
+        for x, y in zip(res, alone):
+            assert torch.equal(x[3 - lo : 4 - lo], y), (lo, hi)
+
+
 def test_repeated_qr_steps_converge_to_the_eigenbasis():
     g = torch.Generator().manual_seed(2)
     a, q, lam = spd_batch(2, 4, g, gap=0.2)

@@ -24,6 +24,7 @@ import torch
 
 from . import kron
 from .roots import _eigh as _robust_eigh
+from .roots import _pad_to_aligned
 
 __all__ = [
     "BASIS_METHODS",
@@ -121,6 +122,21 @@ def tie_break(factors: torch.Tensor, rel: float) -> torch.Tensor:
     return factors + torch.diag_embed(scale[:, None] * ramp)
 
 
+def _qr_q(x: torch.Tensor) -> torch.Tensor:
+    """``Q`` of ``qr(x)`` for a batch ``(B, n, n)``, the same bits wherever a matrix sits in
+    the batch. On the CPU, LAPACK's result can depend on a matrix's memory alignment in the
+    batch (seen for 5 x 5 and 7 x 7 float32 matrices), i.e. on which other matrices share it;
+    as for ``eigh`` (:func:`secondorder.kernels.roots._eigh`), matrices whose size is not a
+    multiple of 4 are bordered by a decoupled diagonal block, which leaves the leading ``n``
+    columns of ``Q`` as they are (Householder reflections of columns that are zero below
+    row ``n`` never reach the border), and every matrix then starts on a 64-byte boundary."""
+    n = x.shape[-1]
+    pad = (-n) % 4 if x.device.type == "cpu" else 0
+    if not pad:
+        return torch.linalg.qr(x).Q
+    return torch.linalg.qr(_pad_to_aligned(x, pad)).Q[..., :n, :n]
+
+
 def refresh_bases(
     factors: torch.Tensor, bases: torch.Tensor, method: str = "qr"
 ) -> BasisRefresh:
@@ -139,7 +155,7 @@ def refresh_bases(
     cols = perm.unsqueeze(-2).expand_as(bases)
     old = torch.gather(bases, -1, cols)
     if method == "qr":
-        new = torch.linalg.qr(torch.gather(lq, -1, cols)).Q
+        new = _qr_q(torch.gather(lq, -1, cols))
         eigenvalues = torch.gather(rayleigh, -1, perm)
     else:
         w, v = _robust_eigh(factors)
