@@ -50,6 +50,7 @@ OPTIMIZERS = {
         ps, lr=1e-3, block_size=1024, distributed=True, shard_optimizer_state=True
     ),
     "sonew": lambda ps: secondorder.SONew(ps, lr=3e-3),
+    "soap": lambda ps: secondorder.SOAP(ps, lr=3e-3),
 }
 
 
