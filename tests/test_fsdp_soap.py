@@ -23,6 +23,8 @@ What each check compares against:
   same mesh, then the same steps as the original: parameters and state bit-identical.
   Another number of shards fails with the error naming the shard and what to do.
 * a tensor-parallel ``Shard(1)`` parameter is refused, naming the parameter and placement.
+* (one process) a parameter's step is bit for bit the same whatever other parameters share
+  the optimizer, which the comparisons with whole tensors rest on.
 """
 
 from __future__ import annotations
