@@ -121,6 +121,11 @@ def _check_adagradnorm(mesh):
         for p, q in zip(holder.sharded(), refp):
             assert torch.equal(opt.state[p]["sum_sq"], _local_rows(ref.state[q]["sum_sq"], p))
     assert opt.skipped_steps == ref.skipped_steps == 1
+    # a single-process state dict loads into the shards: each rank takes its rows
+    opt2 = AdaGradNorm(holder.parameters(), **AGN_ROW)
+    opt2.load_state_dict(ref.state_dict())
+    for p in holder.parameters():
+        assert torch.equal(opt2.state[p]["sum_sq"], opt.state[p]["sum_sq"])
 
     # scalar mode: squared norms summed over the shards (module docstring)
     holder = _Holder(mesh)
@@ -420,6 +425,21 @@ def _train(holder, opt, steps):
         opt.step()
 
 
+#: how sharded state appears in ``state_dict()``: a DTensor, a plain tensor (the same on
+#: every shard) or a per-shard entry
+FORMS = {
+    "agn-scalar": {"sum_sq": "plain"},
+    "agn-row": {"sum_sq": "dtensor"},
+    "scale": {"exp_avg": "dtensor", "exp_avg_sq": "dtensor"},
+    "mfac-dense": {"grads": "dtensor", "gram": "plain", "row_exp": "plain"},
+    "mfac-block": {"grads": "per-shard", "gram": "per-shard", "momentum_buffer": "dtensor"},
+}
+
+
+def _form(v):
+    return "dtensor" if _is_dt(v) else "per-shard" if isinstance(v, dict) else "plain"
+
+
 def _check_dcp_round_trip(mesh, tmp, label):
     for name, make in _makers().items():
         mark(f"dcp:{label}:{name}")
@@ -427,6 +447,9 @@ def _check_dcp_round_trip(mesh, tmp, label):
         holder = _Holder(mesh)
         opt = make(holder)
         _train(holder, opt, range(3))
+        state = opt.state_dict()["state"]
+        for key, form in FORMS[name].items():
+            assert {_form(st[key]) for st in state.values() if key in st} >= {form}, (name, key)
         dcp.save({"optim": get_optimizer_state_dict(holder, opt)}, checkpoint_id=path)
         saved_params = {k: v.detach().clone() for k, v in holder.state_dict().items()}
         _train(holder, opt, range(3, 6))
@@ -448,12 +471,15 @@ def _check_dcp_round_trip(mesh, tmp, label):
                 assert torch.equal(v, opt2.state[q][key]), (label, name, key)
 
 
-#: (optimizer, state keys that reshard; None: the load must fail naming the shard)
+#: per optimizer, how each state key of a sharded parameter reshards: "rows" (this rank's
+#: rows of the saved tensor), "flat" (its part of ``(k, numel)`` state), "same" (equal on
+#: every shard); ``None``: the load fails naming the shard (state cut per shard)
 RESHARD = {
-    "agn-scalar": ("sum_sq",),
-    "agn-row": None,
-    "scale": ("exp_avg", "exp_avg_sq", "momentum_buffer"),
-    "mfac-dense": None,
+    "agn-scalar": {"sum_sq": "same", "step": "same"},
+    "agn-row": {"sum_sq": "rows", "step": "same"},
+    "scale": {k: "rows" for k in ("exp_avg", "exp_avg_sq", "momentum_buffer")},
+    "mfac-dense": {"grads": "flat", "gram": "same", "row_exp": "same", "step": "same",
+                   "momentum_buffer": "rows"},  # fmt: skip
     "mfac-block": None,
 }
 
@@ -462,6 +488,7 @@ def _check_reshard(meshes, tmp):
     """Save with 4 shards (FSDP), load with 2 (HSDP 2 x 2)."""
     (_, fsdp), (_, hsdp) = meshes
     for name, make in _makers().items():
+        mark(f"reshard:{name}")
         path = os.path.join(tmp, f"reshard-{name}")
         holder = _Holder(fsdp)
         opt = make(holder)
@@ -471,8 +498,8 @@ def _check_reshard(meshes, tmp):
         other = _Holder(hsdp)
         opt2 = make(other)
         sd = {"optim": get_optimizer_state_dict(other, opt2)}
-        keys = RESHARD[name]
-        if keys is None:
+        how = RESHARD[name]
+        if how is None:
             with pytest.raises(CheckpointException, match=r"Missing key.*shard_\d_of_2"):
                 dcp.load(sd, checkpoint_id=path)
             continue
@@ -483,11 +510,17 @@ def _check_reshard(meshes, tmp):
         dcp.load(sd, checkpoint_id=path)
         set_optimizer_state_dict(other, opt2, sd["optim"])
         for fqn, p in zip(("w", "v", "u"), other.sharded()):
-            for key, value in opt2.state[p].items():
-                if key in keys and key in full[fqn]:
-                    want = full[fqn][key]
-                    want = _local_rows(want, p) if want.dim() else want
-                    assert torch.equal(value, want), (name, fqn, key)
+            st = opt2.state[p]
+            assert set(st) == set(full[fqn]), (name, fqn)
+            for key, value in st.items():
+                want = full[fqn][key]
+                if how.get(key) == "rows":
+                    want = _local_rows(want, p)
+                elif how.get(key) == "flat":
+                    want = _local_flat(want.reshape(want.shape[0], -1), p)
+                else:
+                    assert how.get(key) == "same", (name, key)
+                assert torch.equal(value, want), (name, fqn, key)
         _train(other, opt2, range(3, 5))  # and it trains on
 
 

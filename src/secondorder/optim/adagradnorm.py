@@ -39,6 +39,7 @@ import torch
 from .._validation import check_choice, check_float
 from ..kernels import foreach as F
 from ..placement.reduce import all_reduce_over_shards
+from ._shard_state import ShardStateMixin, rows_to_global, rows_to_local
 from .base import SecondOrderOptimizer
 
 __all__ = ["AdaGradNorm"]
@@ -64,7 +65,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 1 else t.reshape(1, 1)
 
 
-class AdaGradNorm(SecondOrderOptimizer):
+class AdaGradNorm(ShardStateMixin, SecondOrderOptimizer):
     r"""AdaGrad-Norm: ``w ← w − lr · g / (√(b_0² + Σ_t ‖g_t‖²) + eps)``.
 
     Args:
@@ -87,6 +88,9 @@ class AdaGradNorm(SecondOrderOptimizer):
     **State** per parameter: ``step`` (0-d CPU tensor) and ``sum_sq`` (float32; float64 for
     float64 parameters): a 0-d tensor
     in scalar mode (this parameter's share of the group's sum), ``[rows]`` in row mode.
+    For DTensor parameters ``state_dict`` saves row accumulators as DTensors of shape
+    ``[rows]`` sharded like the rows (they load into any number of shards) and shares as
+    plain numbers (the same on every shard).
     """
 
     _supports_dtensor = True  # scalar mode reduces over the shards (docs/distributed.md)
@@ -114,6 +118,14 @@ class AdaGradNorm(SecondOrderOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # checkpoints of DTensor parameters: row accumulators as DTensors of shape (rows,),
+    # laid out like the rows, so that they reshard
+    def _state_out(self, group: dict[str, Any], pl: Any, key: str, v: Any) -> Any:
+        return rows_to_global(v, pl) if key == "sum_sq" and group["mode"] == "row" else v
+
+    def _state_in(self, group: dict[str, Any], pl: Any, key: str, v: Any) -> Any:
+        return rows_to_local(v, pl, key) if key == "sum_sq" else v
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_float("lr", group["lr"], low=0.0)

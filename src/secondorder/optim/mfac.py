@@ -14,6 +14,7 @@ from .._validation import check_choice, check_float, check_int
 from ..kernels import foreach as F
 from ..kernels import mfac as K
 from ..placement.reduce import all_reduce_over_shards
+from ._shard_state import ShardStateMixin, one_copy
 from .base import SecondOrderOptimizer
 
 __all__ = ["MFAC"]
@@ -21,7 +22,7 @@ __all__ = ["MFAC"]
 SCALES = ("m", "count")
 
 
-class MFAC(SecondOrderOptimizer):
+class MFAC(ShardStateMixin, SecondOrderOptimizer):
     r"""M-FAC (Frantar, Kurtic, Alistarh, 2021), the dynamic algorithm: ``θ ← θ − lr · u``.
 
     With ``g_1 … g_m`` the last ``m`` gradients (a ring buffer; the newest one included),
@@ -194,6 +195,15 @@ class MFAC(SecondOrderOptimizer):
                     f"block_size={group['block_size']}: the state dict does not match these "
                     "parameters, or num_grads/block_size changed after training started"
                 )
+
+    def _state_out(self, group: dict[str, Any], pl: Any, key: str, v: Any) -> Any:
+        """Checkpoints of DTensor parameters: a dense window's ``gram`` and ``row_exp`` are
+        the whole tensor's on every shard, saved once as plain tensors (with ``grads`` a
+        DTensor, the window then loads into any number of shards); block windows are cut
+        inside the shards and stay per shard."""
+        if group["block_size"] is None and key in ("gram", "row_exp"):
+            return one_copy(v, pl)
+        return v
 
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
