@@ -477,7 +477,7 @@ def _check_dcp_round_trip(mesh, tmp, label):
 RESHARD = {
     "agn-scalar": {"sum_sq": "same", "step": "same"},
     "agn-row": {"sum_sq": "rows", "step": "same"},
-    "scale": {k: "rows" for k in ("exp_avg", "exp_avg_sq", "momentum_buffer")},
+    "scale": {"exp_avg": "rows", "exp_avg_sq": "rows", "momentum_buffer": "rows", "step": "same"},
     "mfac-dense": {"grads": "flat", "gram": "same", "row_exp": "same", "step": "same",
                    "momentum_buffer": "rows"},  # fmt: skip
     "mfac-block": None,
