@@ -524,6 +524,38 @@ def _check_reshard(meshes, tmp):
         _train(other, opt2, range(3, 5))  # and it trains on
 
 
+# ------------------------------------------------------------------- collectives
+#: all-reduces per step (the shared non-finite flag included; one param group, one mesh),
+#: as docs/distributed.md states them
+COLLECTIVES = {
+    "agn-scalar": 2,
+    "agn-row": 1,
+    "scale": 2,  # the two sharded embedding tables share one all-reduce
+    "mfac-dense": 3,  # row maxima, Gram rows
+    "mfac-block": 1,
+}
+
+
+def _check_collectives(mesh):
+    for name, make in _makers().items():
+        holder = _Holder(mesh)
+        opt = make(holder)
+        holder.set_grads(0)
+        calls = []
+        all_reduce = dist.all_reduce
+
+        def counting(t, *args, **kwargs):
+            calls.append(t.numel())
+            return all_reduce(t, *args, **kwargs)
+
+        dist.all_reduce = counting
+        try:
+            opt.step()
+        finally:
+            dist.all_reduce = all_reduce
+        assert len(calls) == COLLECTIVES[name], (name, calls)
+
+
 # --------------------------------------------------------------------- bad input
 def _check_bad_input(mesh):
     w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)] * mesh.ndim))
@@ -541,6 +573,7 @@ CHECKS = {
     "scale-model": _check_scale_from_model,
     "mfac-dense": _check_mfac_dense,
     "mfac-blocks": _check_mfac_blocks,
+    "collectives": _check_collectives,
 }
 
 
