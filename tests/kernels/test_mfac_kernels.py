@@ -9,6 +9,7 @@ import torch
 
 from secondorder.kernels import mfac as K
 
+EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 
 
@@ -93,3 +94,35 @@ def test_failed_cholesky_falls_back_to_clamped_eigh_with_a_warning():
     want0 = q @ ((q.T @ rhs[0]) / (w.clamp_min(0) + 1e-4))
     torch.testing.assert_close(x[0], want0, rtol=1e-10, atol=0)
     torch.testing.assert_close(x[1], rhs[1] / (2 + 1e-4), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**100, 2.0**-100], ids=["1", "2**100", "2**-100"])
+def test_ring_write_of_pieces_stores_the_whole_rows_entries(scale):
+    """A row written piece by piece (as the shards of a tensor write it), each piece told
+    the whole row's largest magnitude and length, stores exactly the entries and exponent
+    that writing the whole row stores; the Gram row from the pieces, summed, is the whole
+    one up to the rounding of float32 dot products (``n eps`` relative to ``|G||g|``)."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, cut = 3, 11, 4
+    rows = torch.randn(m, n, generator=gen) * scale
+    rows[:, 0] *= 4.0  # the largest entry in the first piece: its exponent differs
+    whole = torch.zeros(m, n)
+    exps = torch.zeros(m, dtype=torch.int16)
+    pieces = [torch.zeros(m, cut), torch.zeros(m, n - cut)]
+    piece_exps = [torch.zeros(m, dtype=torch.int16) for _ in pieces]
+    for slot in range(m):
+        g = rows[slot]
+        stored = K.ring_write(whole, slot, g, exps)
+        want = K.gram_row(whole, stored, exps, exps[slot])
+        got = torch.zeros(m, dtype=torch.float64)
+        biggest = K.row_max(g)
+        for buf, e, part in zip(pieces, piece_exps, (g[:cut], g[cut:])):
+            s = K.ring_write(buf, slot, part, e, row_max=biggest, row_len=n)
+            got += K.gram_row(buf, s, e, e[slot])
+            assert torch.equal(e, exps)
+        assert torch.equal(torch.cat(pieces, dim=1), whole)
+        true = whole.double() * torch.exp2(exps.double()).unsqueeze(-1)
+        bound = n * EPS32 * (true.abs() @ true[slot].abs())
+        assert bool(((got - want).abs() <= bound).all())
+    assert (exps != 0).all() == (scale != 1.0)
+    assert torch.equal(K.row_max(torch.zeros(2, 0)), torch.zeros(2))

@@ -9,9 +9,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secondorder.kernels.normalize import normalization_scale, normalize, reduce_dims
+from secondorder.kernels.normalize import (
+    normalization_scale,
+    normalize,
+    reduce_dims,
+    scale_from_sum_of_squares,
+    sum_of_squares,
+)
 
 EPS64 = torch.finfo(torch.float64).eps
+EPS32 = torch.finfo(torch.float32).eps
 shapes = st.lists(st.integers(1, 7), min_size=2, max_size=4).map(tuple)
 
 
@@ -38,6 +45,28 @@ def test_matches_dense_formula(shape, axis, norm, seed):
     size = torch.linalg.vector_norm(got, dim=dims)
     want = math.sqrt(count) if norm == "rms" else 1.0
     torch.testing.assert_close(size, torch.full_like(size, want), rtol=8 * count * EPS64, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, cut=st.integers(0, 7), norm=st.sampled_from(["rms", "l2"]),
+       seed=st.integers(0, 99))  # fmt: skip
+def test_column_scale_from_pieces_of_the_rows(shape, cut, norm, seed):
+    """Per-column scales of a tensor whose rows are cut in two pieces (as FSDP2 shards cut
+    them; a piece may be empty): the pieces' float64 sums of squares, added, give the
+    dense float64 scale rounded once to float32."""
+    u = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    cut = min(cut, shape[0])
+    sq = sum_of_squares(u[:cut], 0) + sum_of_squares(u[cut:], 0)
+    got = scale_from_sum_of_squares(sq, shape[0], norm, 1e-30, torch.float32)
+    mat = u.double().reshape(shape[0], -1)
+    ref = (mat * mat).sum(0).sqrt() / (math.sqrt(shape[0]) if norm == "rms" else 1.0)
+    assert got.dtype == torch.float32 and got.shape == (1, *shape[1:])
+    # float64 rounding (sums of squares of float32 values, sqrt, division) then one float32
+    tol = (EPS32 / 2 + (shape[0] + 4) * EPS64) * ref
+    assert bool(((got.reshape(-1).double() - ref).abs() <= tol).all())
+    # without a cut it is normalization_scale's scale to float32 rounding of its own sum
+    whole = normalization_scale(u, 0, norm, 1e-30).reshape(-1).double()
+    assert bool(((whole - ref).abs() <= (shape[0] + 4) * EPS32 * ref).all())
 
 
 def test_zero_rows_stay_zero_and_scale_is_clamped():

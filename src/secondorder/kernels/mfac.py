@@ -43,13 +43,20 @@ __all__ = [
     "gram_row",
     "ihvp",
     "ring_write",
+    "row_max",
     "set_gram_row",
     "solve_spd",
 ]
 
 
 def ring_write(
-    grads: torch.Tensor, slot: int, g: torch.Tensor, exps: torch.Tensor | None = None
+    grads: torch.Tensor,
+    slot: int,
+    g: torch.Tensor,
+    exps: torch.Tensor | None = None,
+    *,
+    row_max: torch.Tensor | None = None,
+    row_len: int | None = None,
 ) -> torch.Tensor:
     """In place: row ``slot`` of the window ``grads`` (``(..., m, n)``) becomes ``g``
     (``(..., n)``, cast to the window's dtype). Returns the row as stored (a tensor of its
@@ -60,14 +67,29 @@ def ring_write(
     range of :func:`secondorder.kernels.pow2.safe_exponent` is stored scaled by a power of
     two (largest entry in ``[0.5, 1)``) and its exponent recorded; rows in the range are
     stored as they are, with exponent 0.
+
+    When ``g`` is a piece of a longer row (a shard of a tensor), ``row_max`` (the largest
+    magnitude in the whole row, ``(...)``) and ``row_len`` (its length) make the exponent
+    the whole row's: every piece then stores its entries exactly as one window of the
+    whole row would.
     """
     g = g.to(grads.dtype)
     if exps is not None:
-        e = pow2.row_exponents(g, pow2.safe_exponent(grads.dtype, grads.shape[-1]))
+        limit = pow2.safe_exponent(grads.dtype, grads.shape[-1] if row_len is None else row_len)
+        of = g if row_max is None else row_max.to(grads.dtype).unsqueeze(-1)
+        e = pow2.row_exponents(of, limit)
         g = pow2.mul_pow2(g, -e.unsqueeze(-1))
         exps[..., slot] = e
     grads[..., slot, :] = g
     return g
+
+
+def row_max(g: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in each row of ``g`` (``(..., n)`` -> ``(...)``); 0 for rows
+    without entries (an empty shard)."""
+    if g.shape[-1] == 0:
+        return g.new_zeros(g.shape[:-1])
+    return g.detach().abs().amax(dim=-1)
 
 
 def gram_row(

@@ -12,6 +12,12 @@ be blown up to the size of frequent ones).
 one, so its entries are O(1) whatever the width); ``norm="l2"`` the Euclidean norm (a
 normalised row has norm one; the same direction, ``sqrt(fan)`` times smaller). Scales are
 clamped below at ``eps``, so an all-zero row stays zero.
+
+When the rows of ``u`` are spread over several pieces (the shards of a tensor sharded along
+dim 0), a per-column scale is a sum over all of them: :func:`sum_of_squares` gives each
+piece's part (float64), the caller adds the parts up, and
+:func:`scale_from_sum_of_squares` finishes the scale from the total and the whole row
+count. Per-row scales need no such split (a row lives in one piece).
 """
 
 from __future__ import annotations
@@ -43,6 +49,28 @@ def normalization_scale(u: torch.Tensor, axis: int, norm: str = "rms", eps: floa
     elif norm != "l2":
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return s.clamp_min_(eps)
+
+
+def sum_of_squares(u: torch.Tensor, axis: int) -> torch.Tensor:
+    """The squared Euclidean norm per row (``axis=1``) or column (``axis=0``) of ``u``,
+    broadcastable to it, accumulated in float64 (float32 on devices without float64). Zero
+    for a column of an empty piece (no rows)."""
+    dims = reduce_dims(u.dim(), axis)
+    dtype = torch.float32 if u.device.type == "mps" else torch.float64
+    return torch.linalg.vector_norm(u, dim=dims, keepdim=True, dtype=dtype).square_()
+
+
+def scale_from_sum_of_squares(
+    sq: torch.Tensor, count: int, norm: str, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """The scale of :func:`normalization_scale` from the squared norms ``sq`` of rows or
+    columns of ``count`` entries each, in ``dtype``."""
+    s = sq.sqrt()
+    if norm == "rms":
+        s.mul_(1.0 / math.sqrt(count))
+    elif norm != "l2":
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return s.to(dtype).clamp_min_(eps)
 
 
 def normalize(u: torch.Tensor, axis: int, norm: str = "rms", eps: float = 1e-8) -> torch.Tensor:

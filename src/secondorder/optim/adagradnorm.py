@@ -18,10 +18,19 @@ AdaGrad for biases), a 0-d tensor is one row.
 
 ``weight_decay`` is classical L2: ``g ← g + wd·w`` before the statistics (as in
 ``torch.optim.Adagrad``).
+
+**FSDP2 / HSDP shards** (DTensor parameters, rows cut along dim 0): row mode is local (a
+row lives on one shard), so every shard's step is the single-process step of its rows.
+In scalar mode a sharded parameter's squared norm is the sum of its shards' squared norms
+(float64), completed by one all-reduce per step for all sharded parameters of a param
+group; its share of ``b²`` is then the same on every shard, and a rank whose shard is empty
+still takes part (and keeps the share). Parameters that are not sharded contribute their
+own gradient, as in one process.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +38,8 @@ import torch
 
 from .._validation import check_choice, check_float
 from ..kernels import foreach as F
+from ..placement.reduce import all_reduce_over_shards
+from ._shard_state import ShardStateMixin, rows_to_global, rows_to_local
 from .base import SecondOrderOptimizer
 
 __all__ = ["AdaGradNorm"]
@@ -50,10 +61,11 @@ def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, cols]``: rows along dim 0; a 1-d tensor's elements are rows."""
-    return t.reshape(t.shape[0], -1) if t.dim() >= 1 else t.reshape(1, 1)
+    # the column count spelled out: an empty shard (0 rows) has no -1 to infer
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])) if t.dim() >= 1 else t.reshape(1, 1)
 
 
-class AdaGradNorm(SecondOrderOptimizer):
+class AdaGradNorm(ShardStateMixin, SecondOrderOptimizer):
     r"""AdaGrad-Norm: ``w ← w − lr · g / (√(b_0² + Σ_t ‖g_t‖²) + eps)``.
 
     Args:
@@ -76,7 +88,14 @@ class AdaGradNorm(SecondOrderOptimizer):
     **State** per parameter: ``step`` (0-d CPU tensor) and ``sum_sq`` (float32; float64 for
     float64 parameters): a 0-d tensor
     in scalar mode (this parameter's share of the group's sum), ``[rows]`` in row mode.
+    For DTensor parameters ``state_dict`` saves row accumulators as DTensors of shape
+    ``[rows]`` sharded like the rows (they load into any number of shards) and shares as
+    plain numbers (the same on every shard).
     """
+
+    _supports_dtensor = True  # scalar mode reduces over the shards (docs/distributed.md)
+    # scalar mode's all-reduce needs every rank of a shard group, an empty shard's included
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -99,6 +118,14 @@ class AdaGradNorm(SecondOrderOptimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
+
+    # checkpoints of DTensor parameters: row accumulators as DTensors of shape (rows,),
+    # laid out like the rows, so that they reshard
+    def _state_out(self, group: dict[str, Any], pl: Any, key: str, v: Any) -> Any:
+        return rows_to_global(v, pl) if key == "sum_sq" and group["mode"] == "row" else v
+
+    def _state_in(self, group: dict[str, Any], pl: Any, key: str, v: Any) -> Any:
+        return rows_to_local(v, pl, key) if key == "sum_sq" else v
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_float("lr", group["lr"], low=0.0)
@@ -165,13 +192,19 @@ class AdaGradNorm(SecondOrderOptimizer):
             # saturated at the state dtype's largest value: finite gradients never make the
             # accumulator inf
             sqs = []
-            for g, acc in zip(grads, accs):
-                big = torch.finfo(acc.dtype).max
+            for g in grads:
                 if mode == "scalar":
                     sq = torch.linalg.vector_norm(g, dtype=torch.float64).square()
                 else:
                     sq = torch.linalg.vector_norm(_rows(g), dim=1, dtype=torch.float64).square()
-                sqs.append(sq.clamp_(max=big).to(acc.dtype))
+                sqs.append(sq)
+            if mode == "scalar":  # a sharded tensor's norm: the sum over its shards
+                all_reduce_over_shards(((self._placement(p), sq) for p, sq in zip(params, sqs)),
+                                       "sum")  # fmt: skip
+            sqs = [
+                sq.clamp_(max=torch.finfo(acc.dtype).max).to(acc.dtype)
+                for sq, acc in zip(sqs, accs)
+            ]
             F.add_tensors_(accs, sqs, foreach)
             for dtype, idx in _by_dtype(accs).items():
                 F.clamp_max_([accs[i] for i in idx], torch.finfo(dtype).max, foreach)
@@ -218,7 +251,7 @@ class AdaGradNorm(SecondOrderOptimizer):
                 rec["accumulator"] = acc
                 rec["effective_lr"] = lr / (acc**0.5 + eps)
             else:
-                rows = [s["sum_sq"].double() + b0 for s in states]
+                rows = [s["sum_sq"].double() + b0 for s in states if s["sum_sq"].numel()]
                 lo = min((float(r.min()) for r in rows), default=b0)
                 hi = max((float(r.max()) for r in rows), default=b0)
                 rec.update(accumulator_min=lo, accumulator_max=hi)

@@ -13,6 +13,8 @@ import torch
 from .._validation import check_choice, check_float, check_int
 from ..kernels import foreach as F
 from ..kernels import mfac as K
+from ..placement.reduce import all_reduce_over_shards
+from ._shard_state import ShardStateMixin, one_copy
 from .base import SecondOrderOptimizer
 
 __all__ = ["MFAC"]
@@ -20,7 +22,7 @@ __all__ = ["MFAC"]
 SCALES = ("m", "count")
 
 
-class MFAC(SecondOrderOptimizer):
+class MFAC(ShardStateMixin, SecondOrderOptimizer):
     r"""M-FAC (Frantar, Kurtic, Alistarh, 2021), the dynamic algorithm: ``θ ← θ − lr · u``.
 
     With ``g_1 … g_m`` the last ``m`` gradients (a ring buffer; the newest one included),
@@ -88,9 +90,34 @@ class MFAC(SecondOrderOptimizer):
     Gram matrix, ``(m, m)``, or the blocks' Gram matrices ``(blocks, m, m)``) and, once
     momentum is used, ``momentum_buffer``. ``state_dict`` round-trips the ring buffer
     exactly. ``num_grads`` and ``block_size`` cannot change once a parameter has state.
+
+    **FSDP2 / HSDP shards** (DTensor parameters, rows cut along dim 0). Dense window: the
+    flat gradient of the group is the concatenation of every tensor's shards, so the only
+    quantities that cross shards are the new Gram row ``G g`` (a sum of dot products over
+    the shards) and each row's power-of-two exponent (from the largest entry of the whole
+    tensor: a max over the shards). Both are completed by all-reduces over the shard group,
+    one for the maxima and one for the ``m``-vectors of all sharded tensors of the group;
+    ``gram`` and ``row_exp`` are then the whole tensor's on every shard, every rank solves
+    the same ``m × m`` system, and ``Gᵀ a`` is computed from the local shard of the window.
+    The ring buffer holds exactly the entries one process would store; only the Gram
+    row's summation order differs (rounding). Blocked window: blocks are cut inside each
+    shard (a shard is flattened and blocked as a tensor of its own, the last block
+    zero-padded) and nothing is communicated: the step is single-process M-FAC applied to
+    every shard as a tensor; it equals M-FAC on the whole tensor when ``block_size``
+    divides the number of entries of every shard but the last (no block of the whole
+    tensor then straddles a shard boundary). Parameters that are not sharded contribute
+    their own gradient, as in one process (under FSDP2 a module left out of
+    ``fully_shard`` must then see the same gradient on every rank, or the ranks' dense
+    windows disagree).
     """
 
     _param_shaped_keys = ("momentum_buffer",)
+    # dense windows: (m, numel), laid out along the flattened parameter (DTensors in
+    # checkpoints, so they reshard); block windows (3-d) are kept per shard
+    _flat_state_keys = ("grads",)
+    _supports_dtensor = True  # reduces over the shards (docs/distributed.md)
+    # dense windows all-reduce over the shards: every rank steps, an empty shard's included
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -169,6 +196,15 @@ class MFAC(SecondOrderOptimizer):
                     "parameters, or num_grads/block_size changed after training started"
                 )
 
+    def _state_out(self, group: dict[str, Any], pl: Any, key: str, v: Any) -> Any:
+        """Checkpoints of DTensor parameters: a dense window's ``gram`` and ``row_exp`` are
+        the whole tensor's on every shard, saved once as plain tensors (with ``grads`` a
+        DTensor, the window then loads into any number of shards); block windows are cut
+        inside the shards and stay per shard."""
+        if group["block_size"] is None and key in ("gram", "row_exp"):
+            return one_copy(v, pl)
+        return v
+
     # -------------------------------------------------------------------- step
     def _init_state(self, group: dict[str, Any], p: torch.Tensor, st: dict[str, Any]) -> None:
         sdt = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
@@ -197,6 +233,8 @@ class MFAC(SecondOrderOptimizer):
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         for group, params in work:
+            if group["block_size"] is not None:  # blocks of an empty shard: none, no collective
+                params = [p for p in params if p.numel()]
             if not params:
                 continue
             for p in params:
@@ -267,19 +305,30 @@ class MFAC(SecondOrderOptimizer):
     def _dense_directions(
         self, group: dict[str, Any], params: list[torch.Tensor], slot: int, s: float
     ) -> list[torch.Tensor]:
-        gram = None
-        for p in params:
-            st = self.state[p]
-            g = self._flat_grad(group, p, st["grads"].dtype)
+        states = [self.state[p] for p in params]
+        gs = [self._flat_grad(group, p, st["grads"].dtype) for p, st in zip(params, states)]
+        pls = [self._placement(p) for p in params]
+        pls = [pl if pl is not None and pl.sharded else None for pl in pls]
+        # A sharded tensor's row exponent is the whole row's (its largest entry: a max over
+        # the shards), so every shard stores its entries as one process would.
+        maxima = [K.row_max(g) if pl is not None else None for g, pl in zip(gs, pls)]
+        all_reduce_over_shards(((pl, a) for pl, a in zip(pls, maxima) if pl is not None), "max")
+        rows = []
+        for st, g, pl, a in zip(states, gs, pls, maxima):
             exps = self._row_exp(st)
-            stored = K.ring_write(st["grads"], slot, g, exps)
-            row = K.gram_row(st["grads"], stored, exps, exps[slot])
+            n = None if pl is None else pl.global_shape.numel()
+            stored = K.ring_write(st["grads"], slot, g, exps, row_max=a, row_len=n)
+            rows.append(K.gram_row(st["grads"], stored, exps, exps[slot]))
+        # a sharded tensor's dot products are sums over its shards: one all-reduce for all
+        all_reduce_over_shards(zip(pls, rows), "sum")
+        gram = None
+        for st, row in zip(states, rows):
             K.set_gram_row(st["gram"], slot, row)
             gram = st["gram"].clone() if gram is None else gram.add_(st["gram"])
         e = torch.zeros(group["num_grads"], dtype=torch.float64, device=gram.device)
         e[slot] = 1.0
         a = K.coefficients(gram, e, group["damp"], s)
-        return [K.combine(self.state[p]["grads"], a, self.state[p]["row_exp"]) for p in params]
+        return [K.combine(st["grads"], a, st["row_exp"]) for st in states]
 
     def _block_direction(
         self, group: dict[str, Any], p: torch.Tensor, slot: int, s: float

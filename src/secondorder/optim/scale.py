@@ -29,6 +29,13 @@ roles; ``adamw_lr`` then gives the AdamW tensors their own learning rate (their 
 The update is invariant to the scale of the loss (up to the ``eps`` clamp); a normalised
 step of constant size does not converge to a point with a constant ``lr``: use a decaying
 schedule, as with any normalised method.
+
+**FSDP2 / HSDP shards** (DTensor parameters, rows cut along dim 0): per-row scales, the
+momentum and AdamW are local to each shard (bit for bit the single-process values of its
+rows). A per-column scale (``"embedding"``) sums over all rows: each shard's column sums
+of squares (float64) are added up by one all-reduce per param group and step, for all the
+group's sharded embedding tables, and divided by the whole row count; a rank whose shard is
+empty still takes part.
 """
 
 from __future__ import annotations
@@ -39,7 +46,13 @@ import torch
 
 from .._validation import check_choice, check_float
 from ..kernels import foreach as F
-from ..kernels.normalize import NORMS, normalization_scale
+from ..kernels.normalize import (
+    NORMS,
+    normalization_scale,
+    scale_from_sum_of_squares,
+    sum_of_squares,
+)
+from ..placement.reduce import all_reduce_over_shards
 from ..roles import ROLES, resolve_role, scale_param_groups
 from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, scalar, state_dtype
 
@@ -73,6 +86,9 @@ class SCALE(RoleOptimizer):
         "vector": ADAMW_KEYS,
     }
     _model_groups = staticmethod(scale_param_groups)
+    _supports_dtensor = True  # per-column scales reduce over the shards (docs/distributed.md)
+    # the column scales' all-reduce needs every rank of a shard group, empty shards included
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -127,8 +143,10 @@ class SCALE(RoleOptimizer):
         for p, role in items:
             sd = state_dtype(p)
             u = p.grad if p.grad.dtype == sd else p.grad.to(sd)
-            st = self.state[p] if role == "output" else None  # no entry for the others
-            if st is not None and (beta > 0 or "momentum_buffer" in st):
+            # every stepped tensor gets a state entry, empty unless it is the output layer:
+            # checkpoints then list it, as torch.distributed.checkpoint's loader requires
+            st = self.state[p]
+            if role == "output" and (beta > 0 or "momentum_buffer" in st):
                 if "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros(p.shape, dtype=sd, device=p.device)
                 bufs.append(st["momentum_buffer"])
@@ -140,14 +158,41 @@ class SCALE(RoleOptimizer):
                 back.append((p, target))
             targets.append(target)
         F.lerp_(bufs, buf_grads, 1.0 - beta, foreach)
-        scales = [
-            normalization_scale(u, _AXIS[role], group["norm"], eps)
-            for u, (_, role) in zip(us, items)
-        ]
+        scales = self._scales(group, items, us, eps)
         if wd != 0:
             F.mul_(targets, 1.0 - lr * wd, foreach)
         F.addcdiv_(targets, us, scales, -lr, foreach)
         F.copy_([p for p, _ in back], [t for _, t in back], foreach)
+
+    def _scales(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[torch.Tensor, str]],
+        us: list[torch.Tensor],
+        eps: float,
+    ) -> list[torch.Tensor]:
+        """The row / column scales of the directions ``us``. Columns of sharded tensors sum
+        over the shards: one all-reduce for all of them (module docstring)."""
+        scales: list[Any] = []
+        partial = []
+        for u, (p, role) in zip(us, items):
+            axis = _AXIS[role]
+            pl = self._placement(p) if axis == 0 else None
+            if pl is not None and pl.sharded:
+                sq = sum_of_squares(u, axis)
+                partial.append((pl, sq))
+                scales.append((sq, pl.global_shape[0], u.dtype))
+            else:
+                scales.append(normalization_scale(u, axis, group["norm"], eps))
+        if not partial:
+            return scales
+        all_reduce_over_shards(partial, "sum")
+        return [
+            scale_from_sum_of_squares(*s[:2], group["norm"], eps, s[2])
+            if isinstance(s, tuple)
+            else s
+            for s in scales
+        ]
 
     # ------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -160,6 +205,8 @@ class SCALE(RoleOptimizer):
         direction the next step would normalise) and ``clamped`` (rows whose scale is at
         the ``eps`` clamp: they receive a scaled-down or no update; many of them mean dead
         units or an ``eps`` too large). AdamW tensors add ``step`` and ``exp_avg_sq_max``.
+        On FSDP2 / HSDP shards every record describes this rank's shard, without
+        communicating (a per-column scale then covers this shard's rows only).
         Reads device values: call it off the hot path.
         """
         out = []

@@ -86,7 +86,7 @@ from ..kernels.eigenbasis import (
     unrotate,
 )
 from ..kernels.grafting import bias_correction
-from ..placement.params import all_reduce_over_shards
+from ..placement.reduce import all_reduce_over_shards
 from .base import SecondOrderOptimizer
 
 __all__ = ["SOAP"]
@@ -306,13 +306,7 @@ class SOAP(SecondOrderOptimizer):
         f32 = torch.float32
         maxima = [p.grad.abs().amax().to(f32) if p.numel() else p.grad.new_zeros((), dtype=f32)
                   for p in ps]  # fmt: skip
-        placements = [self._placement(p) for p in ps]
-        shards = [i for i, pl in enumerate(placements) if pl is not None and pl.sharded]
-        if shards:
-            common = torch.stack([maxima[i] for i in shards])
-            all_reduce_over_shards(common, [placements[i] for i in shards], "max")
-            for i, m in zip(shards, common.unbind()):
-                maxima[i] = m
+        all_reduce_over_shards(zip((self._placement(p) for p in ps), maxima), "max")
         return {id(p): m for p, m in zip(ps, maxima)}
 
     def _rescale(

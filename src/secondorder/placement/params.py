@@ -24,7 +24,7 @@ try:  # DTensor needs torch.distributed, absent from some builds
 except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = Replicate = Shard = None
 
-__all__ = ["ParamPlacement", "all_reduce_over_shards", "is_dtensor", "placement_of"]
+__all__ = ["ParamPlacement", "is_dtensor", "placement_of"]
 
 SUPPORTED = "Replicate() on any mesh dimension and Shard(0) on at most one (FSDP2 / HSDP)"
 
@@ -88,25 +88,6 @@ class ParamPlacement:
         return tuple(
             Shard(pl.dim + lead) if isinstance(pl, Shard) else pl for pl in self.placements
         )
-
-
-def all_reduce_over_shards(
-    values: torch.Tensor, placements: list[ParamPlacement | None], op: str
-) -> torch.Tensor:
-    """In place: ``values[i]`` (a vector, one entry per tensor) reduced (``"sum"`` or
-    ``"max"``) over the shards of the tensor whose placement is ``placements[i]``, with one
-    collective per shard group; entries of plain or unsharded tensors are left as they are.
-    Every rank of a shard group passes its tensors in the same order."""
-    groups: dict[tuple[Any, int], tuple[ParamPlacement, list[int]]] = {}
-    for i, pl in enumerate(placements):
-        if pl is not None and pl.sharded:
-            groups.setdefault((pl.mesh, pl.shard_dim), (pl, []))[1].append(i)
-    for pl, idx in groups.values():
-        at = torch.tensor(idx, device=values.device)
-        part = values[at]
-        pl.all_reduce_(part, op)
-        values[at] = part
-    return values
 
 
 def placement_of(p: torch.Tensor, name: str) -> ParamPlacement | None:
