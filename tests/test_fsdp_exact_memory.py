@@ -18,27 +18,45 @@ What each check compares against:
 * **older checkpoints**: a state dict whose moments have the whole shape (what exact mode
   stored before: zero outside the used entries) loads, is cut to the used entries, and the
   run goes on equal to the reference; a moment of another size is refused with
-  ``ValueError`` and nothing is loaded.
+  ``ValueError`` and nothing is loaded. Through ``torch.distributed.checkpoint`` such a
+  checkpoint stops ``dcp.load`` with its size mismatch, naming the moment, and loads once
+  the moments of the template have the whole shape (docs/distributed.md): the run then
+  goes on bit for bit like the one that saved it.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from _spawn import mark, run_ranks  # tests/ is on sys.path
 from secondorder import Shampoo
 from secondorder.blocking import BlockPlan
-from test_fsdp import EXACT, _fsdp_backward, _fsdp_model, _Holder, _meshes, _single
+from test_fsdp import (
+    EXACT,
+    _fsdp_backward,
+    _fsdp_model,
+    _Holder,
+    _meshes,
+    _single,
+    _train_holder,
+)
 
 MOMENTS = ("exp_avg", "graft_v")
 VARIANTS = (
     EXACT,  # the vector v is graft-only
-    dict(EXACT, precondition_1d=True, nesterov=True),
-    dict(EXACT, graft="sgd", betas=(0.5, 0.99)),  # momentum only
+    # v preconditioned too; momentum only (the sgd graft keeps no second moments)
+    dict(EXACT, precondition_1d=True, nesterov=True, graft="sgd", betas=(0.5, 0.99)),
 )
 
 
@@ -183,11 +201,67 @@ def _check_model(mesh):
     return _check_compact(opt, ref, params, refp, "model")
 
 
+def _whole_moments(osd, module, masks=None):
+    """``osd`` (from ``get_optimizer_state_dict``; not modified) with every per-shard moment
+    of the whole parameter's shape: zeros, or with ``masks`` (name -> used entries) the
+    compact values put back at their entries (what older versions kept)."""
+    shapes = {name: p.shape for name, p in module.named_parameters()}
+    state = {}
+    for name, st in osd["state"].items():
+        st = dict(st)
+        for k in MOMENTS:
+            if isinstance(st.get(k), dict):  # per shard: exact mode, a sharded parameter
+                ((shard, compact),) = st[k].items()
+                whole = torch.zeros(shapes[name])
+                if masks is not None:
+                    whole[masks[name]] = compact
+                st[k] = {shard: whole}
+        state[name] = st
+    return {**osd, "state": state}
+
+
+def _check_dcp_old(mesh, tmp, label):
+    """An exact-mode DCP checkpoint of the older format (whole-shape moments)."""
+    holder = _Holder(mesh)
+    opt = Shampoo(holder.parameters(), **EXACT)
+    _train_holder(holder, opt, range(3))
+    masks = {
+        name: _used_mask(opt, i, p, holder.full[i].shape, opt.param_groups[0])[0]
+        for i, (name, p) in enumerate(holder.named_parameters())
+        if hasattr(p, "device_mesh")
+    }
+    old = _whole_moments(get_optimizer_state_dict(holder, opt), holder, masks)
+    path = os.path.join(tmp, f"old-{label}")
+    dcp.save({"optim": old}, checkpoint_id=path)
+    saved = {k: v.detach().clone() for k, v in holder.state_dict().items()}
+    _train_holder(holder, opt, range(3, 6))
+
+    other = _Holder(mesh)
+    other.load_state_dict(saved)
+    opt2 = Shampoo(other.parameters(), **EXACT)
+    sd = {"optim": get_optimizer_state_dict(other, opt2)}
+    with pytest.raises(CheckpointException, match=r"Size mismatch.*exp_avg"):
+        dcp.load(sd, checkpoint_id=path)
+    sd = {"optim": _whole_moments(get_optimizer_state_dict(other, opt2), other)}
+    dcp.load(sd, checkpoint_id=path)
+    set_optimizer_state_dict(other, opt2, sd["optim"])
+    _train_holder(other, opt2, range(3, 6))
+    for a, b in zip(holder.parameters(), other.parameters()):
+        a = a.to_local() if hasattr(a, "to_local") else a
+        b = b.to_local() if hasattr(b, "to_local") else b
+        assert torch.equal(a, b), label
+    for p, q in zip(holder.parameters(), other.parameters()):
+        for k in MOMENTS:
+            assert torch.equal(opt.state[p][k], opt2.state[q][k]), (label, k)
+
+
 def _check(rank, world, tmp):
     report = {}
     for label, mesh in _meshes(world):
         mark(f"holder:{label}")
         _check_holder(mesh)
+        mark(f"dcp-old:{label}")
+        _check_dcp_old(mesh, tmp, label)
         mark(f"model:{label}")
         report[label] = _check_model(mesh)
     return report
