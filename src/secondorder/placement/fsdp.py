@@ -216,7 +216,7 @@ class UsedEntries:
         flat = full.reshape(-1)
         if not self.pieces:
             return flat.new_empty(0)
-        return torch.cat([flat[i] for i in self.pieces])
+        return torch.cat([_take(flat, i) for i in self.pieces])
 
     def scatter(self, compact: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """A new tensor of the whole ``shape``: ``compact`` at the used entries, zero
@@ -225,13 +225,20 @@ class UsedEntries:
         offset = 0
         for i in self.pieces:
             n = _size(i)
-            out[i] = compact[offset : offset + n]
+            if isinstance(i, slice):
+                out[i] = compact[offset : offset + n]
+            else:
+                out.index_copy_(0, i, compact[offset : offset + n])
             offset += n
         return out.view(shape)
 
 
 def _size(index: slice | torch.Tensor) -> int:
     return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
+def _take(flat: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    return flat[index] if isinstance(index, slice) else flat.index_select(0, index)
 
 
 def _route(
