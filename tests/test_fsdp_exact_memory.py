@@ -22,6 +22,8 @@ What each check compares against:
   checkpoint stops ``dcp.load`` with its size mismatch, naming the moment, and loads once
   the moments of the template have the whole shape (docs/distributed.md): the run then
   goes on bit for bit like the one that saved it.
+* **the compact vector itself** (one process, hypothesis): gathering is the whole tensor at
+  a boolean mask of the used entries, scattering puts it back with zeros elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
@@ -42,6 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 from _spawn import mark, run_ranks  # tests/ is on sys.path
 from secondorder import Shampoo
 from secondorder.blocking import BlockPlan
+from secondorder.placement.fsdp import UsedEntries
 from test_fsdp import (
     EXACT,
     _fsdp_backward,
@@ -276,3 +281,38 @@ def test_exact_moments_two_ranks(tmp_path):
 @pytest.mark.slow
 def test_exact_moments_four_ranks(tmp_path):
     run_ranks(_check, 4, tmp_path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=hst.integers(1, 9),
+    cols=hst.integers(1, 5),
+    shards=hst.integers(1, 4),
+    me=hst.integers(0, 3),
+    seed=hst.integers(0, 2**16),
+)
+def test_used_entries_against_a_mask(rows, cols, shards, me, seed):
+    """The compact vector of :class:`UsedEntries` is the whole tensor at the used entries in
+    flat order (a boolean mask here), and scattering it back gives zeros elsewhere: built as
+    a rank builds it (its rows as a range, per peer an ascending index of entries it owns)."""
+    me = me % shards
+    gen = torch.Generator().manual_seed(seed)
+    owner = torch.randint(0, shards, (rows * cols,), generator=gen)
+    chunk = -(-rows // shards)
+    pieces, mask = [], torch.zeros(rows * cols, dtype=torch.bool)
+    for r in range(shards):
+        lo, hi = min(r * chunk, rows) * cols, min((r + 1) * chunk, rows) * cols
+        if r == me:
+            pieces.append(slice(lo, hi))
+            mask[lo:hi] = True
+        else:
+            idx = lo + torch.nonzero(owner[lo:hi] == me).view(-1)
+            pieces.append(idx)
+            mask[idx] = True
+    used = UsedEntries.of(pieces, rows * cols)
+    full = torch.randn(rows, cols, generator=gen)
+    compact = used.gather(full)
+    assert used.count == int(mask.sum()) and compact.shape == (used.count,)
+    assert torch.equal(compact, full.view(-1)[mask])
+    back = used.scatter(compact, full.shape)
+    assert torch.equal(back, torch.where(mask.view(rows, cols), full, torch.zeros(())))
