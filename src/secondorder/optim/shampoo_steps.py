@@ -170,7 +170,8 @@ class ShampooSteps:
             used = self._used(p)
             for k in self._moment_keys if used is not None else ():
                 v = st.get(k)
-                if isinstance(v, torch.Tensor) and v.shape == p.shape != (used.count,):
+                whole = isinstance(v, torch.Tensor) and v.shape == p.shape
+                if whole and tuple(p.shape) != (used.count,):  # else already the compact one
                     st[k] = used.gather(v)
 
     @staticmethod
@@ -189,7 +190,10 @@ class ShampooSteps:
 
         Returns a tensor of ``p``'s shape or, for a preconditioned tensor, the block stacks of
         the direction (one per size class; only the rank's own blocks when distributed).
-        A preconditioning failure falls back to the graft direction (warned once).
+        A preconditioning failure falls back to the graft direction (warned once). In
+        ``fsdp_mode="exact"`` the moments of a sharded parameter are compact
+        (:meth:`_used`): the elementwise work runs on the used entries of the gradient, and
+        the momentum estimate and graft direction go back to ``p``'s shape for the blocks.
         """
         group, state, g, plan, t = it.group, it.state, it.g, it.plan, it.t
         beta1, beta2 = group["betas"]

@@ -351,7 +351,8 @@ class ExactLayout(BlockLayout):
     def used(self, key: Any) -> UsedEntries | None:
         """The :class:`UsedEntries` of a sharded parameter (``None`` for an unsharded one:
         its moments are whole): its rows, and its owned blocks' entries when preconditioned
-        (from its :class:`Routes`: this rank's rows, then per peer the entries it receives)."""
+        (from its :class:`Routes`: per rank of the shard group in rank order, the entries
+        received from it, and this rank's rows in its own place)."""
         if key not in self._sharded:
             return None
         if key not in self._used:
