@@ -14,9 +14,13 @@ Workload: an MLP 784-512-256-128 (weights and biases ``fully_shard``-ed on a 1-d
 
 Reported per mode: the optimizer's bytes received per rank and step over its own
 collectives (FSDP's reduce-scatter and all-gather are the same in every mode and not
-counted; the largest rank), per-rank optimizer state bytes (the largest rank), and the
+counted; the largest rank), per-rank optimizer state bytes and, of those, the momentum and
+graft moments (``memory_diagnostics()["moments"]``; each the largest rank), and the
 median time of ``opt.step()`` (the largest rank; after ``--warmup`` steps). The modes run
-in one process group, one after another: compare them only within one run.
+in one process group, one after another: compare them only within one run. For scale the
+summary line gives the moments of the whole model (``2 * 4 * params`` bytes: what exact
+mode kept on every rank before it stored only the entries a rank uses) and the bound
+``2 * 4 * 2 * params / world`` (rows plus an equal share of the blocks).
 """
 
 from __future__ import annotations
@@ -128,6 +132,7 @@ def _worker(rank, world, init_file, args, out_path):
             step_s=statistics.median(times),
             received_bytes=max(received),
             state_bytes=opt.state_bytes(),
+            moments_bytes=opt.memory_diagnostics()["moments"],
         )
         every = [None] * world
         dist.all_gather_object(every, mine)
@@ -157,13 +162,22 @@ def main(argv=None):
         with open(out) as f:
             results = json.load(f)
     numel = sum(a * b + b for a, b in zip(SIZES[:-1], SIZES[1:]))
-    print(f"world={args.world} params={numel} block_size={args.block_size} (per rank: max)")
-    print(f"{'mode':<16} {'recv KiB/step':>14} {'state MiB':>10} {'step ms':>9} {'step/local':>11}")
+    mib = 2**20
+    print(
+        f"world={args.world} params={numel} block_size={args.block_size} (per rank: max); "
+        f"moments of the whole model {2 * 4 * numel / mib:.2f} MiB, "
+        f"bound 2*4*2*params/world {2 * 4 * 2 * numel / args.world / mib:.2f} MiB"
+    )
+    print(
+        f"{'mode':<16} {'recv KiB/step':>14} {'state MiB':>10} {'moments MiB':>12} "
+        f"{'step ms':>9} {'step/local':>11}"
+    )
     base = results["local"]["step_s"]
     for mode, r in results.items():
         print(
-            f"{mode:<16} {r['received_bytes'] / 1024:>14.1f} {r['state_bytes'] / 2**20:>10.2f} "
-            f"{r['step_s'] * 1e3:>9.2f} {r['step_s'] / base:>11.2f}"
+            f"{mode:<16} {r['received_bytes'] / 1024:>14.1f} {r['state_bytes'] / mib:>10.2f} "
+            f"{r['moments_bytes'] / mib:>12.3f} {r['step_s'] * 1e3:>9.2f} "
+            f"{r['step_s'] / base:>11.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:

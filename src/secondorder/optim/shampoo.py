@@ -355,10 +355,11 @@ class Shampoo(ShampooSteps, BlockOptimizer):
         plan = self._plan(p, group)
         state["step"] = torch.tensor(0.0)
         f32 = dict(dtype=torch.float32, device=p.device)
+        moments = self._moment_shape(p)  # fsdp_mode="exact": this rank's entries only
         if group["betas"][0] > 0:
-            state["exp_avg"] = torch.zeros(p.shape, **f32)
+            state["exp_avg"] = torch.zeros(moments, **f32)
         if self._graft_kind(group, False) in GRAFTS_WITH_STATE:
-            state["graft_v"] = torch.zeros(p.shape, **f32)
+            state["graft_v"] = torch.zeros(moments, **f32)
         if plan is not None:
             shapes = list(zip(plan.block_shapes, plan.counts))
             if group["packed_statistics"]:
@@ -392,6 +393,7 @@ class Shampoo(ShampooSteps, BlockOptimizer):
 
     def _check_loaded_state(self, p: torch.Tensor, st: dict[str, Any]) -> None:
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        st = self._loaded_moments(p, st)  # exact mode: compact moments checked here
         if st and self._merged_without_factors(p, group, st):
             # saved when such tensors were graft-only: factors are added after loading
             super(BlockOptimizer, self)._check_loaded_state(p, st)
@@ -400,6 +402,7 @@ class Shampoo(ShampooSteps, BlockOptimizer):
 
     def _after_load_state_dict(self) -> None:
         super()._after_load_state_dict()
+        self._compact_moments()
         self._add_missing_factors()
 
     def _merged_without_factors(
@@ -486,10 +489,11 @@ class Shampoo(ShampooSteps, BlockOptimizer):
         beta1 = group["betas"][0]
         new: dict[str, Any] = {}
         # Created lazily too, so that momentum (or a stateful graft) can be switched on mid-run.
+        f32 = dict(dtype=torch.float32, device=p.device)
         if beta1 > 0 and "exp_avg" not in state:
-            new["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            new["exp_avg"] = torch.zeros(self._moment_shape(p), **f32)
         if kind in GRAFTS_WITH_STATE and "graft_v" not in state:
-            new["graft_v"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            new["graft_v"] = torch.zeros(self._moment_shape(p), **f32)
         due = plan is not None and t >= start and (t - start) % freq == 0
         return _Item(group, p, state, fresh, plan, t, key, None, due, new=new)
 

@@ -31,6 +31,7 @@ from ..kernels.grafting import (
     update_second_moments,
 )
 from ..placement.ddp import BlockLayout
+from ..placement.fsdp import ExactLayout, UsedEntries
 from .pieces import Piece, cut
 
 #: gradient entries are saturated at this magnitude (see the step)
@@ -122,6 +123,57 @@ def _step_gradient(group: dict[str, Any], grad: torch.Tensor, p: torch.Tensor) -
 class ShampooSteps:
     """Mixin of :class:`~secondorder.optim.shampoo.Shampoo`: the per-parameter work of a step."""
 
+    #: the elementwise state: the parameter's shape, or compact (:meth:`_used`)
+    _moment_keys = ("exp_avg", "graft_v")
+
+    # ------------------------------------------------- compact moments (exact mode)
+    def _used(self, p: torch.Tensor) -> UsedEntries | None:
+        """``fsdp_mode="exact"``, a sharded parameter (seen whole): the entries its moments
+        keep on this rank (its rows and owned blocks, :class:`UsedEntries`). ``None``: the
+        moments have the parameter's shape."""
+        rt = self.__dict__.get("_rt")
+        if rt is None or not isinstance(rt.layout, ExactLayout):
+            return None
+        key = rt.keys.get(id(p))
+        return None if key is None else rt.layout.used(key)
+
+    def _moment_shape(self, p: torch.Tensor) -> tuple[int, ...]:
+        used = self._used(p)
+        return tuple(p.shape) if used is None else (used.count,)
+
+    def _loaded_moments(self, p: torch.Tensor, st: dict[str, Any]) -> dict[str, Any]:
+        """Check a loaded state's moments against :meth:`_used`: compact, or of the whole
+        shape (a single-process state dict, or an exact-mode checkpoint of an older version;
+        sliced by :meth:`_compact_moments`). Returns ``st`` without the compact ones (the
+        base class checks the rest against the parameter's shape)."""
+        used = self._used(p)
+        if used is None:
+            return st
+        out = dict(st)
+        for k in self._moment_keys:
+            v = st.get(k)
+            if not isinstance(v, torch.Tensor) or v.shape == p.shape:
+                continue
+            if tuple(v.shape) != (used.count,):
+                raise ValueError(
+                    f"state {k!r} has shape {tuple(v.shape)}, but its sharded parameter of "
+                    f"shape {tuple(p.shape)} keeps {used.count} entries on this rank "
+                    f"(fsdp_mode='exact': shape ({used.count},), or the whole shape to be "
+                    "sliced): the state dict does not match these parameters and shards"
+                )
+            del out[k]
+        return out
+
+    def _compact_moments(self) -> None:
+        """After a load: moments of the whole shape are cut to this rank's used entries."""
+        for p, st in self.state.items():
+            used = self._used(p)
+            for k in self._moment_keys if used is not None else ():
+                v = st.get(k)
+                whole = isinstance(v, torch.Tensor) and v.shape == p.shape
+                if whole and tuple(p.shape) != (used.count,):  # else already the compact one
+                    st[k] = used.gather(v)
+
     @staticmethod
     def _momentum_hat(group: dict[str, Any], m: torch.Tensor, g: torch.Tensor, t: int):
         """Bias-corrected momentum (Nesterov look-ahead with ``nesterov``) from the new EMA."""
@@ -138,13 +190,23 @@ class ShampooSteps:
 
         Returns a tensor of ``p``'s shape or, for a preconditioned tensor, the block stacks of
         the direction (one per size class; only the rank's own blocks when distributed).
-        A preconditioning failure falls back to the graft direction (warned once).
+        A preconditioning failure falls back to the graft direction (warned once). In
+        ``fsdp_mode="exact"`` the moments of a sharded parameter are compact
+        (:meth:`_used`): the elementwise work runs on the used entries of the gradient, and
+        the momentum estimate and graft direction go back to ``p``'s shape for the blocks.
         """
         group, state, g, plan, t = it.group, it.state, it.g, it.plan, it.t
         beta1, beta2 = group["betas"]
         preconditioned = plan is not None and t >= self._start(group)
         kind = self._graft_kind(group, preconditioned)
+        used = self._used(it.p)  # exact mode: moments of this rank's entries only
+
+        def whole(x: torch.Tensor) -> torch.Tensor:
+            return x if used is None else used.scatter(x, it.p.shape)
+
         try:
+            if used is not None:
+                g = used.gather(g)
             if beta1 > 0:
                 m = state["exp_avg"]
                 m.lerp_(g, 1.0 - beta1)
@@ -160,9 +222,9 @@ class ShampooSteps:
                 else graft_direction(kind, mhat, v, t, beta2, group["graft_eps"])
             )
             if not preconditioned:
-                return a
-            it.a = a
-            d = self._precondition(it, mhat, kind, layout)
+                return whole(a)
+            it.a = None if a is None else whole(a)
+            d = self._precondition(it, whole(mhat), kind, layout)
             it.a = None
             return d if layout is not None else plan.merge(d)
         except Exception as e:  # noqa: BLE001 - contained: the graft direction is used
@@ -174,6 +236,7 @@ class ShampooSteps:
             fallback, it.a = it.a, None
             if fallback is None and kind is None:  # no graft: the momentum, or the gradient
                 fallback = state["exp_avg"] if beta1 > 0 else g
+                fallback = fallback if fallback.shape == it.p.shape else whole(fallback)
             elif fallback is None:  # the graft direction itself failed: no update this step
                 fallback = torch.zeros(it.p.shape, dtype=torch.float32, device=it.p.device)
             if layout is None or not preconditioned:

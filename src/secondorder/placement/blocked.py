@@ -102,8 +102,8 @@ class BlockOptimizer(SecondOrderOptimizer):
             )
         self.fsdp_mode = check_choice("fsdp_mode", fsdp_mode, FSDP_MODES)
         if fsdp_mode == "exact":
-            # sharded parameters' state is full-size (placement/fsdp.py): it is saved per
-            # shard like the blocks, not as a DTensor laid out like the parameter
+            # sharded parameters' moments hold this rank's rows and owned blocks
+            # (placement/fsdp.py): saved per shard like the blocks, not as DTensors
             self._param_shaped_keys = ()
         self._clock = 0  # number of updating steps: the time base of async_roots
         self._rt = Runtime(self._label)

@@ -13,10 +13,13 @@ the result of single-process Shampoo on the whole model instead:
    parameter is presented to the optimizer as a full-size tensor. Its gradient holds this
    rank's rows and, received in one all-to-all (:func:`_route`, over the :class:`Routes`
    computed once per parameter), the entries of the blocks this rank owns; other entries
-   are zero and never used. Momentum and graft moments are full-size and elementwise, so
-   they are exact wherever the gradient is: on the rank's rows and its owned blocks. The
-   parameter's other rows are zero unless the update reads parameter values (coupled
-   weight decay, :meth:`BlockOptimizer._reads_params`), in which case it is all-gathered.
+   are zero and never used. Momentum and graft moments are elementwise, so they are exact
+   wherever the gradient is, and they are *kept* only there (:class:`UsedEntries`): one
+   compact 1-d tensor per moment holding the rank's rows and its owned blocks' entries, in
+   the order of the flattened whole tensor (about ``2 numel / S`` entries instead of
+   ``numel``). The parameter's other rows are zero unless the update reads parameter values
+   (coupled weight decay, :meth:`BlockOptimizer._reads_params`), in which case it is
+   all-gathered.
 3. **back to the rows** (:meth:`ExactLayout.route_directions`): a second all-to-all sends
    every direction entry from its block's owner to the rank holding its row; the update is
    applied to the full-size copy, and on leaving the step each rank copies its own rows
@@ -52,6 +55,7 @@ __all__ = [
     "FSDP_MODES",
     "ExactLayout",
     "ExactView",
+    "UsedEntries",
     "build_exact_view",
     "exact_layout",
     "gather_rows",
@@ -172,10 +176,69 @@ class Routes:
     the flattened whole tensor, per peer rank of the shard group (empty for this rank):
     ``send[r]``: entries of this rank's rows whose block rank ``r`` owns (their gradient
     goes to ``r``, their direction comes from ``r``); ``recv[r]``: entries of rank ``r``'s
-    rows whose block this rank owns (gradient from ``r``, direction to ``r``)."""
+    rows whose block this rank owns (gradient from ``r``, direction to ``r``); ``rows``:
+    this rank's own rows, as a range of the flattened whole tensor."""
 
     send: list[torch.Tensor]
     recv: list[torch.Tensor]
+    rows: slice
+
+
+def _flat_rows(pl: ParamPlacement) -> slice:
+    """This rank's rows of ``pl``'s parameter as a range of the flattened whole tensor."""
+    cols = pl.global_shape[1:].numel()
+    return slice(pl.row_start * cols, pl.row_start * cols + pl.local_numel)
+
+
+@dataclass(frozen=True)
+class UsedEntries:
+    """The entries of one sharded parameter that this rank reads and updates in every step:
+    its own rows and, for a preconditioned parameter, the entries of its owned blocks that
+    lie in other ranks' rows. The momentum and graft moments of the parameter are kept for
+    these entries only: one 1-d tensor of ``count`` (of ``numel``) entries, in the order of
+    the flattened whole tensor (``pieces``: ranges or index tensors, ascending; the rank's
+    rows are one range, each peer's part of the owned blocks one index tensor, and the
+    peers' rows come in rank order, so concatenating the pieces keeps that order).
+    A rank owning every entry of a tensor thus stores exactly the flattened tensor."""
+
+    pieces: tuple[slice | torch.Tensor, ...]
+    count: int
+    numel: int
+
+    @staticmethod
+    def of(pieces: Sequence[slice | torch.Tensor], numel: int) -> UsedEntries:
+        sizes = [_size(i) for i in pieces]
+        kept = tuple(i for i, n in zip(pieces, sizes) if n)
+        return UsedEntries(kept, sum(sizes), numel)
+
+    def gather(self, full: torch.Tensor) -> torch.Tensor:
+        """The used entries of a tensor of the whole shape, as a new compact 1-d tensor."""
+        flat = full.reshape(-1)
+        if not self.pieces:
+            return flat.new_empty(0)
+        return torch.cat([_take(flat, i) for i in self.pieces])
+
+    def scatter(self, compact: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A new tensor of the whole ``shape``: ``compact`` at the used entries, zero
+        elsewhere (those entries are never read)."""
+        out = compact.new_zeros(self.numel)
+        offset = 0
+        for i in self.pieces:
+            n = _size(i)
+            if isinstance(i, slice):
+                out[i] = compact[offset : offset + n]
+            else:
+                out.index_copy_(0, i, compact[offset : offset + n])
+            offset += n
+        return out.view(shape)
+
+
+def _size(index: slice | torch.Tensor) -> int:
+    return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
+def _take(flat: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    return flat[index] if isinstance(index, slice) else flat.index_select(0, index)
 
 
 def _route(
@@ -222,7 +285,8 @@ class ExactLayout(BlockLayout):
             unsharded preconditioned parameters.
         world_size, rank: of the shard group.
         sharded: ``key -> (plan, placement, device)`` of the sharded parameters (for their
-            :class:`Routes`).
+            :class:`Routes` and :class:`UsedEntries`; ``plan`` is ``None`` for graft-only
+            ones).
     """
 
     def __init__(
@@ -236,6 +300,7 @@ class ExactLayout(BlockLayout):
         super().__init__(shared_entries, world_size, rank)
         self._sharded = dict(sharded or {})
         self._routes: dict[Any, Routes] = {}
+        self._used: dict[Any, UsedEntries] = {}
         self._local_keys = set()
         for key, _, counts in local_entries:
             self._local_keys.add(key)
@@ -278,8 +343,27 @@ class ExactLayout(BlockLayout):
 
             send = [empty if r == me else entries(lo, hi, r) for r in range(self.world_size)]
             recv = [empty if r == me else entries(*bounds[r], me) for r in range(self.world_size)]
-            self._routes[key] = Routes([t.to(device) for t in send], [t.to(device) for t in recv])
+            self._routes[key] = Routes(
+                [t.to(device) for t in send], [t.to(device) for t in recv], slice(lo, hi)
+            )
         return self._routes[key]
+
+    def used(self, key: Any) -> UsedEntries | None:
+        """The :class:`UsedEntries` of a sharded parameter (``None`` for an unsharded one:
+        its moments are whole): its rows, and its owned blocks' entries when preconditioned
+        (from its :class:`Routes`: per rank of the shard group in rank order, the entries
+        received from it, and this rank's rows in its own place)."""
+        if key not in self._sharded:
+            return None
+        if key not in self._used:
+            _, pl, _ = self._sharded[key]
+            if self.routed(key):
+                routes = self.routes(key)
+                pieces = [routes.rows if r == self.rank else i for r, i in enumerate(routes.recv)]
+            else:  # graft-only: elementwise on the rank's own rows
+                pieces = [_flat_rows(pl)]
+            self._used[key] = UsedEntries.of(pieces, pl.global_shape.numel())
+        return self._used[key]
 
     def route_directions(
         self, comm: Communicator, items: Sequence[Any], directions: list[Any]
@@ -336,12 +420,12 @@ def exact_layout(opt: Any, pairs: list[tuple[dict[str, Any], torch.Tensor]]):
         pl = opt._placement(p)
         if pl is not None and pl.sharded:
             group = pl
+            sharded[i] = (plan, pl, p.device)
         if plan is None:
             continue
         entry = (i, plan.block_shapes, plan.counts)
         if pl is not None and pl.sharded:
             shared.append(entry)
-            sharded[i] = (plan, pl, p.device)
         else:
             local.append(entry)
     if group is None:
