@@ -21,6 +21,17 @@ from .base import SecondOrderOptimizer
 __all__ = ["AdaHessian"]
 
 
+#: a Hessian-vector product that reaches weights whose storage was freed: in practice the
+#: gathered weights of a module sharded by FSDP2 (freed after its backward)
+_FREED_WEIGHTS = (
+    "AdaHessian: the Hessian-vector product needs the weights of a module on the path from "
+    "these parameters to the loss, but their storage was freed after backward (size 0): "
+    "that module is sharded with fully_shard (FSDP2 frees its gathered weights after "
+    "backward, and its gradients carry no graph). Keep every module between AdaHessian's "
+    "parameters and the loss out of fully_shard. Parameters and state were left unchanged."
+)
+
+
 class AdaHessian(SecondOrderOptimizer):
     r"""AdaHessian (Yao et al., 2021): ``θ ← θ − lr · (m̂ / ((√v̂)^k + ε) + λ θ)``.
 
@@ -92,6 +103,18 @@ class AdaHessian(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg", "exp_hessian_diag_sq")
+
+    def _dtensor_refusal(self, name: str) -> str:
+        return (
+            f"AdaHessian does not support DTensor (FSDP2 / HSDP) parameters, but {name} is "
+            "one: its Hessian-vector products differentiate the gradients a second time, and "
+            "FSDP2 produces a sharded parameter's gradient by a reduce-scatter outside autograd "
+            "(it carries no graph, even after loss.backward(create_graph=True)) and frees the "
+            "gathered weights after backward. Keep the modules whose parameters AdaHessian "
+            "steps, and every module between them and the loss, out of fully_shard (give the "
+            "sharded parameters to another optimizer), or train AdaHessian in one process "
+            "(DDP cannot help: it fails on backward(create_graph=True))"
+        )
     _transient_attrs = ("_used_grads",)  # weak references: not picklable, not state
 
     def __init__(
@@ -299,9 +322,14 @@ class AdaHessian(SecondOrderOptimizer):
             # |z ⊙ Hz| straight from |Hz| when every member averages absolute values of
             # one probe (the default): the same numbers, one pass fewer
             absolute = n_probes == 1 and all(g["abs_before_average"] for g, _ in members)
-            ests = H.hutchinson_diag(
-                ps, [p.grad for p in ps], probes=probes, retain_graph=True, absolute=absolute
-            )
+            try:
+                ests = H.hutchinson_diag(
+                    ps, [p.grad for p in ps], probes=probes, retain_graph=True, absolute=absolute
+                )
+            except RuntimeError as err:
+                if "storage of size 0" not in str(err):
+                    raise
+                raise RuntimeError(_FREED_WEIGHTS) from err
             for (g, p), d in zip(members, ests):
                 out[p] = H.spatial_average(
                     d, g["spatial_average"], g["abs_before_average"], nonnegative=absolute
