@@ -606,6 +606,13 @@ class MKOR(SecondOrderOptimizer):
         for index, layer, w, b in live:
             st = self.state[w]
             group = self.param_groups[layer.group]
+            if "left" not in st:
+                # A layer's first step sets its factors to the identity (instead of a
+                # rank-1 update), statistics or not, so that every layer has its whole
+                # state from the first step on (checkpoint loaders fill a template of it).
+                self._init_factors(st, group, layer, w.device)
+                if index in stats and stats[index] is not None:
+                    continue
             if index in stats:
                 if stats[index] is None:
                     self._warn_once(
@@ -735,13 +742,7 @@ class MKOR(SecondOrderOptimizer):
         dev: torch.device,
     ) -> None:
         if "left" not in st:  # first factor update: the identity
-            dtype = group["factor_dtype"]
-            st["left"] = torch.eye(layer.out_dim, dtype=dtype, device=dev)
-            st["right"] = torch.eye(layer.in_dim, dtype=dtype, device=dev)
-            st["reset_left"] = torch.zeros((), dtype=torch.bool, device=dev)
-            st["reset_right"] = torch.zeros((), dtype=torch.bool, device=dev)
-            # rank-1 updates of left, right; resets of left, right
-            st["counts"] = torch.zeros(4, dtype=torch.int64, device=dev)
+            self._init_factors(st, group, layer, dev)
             return
         variant = group["variant"]
         decay, threshold = group["factor_decay"], group["stabilizer_threshold"]
@@ -774,6 +775,18 @@ class MKOR(SecondOrderOptimizer):
             events = torch.stack([torch.ones_like(big_l), torch.ones_like(big_r), big_l, big_r])
         st["left"], st["right"] = new_l.to(dtype), new_r.to(dtype)
         st["counts"] = st["counts"] + events.long()
+
+    @staticmethod
+    def _init_factors(
+        st: dict[str, Any], group: dict[str, Any], layer: _Layer, dev: torch.device
+    ) -> None:
+        dtype = group["factor_dtype"]
+        st["left"] = torch.eye(layer.out_dim, dtype=dtype, device=dev)
+        st["right"] = torch.eye(layer.in_dim, dtype=dtype, device=dev)
+        st["reset_left"] = torch.zeros((), dtype=torch.bool, device=dev)
+        st["reset_right"] = torch.zeros((), dtype=torch.bool, device=dev)
+        # rank-1 updates of left, right; resets of left, right
+        st["counts"] = torch.zeros(4, dtype=torch.int64, device=dev)
 
     def _base_step(
         self,
@@ -906,7 +919,7 @@ class MKOR(SecondOrderOptimizer):
             counts = st["counts"].tolist() if "counts" in st else [0, 0, 0, 0]
             rec = dict(
                 layer=layer.name,
-                kind=type(layer.module).__name__,
+                kind="Linear" if layer.geometry is None else "Conv2d",  # FSDP2 renames classes
                 shape=(layer.out_dim, layer.in_dim),
                 preconditioned=True,
                 step=int(st["step"]) if "step" in st else 0,
