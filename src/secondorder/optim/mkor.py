@@ -626,7 +626,7 @@ class MKOR(SecondOrderOptimizer):
             if "left" not in st:
                 continue
             compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-            mat = w.grad.reshape(w.shape[0], -1).to(compute)
+            mat = w.grad.reshape(w.shape[0], math.prod(w.shape[1:])).to(compute)  # 0 rows: ok
             if b is not None:
                 mat = torch.cat([mat, b.grad.reshape(-1, 1).to(compute)], 1)
             pl = self._placement(w)
