@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from _spawn import mark, run_ranks  # tests/ is on sys.path
 from secondorder import MKOR, AdaHessian
@@ -131,13 +132,13 @@ class _Spy:
 
 
 # ------------------------------------------------------------------------- checks
-def _check_mkor(mesh, mixed, kw, steps=6):
+def _check_mkor(model, kw, mixed=False, steps=6):
+    """``model``: sharded (``_fsdp_model``) or wrapped in DistributedDataParallel."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = _fsdp_model(mesh, mixed)
     ref = _model()
     opt, ref_opt = MKOR(model, **kw), MKOR(ref, **kw)
     spy = _Spy(opt)
-    names = [lay.name for lay in ref_opt._layers]
+    names = [lay.name for lay in opt._layers]
     for step in range(steps):
         opt.zero_grad()
         _sharded_backward(model, step, rank, world, mixed)
@@ -176,8 +177,7 @@ def _check_mkor(mesh, mixed, kw, steps=6):
         for key in ("left", "right", "counts", "reset_left", "reset_right"):
             assert torch.equal(st[key], ref_st[key]), (lay.name, key)
     for d, e in zip(opt.diagnostics(), ref_opt.diagnostics()):
-        assert d == e, (d, e)
-    return model, opt
+        assert d == dict(e, layer=d["layer"]), (d, e)
 
 
 def _train(model, opt, steps, mixed):
@@ -272,10 +272,13 @@ def _check_named(rank, world, tmp, names):
             if "mkor" in names:
                 for variant in ("official", "paper"):
                     mark(f"mkor:{label}:{mixed}:{variant}")
-                    _check_mkor(mesh, mixed, dict(MKOR_KW, variant=variant))
+                    _check_mkor(_fsdp_model(mesh, mixed), dict(MKOR_KW, variant=variant), mixed)
             if "dcp" in names:
                 mark(f"dcp:{label}:{mixed}")
                 _check_mkor_dcp(mesh, tmp, label, mixed)
+    if "ddp" in names:
+        mark("ddp")
+        _check_mkor(DistributedDataParallel(_model()), MKOR_KW)
     if "adahessian" in names:
         mark("adahessian")
         _check_adahessian(meshes[0][1])
@@ -287,7 +290,7 @@ def _check_named(rank, world, tmp, names):
 
 @pytest.mark.distributed
 def test_mkor_and_adahessian_two_ranks(tmp_path):
-    run_ranks(_check_named, 2, tmp_path, ("mkor", "dcp", "adahessian", "bad"))
+    run_ranks(_check_named, 2, tmp_path, ("mkor", "dcp", "ddp", "adahessian", "bad"))
 
 
 @pytest.mark.distributed

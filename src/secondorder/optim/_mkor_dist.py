@@ -2,8 +2,9 @@
 
 Two collectives, both deterministic and the same on every rank:
 
-* :func:`mesh_sum_` sums a tensor over every rank of the data-parallel device mesh (all its
-  dimensions: under HSDP the replicas hold other parts of the batch too). MKOR sums its
+* :meth:`DataParallel.sum_` sums a tensor over every data-parallel rank: all dimensions of
+  the DTensor parameters' device mesh (under HSDP the replicas hold other parts of the
+  batch too), or the process group of a ``DistributedDataParallel`` model. MKOR sums its
   layer statistics with it, so that every rank folds the *global* batch's vectors into its
   factors, as one process on the whole batch would.
 * :func:`gather_rows` all-gathers row-sharded matrices over the shard group: the whole
@@ -17,22 +18,35 @@ the last ranks fewer or none); every piece is padded to that size for the all-ga
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from ..placement import ParamPlacement
 
-__all__ = ["gather_rows", "mesh_sum_"]
+__all__ = ["DataParallel", "gather_rows"]
 
 
-def mesh_sum_(t: torch.Tensor, mesh: Any) -> torch.Tensor:
-    """In place: ``t`` summed over all ranks of ``mesh`` (one all-reduce per mesh dim)."""
-    for d in range(mesh.ndim):
-        if mesh.size(d) > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
-    return t
+class DataParallel(NamedTuple):
+    """The data-parallel ranks: a device mesh (FSDP2 / HSDP) or a process group (DDP)."""
+
+    mesh: Any = None
+    group: Any = None
+
+    @property
+    def size(self) -> int:
+        return self.mesh.size() if self.mesh is not None else dist.get_world_size(self.group)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """In place: ``t`` summed over all the ranks (one all-reduce per mesh dimension)."""
+        if self.mesh is None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            return t
+        for d in range(self.mesh.ndim):
+            if self.mesh.size(d) > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.mesh.get_group(d))
+        return t
 
 
 def gather_rows(

@@ -54,7 +54,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+try:
+    from torch.nn.parallel import DistributedDataParallel
+except ImportError:  # pragma: no cover - builds without distributed support
+    DistributedDataParallel = ()  # type: ignore[assignment,misc]
 
 from .._validation import (
     check_betas,
@@ -263,7 +269,7 @@ class MKOR(SecondOrderOptimizer):
         ]
         self._hybrid = {"losses": [], "switched_at": None}
         self._after_load_state_dict()
-        self._dp_mesh()  # several meshes: ValueError now, not at the first step
+        self._data_parallel()  # several meshes: ValueError now, not at the first step
 
     @classmethod
     def from_model(cls, model: nn.Module, **hparams: Any) -> MKOR:
@@ -526,9 +532,9 @@ class MKOR(SecondOrderOptimizer):
         means = torch.stack(
             [torch.stack(h["losses"][:w]).mean(), torch.stack(h["losses"][w:]).mean()]
         )
-        mesh = self._dp_mesh()
-        if mesh is not None:  # every rank decides on the same (global-batch) losses
-            means = D.mesh_sum_(means, mesh) / mesh.size()
+        dp = self._data_parallel()
+        if dp is not None:  # every rank decides on the same (global-batch) losses
+            means = dp.sum_(means) / dp.size
         before, after = means.tolist()
         h["losses"] = h["losses"][w:]
         if math.isfinite(before) and math.isfinite(after) and before != 0:
@@ -671,14 +677,14 @@ class MKOR(SecondOrderOptimizer):
     ) -> dict[int, tuple[torch.Tensor, torch.Tensor] | None]:
         """Per due layer: the mean statistics ``(a, g)`` (``None``: none recorded).
 
-        In one process (or without DTensor parameters) they are this process's. With
-        DTensor parameters, every rank's recorded sums and pass counts are summed over the
-        data-parallel mesh first (one all-reduce for all layers), so the mean is over the
-        global batch and the same on every rank.
+        In one process they are this process's. Data parallel (DTensor parameters, or a
+        ``DistributedDataParallel`` model), every rank's recorded sums and pass counts are
+        summed over the data-parallel ranks first (one all-reduce for all layers), so the
+        mean is over the global batch and the same on every rank.
         """
-        mesh = self._dp_mesh()
+        dp = self._data_parallel()
         out: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        if mesh is None:
+        if dp is None:
             for index in due:
                 acc = self._stats.get(index)
                 out[index] = None if acc is None else (acc[0] / acc[2], acc[1] / acc[2])
@@ -697,7 +703,7 @@ class MKOR(SecondOrderOptimizer):
             else:
                 count = torch.full((1,), float(acc[2]), dtype=dtype, device=dev)
                 parts += [acc[0].to(dtype), acc[1].to(dtype), count]
-        buf = D.mesh_sum_(torch.cat(parts), mesh)
+        buf = dp.sum_(torch.cat(parts))
         at = 0
         sizes = [(lay.in_dim, lay.out_dim) for lay in layers]
         ends = [at := at + n + m + 1 for n, m in sizes]
@@ -711,9 +717,12 @@ class MKOR(SecondOrderOptimizer):
             out[index] = (piece[:n].to(sdt), piece[n:].to(sdt))
         return out
 
-    def _dp_mesh(self) -> Any:
-        """The device mesh of the DTensor parameters (the data-parallel ranks), or
-        ``None`` when no parameter is a DTensor."""
+    def _data_parallel(self) -> D.DataParallel | None:
+        """The data-parallel ranks: the device mesh of the DTensor parameters, or the
+        process group of a ``DistributedDataParallel`` model; ``None`` in one process."""
+        model = self.__dict__.get("model")
+        if isinstance(model, DistributedDataParallel) and dist.is_initialized():
+            return D.DataParallel(group=model.process_group)
         cached = self.__dict__.get("_mesh")
         if cached is None:
             params = [p for g in self.param_groups for p in g["params"]]
@@ -730,7 +739,7 @@ class MKOR(SecondOrderOptimizer):
                     "whole model on one mesh (fully_shard with the same mesh everywhere)"
                 )
             cached = self.__dict__["_mesh"] = (meshes[0] if meshes else None,)
-        return cached[0]
+        return None if cached[0] is None else D.DataParallel(mesh=cached[0])
 
     def _update_factors(
         self,
