@@ -215,7 +215,7 @@ def _check_adahessian(mesh):
         AdaHessian(model.named_parameters())
     msg = str(err.value)
     for part in ("does not support DTensor", "'0.weight'", "reduce-scatter outside autograd",
-                 "no graph", "out of fully_shard", "one process"):  # fmt: skip
+                 "no graph", "out of fully_shard", "process_group=", "DDP fails"):  # fmt: skip
         assert part in msg, (part, msg)
     # the reason, as a fact of FSDP2: its sharded gradients carry no graph
     x, y = _batch(0)
@@ -247,6 +247,43 @@ def _check_adahessian(mesh):
             o.step()
         for p, q in zip(plain, ref_plain):
             assert torch.equal(p, q), step
+
+
+def _check_adahessian_data_parallel():
+    """``process_group=``: a whole model on every rank, gradients and Hessian estimates
+    averaged over the ranks. The reference is one process on the global batch's loss
+    written as the mean of the ranks' parts' losses: on 2 ranks both sides form
+    ``(x_0 + x_1) / 2`` of the same parts (autograd scales each part by the exact 1/2),
+    so parameters agree bit for bit."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2
+    model, ref = _model(), _model()
+    kw = dict(lr=0.05, weight_decay=0.01, spatial_average="conv")
+    opt = AdaHessian(model.parameters(), process_group=dist.group.WORLD, **kw)
+    ref_opt = AdaHessian(ref.parameters(), **kw)
+    for step in range(4):
+        x, y = _batch(step)
+        opt.zero_grad()
+        _loss(model, _part(x, rank, world), _part(y, rank, world)).backward(create_graph=True)
+        opt.step()
+        ref_opt.zero_grad()
+        parts = [_loss(ref, _part(x, r, world), _part(y, r, world)) for r in range(world)]
+        ((parts[0] + parts[1]) / 2).backward(create_graph=True)
+        ref_opt.step()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q), step
+    # a non-finite gradient on one rank: every rank skips the step
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    if rank == 1:
+        next(model.parameters()).grad[0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(TypeError, match="process_group must be None or a"):
+        AdaHessian(model.parameters(), process_group="world")
 
 
 def _check_mkor_bad_input(mesh):
@@ -282,6 +319,9 @@ def _check_named(rank, world, tmp, names):
     if "adahessian" in names:
         mark("adahessian")
         _check_adahessian(meshes[0][1])
+    if "adahessian-dp" in names:
+        mark("adahessian-dp")
+        _check_adahessian_data_parallel()
     if "bad" in names:
         mark("bad")
         _check_mkor_bad_input(meshes[0][1])
@@ -290,7 +330,8 @@ def _check_named(rank, world, tmp, names):
 
 @pytest.mark.distributed
 def test_mkor_and_adahessian_two_ranks(tmp_path):
-    run_ranks(_check_named, 2, tmp_path, ("mkor", "dcp", "ddp", "adahessian", "bad"))
+    names = ("mkor", "dcp", "ddp", "adahessian", "adahessian-dp", "bad")
+    run_ranks(_check_named, 2, tmp_path, names)
 
 
 @pytest.mark.distributed

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .._validation import check_betas, check_bool, check_float, check_int
 from ..kernels import foreach as F
@@ -110,12 +111,15 @@ class AdaHessian(SecondOrderOptimizer):
             "one: its Hessian-vector products differentiate the gradients a second time, and "
             "FSDP2 produces a sharded parameter's gradient by a reduce-scatter outside autograd "
             "(it carries no graph, even after loss.backward(create_graph=True)) and frees the "
-            "gathered weights after backward. Keep the modules whose parameters AdaHessian "
-            "steps, and every module between them and the loss, out of fully_shard (give the "
-            "sharded parameters to another optimizer), or train AdaHessian in one process "
-            "(DDP cannot help: it fails on backward(create_graph=True))"
+            "gathered weights after backward. Data parallel instead: keep a whole copy of the "
+            "model on every rank, without a wrapper (DDP fails on "
+            "backward(create_graph=True)), and pass AdaHessian(..., process_group=...), which "
+            "averages gradients and Hessian estimates over the ranks; or keep the modules "
+            "whose parameters AdaHessian steps, and every module between them and the loss, "
+            "out of fully_shard (the sharded parameters then need another optimizer)"
         )
-    _transient_attrs = ("_used_grads",)  # weak references: not picklable, not state
+    # weak references and a process group: not picklable, not state
+    _transient_attrs = ("_used_grads", "process_group")
 
     def __init__(
         self,
@@ -133,7 +137,20 @@ class AdaHessian(SecondOrderOptimizer):
         *,
         foreach: bool | None = None,
         nonfinite: str = "skip",
+        process_group: Any = None,
     ) -> None:
+        if process_group is not None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(
+                    "process_group: torch.distributed is not initialized; pass None (one "
+                    "process) or a process group (e.g. torch.distributed.group.WORLD)"
+                )
+            if not isinstance(process_group, dist.ProcessGroup):
+                raise TypeError(
+                    "process_group must be None or a torch.distributed.ProcessGroup (e.g. "
+                    f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+                )
+        self.process_group = process_group
         defaults = dict(
             foreach=foreach,
             lr=lr,
@@ -322,6 +339,8 @@ class AdaHessian(SecondOrderOptimizer):
             # |z ⊙ Hz| straight from |Hz| when every member averages absolute values of
             # one probe (the default): the same numbers, one pass fewer
             absolute = n_probes == 1 and all(g["abs_before_average"] for g, _ in members)
+            # (data parallel: signed, averaged over the ranks first, then |.|)
+            absolute = absolute and self.__dict__.get("process_group") is None
             try:
                 ests = H.hutchinson_diag(
                     ps, [p.grad for p in ps], probes=probes, retain_graph=True, absolute=absolute
@@ -330,6 +349,7 @@ class AdaHessian(SecondOrderOptimizer):
                 if "storage of size 0" not in str(err):
                     raise
                 raise RuntimeError(_FREED_WEIGHTS) from err
+            ests = self._rank_mean(ests)  # data parallel: the global batch's estimate
             for (g, p), d in zip(members, ests):
                 out[p] = H.spatial_average(
                     d, g["spatial_average"], g["abs_before_average"], nonnegative=absolute
@@ -358,6 +378,8 @@ class AdaHessian(SecondOrderOptimizer):
                 self._nonfinite_warned = True
             self.skipped_steps += 1
             return
+        mine = [p for _, params, _ in plan for p in params]
+        grads = dict(zip(mine, self._rank_mean([p.grad.detach() for p in mine])))
         for group, params, _ in plan:
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
@@ -370,7 +392,7 @@ class AdaHessian(SecondOrderOptimizer):
                     self._init_state(p, st)
                 st["step"].fill_(step)
                 ms.append(st["exp_avg"])
-                gs.append(p.grad.detach().to(st["exp_avg"].dtype))
+                gs.append(grads[p].to(st["exp_avg"].dtype))
                 if p in hess:
                     st["hessian_step"] += 1
                     vs.append(st["exp_hessian_diag_sq"])
@@ -387,6 +409,35 @@ class AdaHessian(SecondOrderOptimizer):
                 self._apply_per_tensor(group, params, bc1)
 
     _use_foreach = staticmethod(F.use_foreach_off_cpu)
+
+    # ------------------------------------------------------------ data parallel
+    def _rank_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """With a ``process_group``: the mean of each tensor over its ranks (one all-reduce
+        per dtype and device, new tensors); without: ``tensors`` themselves."""
+        pg = self.__dict__.get("process_group")
+        if pg is None or not tensors:
+            return tensors
+        world = dist.get_world_size(pg)
+        out = list(tensors)
+        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_kind.setdefault((t.dtype, t.device), []).append(i)
+        for idx in by_kind.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
+            flat.div_(world)
+            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                out[i] = piece.view(tensors[i].shape)
+        return out
+
+    def _ranks_agree(self, finite: bool) -> bool:
+        pg = self.__dict__.get("process_group")
+        if pg is None:
+            return finite
+        dev = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
+        flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=pg)
+        return bool(flag.item())
 
     def _apply_per_tensor(
         self, group: dict[str, Any], params: list[torch.Tensor], bc1: float

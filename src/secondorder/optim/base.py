@@ -264,6 +264,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         finite = self._all_finite(grads)
         if view is not None:
             finite = view.all_agree(finite)  # every shard skips, or none
+        finite = self._ranks_agree(finite)
         if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -303,6 +304,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def _ranks_agree(self, finite: bool) -> bool:
+        """Whether to step, given this process's non-finite check: a subclass whose step
+        communicates with other processes makes them all decide alike (this one: as is)."""
+        return finite
 
     # ------------------------------------------------------------- state dict
     @contextmanager
