@@ -87,9 +87,7 @@ class AdaHessian(SecondOrderOptimizer):
         n_probes: Rademacher probes per refresh (``>= 1``), each one backward pass.
         seed: probes are drawn from generators seeded with ``(seed, step, parameter
             index, probe)``, so every process of a data-parallel job draws the same ``z``
-            without communicating. Each process's estimate comes from its own part of the
-            batch: this class does no communication (DDP averages the gradients, not
-            the Hessian-vector products taken afterwards).
+            without communicating.
         foreach: ``None`` (default: as torch.optim, multi-tensor ``torch._foreach_*``
             updates when no parameter of the group is on the CPU; on the CPU the
             one-tensor-at-a-time loop, which reuses memory, measured faster), ``True`` or
@@ -97,6 +95,26 @@ class AdaHessian(SecondOrderOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``, see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`. A refresh step whose
             Hessian estimate is non-finite is skipped the same way (with a warning).
+        process_group: ``None`` (default: one process, no communication) or a
+            ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``)
+            over which to run data parallel; see below.
+
+    **Data parallel.** Hessian-vector products need the gradients' graph, which the usual
+    wrappers do not keep: DDP fails on ``backward(create_graph=True)``, and FSDP2 makes a
+    sharded parameter's gradient by a reduce-scatter outside autograd (no graph; it also
+    frees the gathered weights after backward), so DTensor parameters are refused with a
+    ``ValueError`` at construction. Instead, keep a whole copy of the model on every rank
+    (same initial values, no wrapper), feed each rank its part of the batch and pass
+    ``process_group``: each rank differentiates its own loss twice, then AdaHessian averages
+    over the group the gradients (for ``m``; ``p.grad`` is left as it is) and the signed
+    estimates ``z ⊙ Hz`` (the probes are the same on every rank), before ``|.|`` and the
+    spatial averaging. With equal parts and a mean-reduced loss that is the global batch's
+    gradient and estimate: every rank takes the step one process would take on the whole
+    batch (up to the rounding of the sums), with one all-reduce of the gradients per step,
+    one of the estimates per refresh and one of the non-finite flag (every rank skips, or
+    none). Parameters of modules left out of ``fully_shard`` work when no sharded module
+    lies between them and the loss; otherwise the Hessian-vector product reaches freed
+    weights and the step raises ``RuntimeError`` saying so, changing nothing.
 
     **State** per parameter: ``step``, ``hessian_step`` (0-d CPU tensors: steps taken and
     refreshes done), ``exp_avg`` and ``exp_hessian_diag_sq`` (parameter-shaped, float32

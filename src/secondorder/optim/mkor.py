@@ -39,8 +39,25 @@ preconditioned with that group's settings). Given parameters and no model, MKOR 
 every parameter falls back to the base optimizer.
 
 State per preconditioned layer (on its weight): ``left`` (m x m) and ``right`` (n x n)
-factors in ``factor_dtype``, the pending-reset flags and counters of rank-1 updates and
-resets; per parameter: ``step`` and ``base`` (the base optimizer's own state).
+factors in ``factor_dtype`` (the identity from the layer's first step on), the pending-reset
+flags and counters of rank-1 updates and resets; per parameter: ``step`` and ``base`` (the
+base optimizer's own state).
+
+**Data parallel: DDP, FSDP2 / HSDP.** The hooks see this rank's part of the batch, so on
+every factor-update step the recorded statistics (sums of ``a`` and ``g`` and their pass
+counts, all layers in one buffer) are summed over the data-parallel ranks -- the process
+group of a ``DistributedDataParallel`` model, or every rank of the DTensor parameters'
+device mesh (both dimensions under HSDP) -- so each rank folds the global batch's means
+into the same factors, as one process on the whole batch would. On FSDP2 / HSDP a layer's
+weight (and bias) holds only this rank's rows, but the left factor mixes rows: every step,
+the gradient matrices ``[dW | db]`` of the sharded layers are all-gathered over the shard
+group (one collective), preconditioned whole with the same arithmetic as in one process
+(``P_L G P_R`` and the norm rescale), and each rank hands its own rows to the base
+optimizer, whose state is per shard. Every rank keeps the factors of every layer and
+computes every layer's product. All DTensor parameters must share one mesh; a layer whose
+weight and bias are laid out differently falls back to the base optimizer. With
+``hybrid_window``, the loss windows are averaged over the ranks, so all switch together.
+See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
