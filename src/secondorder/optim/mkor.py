@@ -207,7 +207,7 @@ class MKOR(SecondOrderOptimizer):
     """
 
     _transient_attrs = ("_base_opt", "_stats", "_mesh")
-    _supports_dtensor = True  # FSDP2 / HSDP: see "On FSDP2 / HSDP" in the module docstring
+    _supports_dtensor = True  # see "Data parallel" in the module docstring
     _steps_empty_shards = True  # every rank joins the collectives of every layer
 
     def __init__(
@@ -613,10 +613,10 @@ class MKOR(SecondOrderOptimizer):
     ) -> None:
         """Update due factors, then ``G -> P_L G P_R`` for every layer with factors.
 
-        On shards: the statistics of every rank are summed first (one all-reduce over the
-        data-parallel mesh), so each rank's factors see the global batch; the gradient
-        matrices of sharded layers are all-gathered (one collective), preconditioned whole
-        (the same arithmetic as in one process) and each rank keeps its own rows.
+        Data parallel, the statistics of every rank are summed first (one all-reduce), so
+        each rank's factors see the global batch; on shards, the gradient matrices of the
+        sharded layers are all-gathered (one collective), preconditioned whole (the same
+        arithmetic as in one process) and each rank keeps its own rows.
         """
         due = []
         for index, layer, w, _ in live:
