@@ -178,6 +178,10 @@ def _check_mkor(model, kw, mixed=False, steps=6):
             assert torch.equal(st[key], ref_st[key]), (lay.name, key)
     for d, e in zip(opt.diagnostics(), ref_opt.diagnostics()):
         assert d == dict(e, layer=d["layer"]), (d, e)
+    if hasattr(next(model.parameters()), "to_local"):
+        # a single-process state dict: the base optimizer's whole-tensor state is refused
+        with pytest.raises(ValueError, match="base optimizer state .* does not match"):
+            opt.load_state_dict(ref_opt.state_dict())
 
 
 def _train(model, opt, steps, mixed):
