@@ -122,6 +122,8 @@ class AdaHessian(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg", "exp_hessian_diag_sq")
+    # weak references and a process group: not picklable, not state
+    _transient_attrs = ("_used_grads", "process_group")
 
     def _dtensor_refusal(self, name: str) -> str:
         return (
@@ -136,8 +138,6 @@ class AdaHessian(SecondOrderOptimizer):
             "whose parameters AdaHessian steps, and every module between them and the loss, "
             "out of fully_shard (the sharded parameters then need another optimizer)"
         )
-    # weak references and a process group: not picklable, not state
-    _transient_attrs = ("_used_grads", "process_group")
 
     def __init__(
         self,
