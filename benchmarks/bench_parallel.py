@@ -51,7 +51,9 @@ OPTIMIZERS = {
     ),
     "sonew": lambda ps: secondorder.SONew(ps, lr=3e-3),
     "soap": lambda ps: secondorder.SOAP(ps, lr=3e-3),
+    "mkor": lambda model: secondorder.MKOR(model, lr=1e-2),  # built from the model (hooks)
 }
+FROM_MODEL = {"mkor"}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +92,7 @@ def run(mode: str, opt_name: str, args, rank: int = 0, world: int = 1) -> dict:
             if isinstance(m, torch.nn.Linear):
                 fully_shard(m, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    opt = OPTIMIZERS[opt_name](model.parameters())
+    opt = OPTIMIZERS[opt_name](model if opt_name in FROM_MODEL else model.parameters())
     per = args.batch // world
     times, loss = [], float("nan")
     for step in range(args.warmup + args.steps):

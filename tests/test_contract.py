@@ -113,6 +113,7 @@ INVALID: dict[str, list[tuple[Any, ...]]] = {
         ("spatial_average", "window"), ("spatial_average", 0), ("spatial_average", True),
         ("abs_before_average", 1), ("update_every", 0), ("n_probes", 0), ("n_probes", 1.5),
         ("seed", -1), ("seed", "a"), ("nonfinite", "ignore"), ("foreach", "yes"),
+        ("process_group", "world"),
     ],
     "MFAC": [
         ("lr", -1.0), ("lr", INF), ("num_grads", 0), ("num_grads", 2.5), ("damp", 0.0),

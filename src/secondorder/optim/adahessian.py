@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .._validation import check_betas, check_bool, check_float, check_int
 from ..kernels import foreach as F
@@ -19,6 +20,17 @@ from ..kernels.grafting import bias_correction
 from .base import SecondOrderOptimizer
 
 __all__ = ["AdaHessian"]
+
+
+#: a Hessian-vector product that reaches weights whose storage was freed: in practice the
+#: gathered weights of a module sharded by FSDP2 (freed after its backward)
+_FREED_WEIGHTS = (
+    "AdaHessian: the Hessian-vector product needs the weights of a module on the path from "
+    "these parameters to the loss, but their storage was freed after backward (size 0): "
+    "that module is sharded with fully_shard (FSDP2 frees its gathered weights after "
+    "backward, and its gradients carry no graph). Keep every module between AdaHessian's "
+    "parameters and the loss out of fully_shard. Parameters and state were left unchanged."
+)
 
 
 class AdaHessian(SecondOrderOptimizer):
@@ -75,9 +87,7 @@ class AdaHessian(SecondOrderOptimizer):
         n_probes: Rademacher probes per refresh (``>= 1``), each one backward pass.
         seed: probes are drawn from generators seeded with ``(seed, step, parameter
             index, probe)``, so every process of a data-parallel job draws the same ``z``
-            without communicating. Each process's estimate comes from its own part of the
-            batch: this class does no communication (DDP averages the gradients, not
-            the Hessian-vector products taken afterwards).
+            without communicating.
         foreach: ``None`` (default: as torch.optim, multi-tensor ``torch._foreach_*``
             updates when no parameter of the group is on the CPU; on the CPU the
             one-tensor-at-a-time loop, which reuses memory, measured faster), ``True`` or
@@ -85,6 +95,26 @@ class AdaHessian(SecondOrderOptimizer):
         nonfinite: ``"skip"`` (default) or ``"raise"``, see
             :class:`~secondorder.optim.base.SecondOrderOptimizer`. A refresh step whose
             Hessian estimate is non-finite is skipped the same way (with a warning).
+        process_group: ``None`` (default: one process, no communication) or a
+            ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``)
+            over which to run data parallel; see below.
+
+    **Data parallel.** Hessian-vector products need the gradients' graph, which the usual
+    wrappers do not keep: DDP fails on ``backward(create_graph=True)``, and FSDP2 makes a
+    sharded parameter's gradient by a reduce-scatter outside autograd (no graph; it also
+    frees the gathered weights after backward), so DTensor parameters are refused with a
+    ``ValueError`` at construction. Instead, keep a whole copy of the model on every rank
+    (same initial values, no wrapper), feed each rank its part of the batch and pass
+    ``process_group``: each rank differentiates its own loss twice, then AdaHessian averages
+    over the group the gradients (for ``m``; ``p.grad`` is left as it is) and the signed
+    estimates ``z ⊙ Hz`` (the probes are the same on every rank), before ``|.|`` and the
+    spatial averaging. With equal parts and a mean-reduced loss that is the global batch's
+    gradient and estimate: every rank takes the step one process would take on the whole
+    batch (up to the rounding of the sums), with one all-reduce of the gradients per step,
+    one of the estimates per refresh and one of the non-finite flag (every rank skips, or
+    none). Parameters of modules left out of ``fully_shard`` work when no sharded module
+    lies between them and the loss; otherwise the Hessian-vector product reaches freed
+    weights and the step raises ``RuntimeError`` saying so, changing nothing.
 
     **State** per parameter: ``step``, ``hessian_step`` (0-d CPU tensors: steps taken and
     refreshes done), ``exp_avg`` and ``exp_hessian_diag_sq`` (parameter-shaped, float32
@@ -92,7 +122,22 @@ class AdaHessian(SecondOrderOptimizer):
     """
 
     _param_shaped_keys = ("exp_avg", "exp_hessian_diag_sq")
-    _transient_attrs = ("_used_grads",)  # weak references: not picklable, not state
+    # weak references and a process group: not picklable, not state
+    _transient_attrs = ("_used_grads", "process_group")
+
+    def _dtensor_refusal(self, name: str) -> str:
+        return (
+            f"AdaHessian does not support DTensor (FSDP2 / HSDP) parameters, but {name} is "
+            "one: its Hessian-vector products differentiate the gradients a second time, and "
+            "FSDP2 produces a sharded parameter's gradient by a reduce-scatter outside autograd "
+            "(it carries no graph, even after loss.backward(create_graph=True)) and frees the "
+            "gathered weights after backward. Data parallel instead: keep a whole copy of the "
+            "model on every rank, without a wrapper (DDP fails on "
+            "backward(create_graph=True)), and pass AdaHessian(..., process_group=...), which "
+            "averages gradients and Hessian estimates over the ranks; or keep the modules "
+            "whose parameters AdaHessian steps, and every module between them and the loss, "
+            "out of fully_shard (the sharded parameters then need another optimizer)"
+        )
 
     def __init__(
         self,
@@ -110,7 +155,20 @@ class AdaHessian(SecondOrderOptimizer):
         *,
         foreach: bool | None = None,
         nonfinite: str = "skip",
+        process_group: Any = None,
     ) -> None:
+        if process_group is not None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(
+                    "process_group: torch.distributed is not initialized; pass None (one "
+                    "process) or a process group (e.g. torch.distributed.group.WORLD)"
+                )
+            if not isinstance(process_group, dist.ProcessGroup):
+                raise TypeError(
+                    "process_group must be None or a torch.distributed.ProcessGroup (e.g. "
+                    f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+                )
+        self.process_group = process_group
         defaults = dict(
             foreach=foreach,
             lr=lr,
@@ -299,9 +357,17 @@ class AdaHessian(SecondOrderOptimizer):
             # |z ⊙ Hz| straight from |Hz| when every member averages absolute values of
             # one probe (the default): the same numbers, one pass fewer
             absolute = n_probes == 1 and all(g["abs_before_average"] for g, _ in members)
-            ests = H.hutchinson_diag(
-                ps, [p.grad for p in ps], probes=probes, retain_graph=True, absolute=absolute
-            )
+            # (data parallel: signed, averaged over the ranks first, then |.|)
+            absolute = absolute and self.__dict__.get("process_group") is None
+            try:
+                ests = H.hutchinson_diag(
+                    ps, [p.grad for p in ps], probes=probes, retain_graph=True, absolute=absolute
+                )
+            except RuntimeError as err:
+                if "storage of size 0" not in str(err):
+                    raise
+                raise RuntimeError(_FREED_WEIGHTS) from err
+            ests = self._rank_mean(ests)  # data parallel: the global batch's estimate
             for (g, p), d in zip(members, ests):
                 out[p] = H.spatial_average(
                     d, g["spatial_average"], g["abs_before_average"], nonnegative=absolute
@@ -330,6 +396,8 @@ class AdaHessian(SecondOrderOptimizer):
                 self._nonfinite_warned = True
             self.skipped_steps += 1
             return
+        mine = [p for _, params, _ in plan for p in params]
+        grads = dict(zip(mine, self._rank_mean([p.grad.detach() for p in mine])))
         for group, params, _ in plan:
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
@@ -342,7 +410,7 @@ class AdaHessian(SecondOrderOptimizer):
                     self._init_state(p, st)
                 st["step"].fill_(step)
                 ms.append(st["exp_avg"])
-                gs.append(p.grad.detach().to(st["exp_avg"].dtype))
+                gs.append(grads[p].to(st["exp_avg"].dtype))
                 if p in hess:
                     st["hessian_step"] += 1
                     vs.append(st["exp_hessian_diag_sq"])
@@ -359,6 +427,35 @@ class AdaHessian(SecondOrderOptimizer):
                 self._apply_per_tensor(group, params, bc1)
 
     _use_foreach = staticmethod(F.use_foreach_off_cpu)
+
+    # ------------------------------------------------------------ data parallel
+    def _rank_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """With a ``process_group``: the mean of each tensor over its ranks (one all-reduce
+        per dtype and device, new tensors); without: ``tensors`` themselves."""
+        pg = self.__dict__.get("process_group")
+        if pg is None or not tensors:
+            return tensors
+        world = dist.get_world_size(pg)
+        out = list(tensors)
+        by_kind: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_kind.setdefault((t.dtype, t.device), []).append(i)
+        for idx in by_kind.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
+            flat.div_(world)
+            for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+                out[i] = piece.view(tensors[i].shape)
+        return out
+
+    def _ranks_agree(self, finite: bool) -> bool:
+        pg = self.__dict__.get("process_group")
+        if pg is None:
+            return finite
+        dev = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
+        flag = torch.tensor([1 if finite else 0], dtype=torch.int32, device=dev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=pg)
+        return bool(flag.item())
 
     def _apply_per_tensor(
         self, group: dict[str, Any], params: list[torch.Tensor], bc1: float

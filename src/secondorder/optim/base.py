@@ -133,13 +133,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             name = param_name(param_group, gi, pi)
             sharded = placement_of(p, name) is not None
             if sharded and not type(self)._supports_dtensor:
-                # the math of this optimizer spans whole tensors (norms, Gram matrices,
-                # orthogonalisation, layer hooks): on shards it would silently differ
-                raise ValueError(
-                    f"{type(self).__name__} does not support DTensor (FSDP2 / HSDP) parameters "
-                    f"yet, but {name} is one: use secondorder.Shampoo or secondorder.SONew on "
-                    "fully_shard models, or keep this parameter unsharded"
-                )
+                raise ValueError(self._dtensor_refusal(name))
             if sharded and getattr(self, "distributed", False):
                 # splitting whole tensors' work across ranks presumes every rank holds them
                 raise ValueError(
@@ -193,6 +187,18 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         the shards (:meth:`ParamPlacement.all_reduce_`)."""
         cached = self.__dict__.get("_placement_view")
         return None if cached is None or cached[1] is None else cached[1].placement(p)
+
+    def _dtensor_refusal(self, name: str) -> str:
+        """The message of the ``ValueError`` refusing DTensor parameter ``name`` (when
+        ``_supports_dtensor`` is false); a subclass may say more precisely why and what to do.
+        """
+        # the math of this optimizer spans whole tensors (norms, Gram matrices,
+        # orthogonalisation, layer hooks): on shards it would silently differ
+        return (
+            f"{type(self).__name__} does not support DTensor (FSDP2 / HSDP) parameters "
+            f"yet, but {name} is one: use secondorder.Shampoo or secondorder.SONew on "
+            "fully_shard models, or keep this parameter unsharded"
+        )
 
     #: whether the optimizer's step is defined on DTensor (FSDP2 / HSDP) shards; subclasses
     #: whose math reduces over whole tensors opt in only once they reduce over the shards
@@ -258,6 +264,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         finite = self._all_finite(grads)
         if view is not None:
             finite = view.all_agree(finite)  # every shard skips, or none
+        finite = self._ranks_agree(finite)
         if not finite:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
@@ -297,6 +304,11 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def _ranks_agree(self, finite: bool) -> bool:
+        """Whether to step, given this process's non-finite check: a subclass whose step
+        communicates with other processes makes them all decide alike (this one: as is)."""
+        return finite
 
     # ------------------------------------------------------------- state dict
     @contextmanager

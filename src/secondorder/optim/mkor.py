@@ -39,8 +39,25 @@ preconditioned with that group's settings). Given parameters and no model, MKOR 
 every parameter falls back to the base optimizer.
 
 State per preconditioned layer (on its weight): ``left`` (m x m) and ``right`` (n x n)
-factors in ``factor_dtype``, the pending-reset flags and counters of rank-1 updates and
-resets; per parameter: ``step`` and ``base`` (the base optimizer's own state).
+factors in ``factor_dtype`` (the identity from the layer's first step on), the pending-reset
+flags and counters of rank-1 updates and resets; per parameter: ``step`` and ``base`` (the
+base optimizer's own state).
+
+**Data parallel: DDP, FSDP2 / HSDP.** The hooks see this rank's part of the batch, so on
+every factor-update step the recorded statistics (sums of ``a`` and ``g`` and their pass
+counts, all layers in one buffer) are summed over the data-parallel ranks -- the process
+group of a ``DistributedDataParallel`` model, or every rank of the DTensor parameters'
+device mesh (both dimensions under HSDP) -- so each rank folds the global batch's means
+into the same factors, as one process on the whole batch would. On FSDP2 / HSDP a layer's
+weight (and bias) holds only this rank's rows, but the left factor mixes rows: every step,
+the gradient matrices ``[dW | db]`` of the sharded layers are all-gathered over the shard
+group (one collective), preconditioned whole with the same arithmetic as in one process
+(``P_L G P_R`` and the norm rescale), and each rank hands its own rows to the base
+optimizer, whose state is per shard. Every rank keeps the factors of every layer and
+computes every layer's product. All DTensor parameters must share one mesh; a layer whose
+weight and bias are laid out differently falls back to the base optimizer. With
+``hybrid_window``, the loss windows are averaged over the ranks, so all switch together.
+See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -54,7 +71,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+try:
+    from torch.nn.parallel import DistributedDataParallel
+except ImportError:  # pragma: no cover - builds without distributed support
+    DistributedDataParallel = ()  # type: ignore[assignment,misc]
 
 from .._validation import (
     check_betas,
@@ -67,6 +90,8 @@ from .._validation import (
 from ..kernels import mkor as K
 from ..kernels import pow2
 from ..kernels.adamw import saturation
+from ..placement import is_dtensor
+from . import _mkor_dist as D
 from .base import SecondOrderOptimizer
 
 BASES: dict[str, type[torch.optim.Optimizer]] = {
@@ -101,7 +126,7 @@ class _Layer:
 
     @property
     def in_dim(self) -> int:  # columns of [W | b]
-        return self.weight[0].numel() + (self.bias is not None)
+        return math.prod(self.weight.shape[1:]) + (self.bias is not None)
 
 
 class _BaseState(MutableMapping):
@@ -181,7 +206,9 @@ class MKOR(SecondOrderOptimizer):
             flags (``foreach``, ``fused``) go to the base's constructor.
     """
 
-    _transient_attrs = ("_base_opt", "_stats")
+    _transient_attrs = ("_base_opt", "_stats", "_mesh")
+    _supports_dtensor = True  # see "Data parallel" in the module docstring
+    _steps_empty_shards = True  # every rank joins the collectives of every layer
 
     def __init__(
         self,
@@ -259,6 +286,7 @@ class MKOR(SecondOrderOptimizer):
         ]
         self._hybrid = {"losses": [], "switched_at": None}
         self._after_load_state_dict()
+        self._data_parallel()  # several meshes: ValueError now, not at the first step
 
     @classmethod
     def from_model(cls, model: nn.Module, **hparams: Any) -> MKOR:
@@ -327,7 +355,9 @@ class MKOR(SecondOrderOptimizer):
                 why = "its weight is shared with another layer"
             elif isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros"):
                 why = "grouped convolution or non-zero padding mode"
-            elif max(w.shape[0], w[0].numel() + (b is not None)) > self.max_factor_dim:
+            elif b is not None and _layout(w) != _layout(b):
+                why = "weight and bias are laid out differently (DTensor mesh or placements)"
+            elif max(w.shape[0], math.prod(w.shape[1:]) + (b is not None)) > self.max_factor_dim:
                 why = f"a factor would be larger than max_factor_dim={self.max_factor_dim}"
             if why is not None:
                 self.fallbacks[name] = why
@@ -375,6 +405,7 @@ class MKOR(SecondOrderOptimizer):
         """As ``torch.optim``; a group added later is not preconditioned (its layers were
         not known when the hooks were placed): it goes to the base optimizer."""
         super().add_param_group(param_group)
+        self.__dict__.pop("_mesh", None)
         base = self.__dict__.get("_base_opt")
         if base is not None:
             g = self.param_groups[-1]
@@ -518,6 +549,9 @@ class MKOR(SecondOrderOptimizer):
         means = torch.stack(
             [torch.stack(h["losses"][:w]).mean(), torch.stack(h["losses"][w:]).mean()]
         )
+        dp = self._data_parallel()
+        if dp is not None:  # every rank decides on the same (global-batch) losses
+            means = dp.sum_(means) / dp.size
         before, after = means.tolist()
         h["losses"] = h["losses"][w:]
         if math.isfinite(before) and math.isfinite(after) and before != 0:
@@ -546,57 +580,183 @@ class MKOR(SecondOrderOptimizer):
                     st["step"] = torch.tensor(0.0)
         replace: dict[torch.Tensor, torch.Tensor] = {}
         if self._hybrid["switched_at"] is None:
+            local = self._local_params()
+            live = []
             for index, layer in enumerate(self._layers):
-                if layer.weight in has_grad and (layer.bias is None or layer.bias in has_grad):
-                    self._precondition_layer(index, layer, replace)
+                w, b = local(layer.weight), local(layer.bias)
+                if w in has_grad and (b is None or b in has_grad):
+                    if self.param_groups[layer.group]["precondition"]:
+                        live.append((index, layer, w, b))
+            self._precondition_layers(live, replace)
         steps = [self.state[p]["step"] for _, ps in work for p in ps]
         if steps:
             torch._foreach_add_(steps, 1.0)
         self._base_step(work, replace)
 
-    def _precondition_layer(
-        self, index: int, layer: _Layer, replace: dict[torch.Tensor, torch.Tensor]
+    def _local_params(self) -> Any:
+        """``t -> the tensor the step sees for t``: the local-shard proxy of a DTensor
+        parameter while the optimizer works on shards, else ``t`` itself."""
+        view = self._placement_view_now()
+        if view is None or not view.active:
+            return lambda t: t
+        proxies = {id(p): proxy for p, proxy, _ in view.pairs}
+        return lambda t: None if t is None else proxies.get(id(t), t)
+
+    def _placement_view_now(self) -> Any:
+        cached = self.__dict__.get("_placement_view")
+        return None if cached is None else cached[1]
+
+    def _precondition_layers(
+        self,
+        live: list[tuple[int, _Layer, torch.Tensor, torch.Tensor | None]],
+        replace: dict[torch.Tensor, torch.Tensor],
     ) -> None:
-        group = self.param_groups[layer.group]
-        if not group["precondition"]:
-            return
-        st = self.state[layer.weight]
-        t = int(st["step"])
-        if t % group["inv_freq"] == 0 or t < group["warmup_steps"]:
-            stats = self._stats.get(index)
-            if stats is None:
-                self._warn_once(
-                    f"nostats{index}",
-                    f"MKOR: no statistics were recorded for layer {layer.name} before a "
-                    "factor-update step (hooks removed, the forward ran without grad, or the "
-                    "layer's module was bypassed); its factors are kept as they are",
-                )
+        """Update due factors, then ``G -> P_L G P_R`` for every layer with factors.
+
+        Data parallel, the statistics of every rank are summed first (one all-reduce), so
+        each rank's factors see the global batch; on shards, the gradient matrices of the
+        sharded layers are all-gathered (one collective), preconditioned whole (the same
+        arithmetic as in one process) and each rank keeps its own rows.
+        """
+        due = []
+        for index, layer, w, _ in live:
+            group = self.param_groups[layer.group]
+            t = int(self.state[w]["step"])
+            if t % group["inv_freq"] == 0 or t < group["warmup_steps"]:
+                due.append(index)
+        stats = self._global_stats(due)
+        mats, rows, todo = [], [], []
+        for index, layer, w, b in live:
+            st = self.state[w]
+            group = self.param_groups[layer.group]
+            if "left" not in st:
+                # A layer's first step sets its factors to the identity (instead of a
+                # rank-1 update), statistics or not, so that every layer has its whole
+                # state from the first step on (checkpoint loaders fill a template of it).
+                self._init_factors(st, group, layer, w.device)
+                if index in stats and stats[index] is not None:
+                    continue
+            if index in stats:
+                if stats[index] is None:
+                    self._warn_once(
+                        f"nostats{index}",
+                        f"MKOR: no statistics were recorded for layer {layer.name} before a "
+                        "factor-update step (hooks removed, the forward ran without grad, or "
+                        "the layer's module was bypassed); its factors are kept as they are",
+                    )
+                else:
+                    self._update_factors(st, group, *stats[index], layer, w.device)
+            if "left" not in st:
+                continue
+            compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+            mat = w.grad.reshape(w.shape[0], math.prod(w.shape[1:])).to(compute)  # 0 rows: ok
+            if b is not None:
+                mat = torch.cat([mat, b.grad.reshape(-1, 1).to(compute)], 1)
+            pl = self._placement(w)
+            mats.append(mat)
+            rows.append(pl if pl is not None and pl.sharded else None)
+            todo.append((w, b))
+        whole = list(mats)
+        sharded = [i for i, pl in enumerate(rows) if pl is not None]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i in sharded:
+            by_dtype.setdefault(mats[i].dtype, []).append(i)
+        for idx in by_dtype.values():
+            for i, m in zip(idx, D.gather_rows([mats[i] for i in idx], [rows[i] for i in idx])):
+                whole[i] = m
+        for (w, b), mat, pl in zip(todo, whole, rows):
+            st = self.state[w]
+            new = self._preconditioned(st, mat, b is not None)
+            if pl is not None:
+                new = new[pl.rows()]
+            if b is not None:
+                replace[w] = new[:, :-1].reshape(w.shape).to(w.dtype)
+                replace[b] = new[:, -1].to(b.dtype)
             else:
-                a, g, n = stats
-                self._update_factors(st, group, a / n, g / n, layer)
-        if "left" not in st:
-            return
-        w, b = layer.weight, layer.bias
-        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        mat = w.grad.reshape(layer.out_dim, -1).to(compute)
-        if b is not None:
-            mat = torch.cat([mat, b.grad.reshape(-1, 1).to(compute)], 1)
+                replace[w] = new.reshape(w.shape).to(w.dtype)
+
+    @staticmethod
+    def _preconditioned(st: dict[str, Any], mat: torch.Tensor, bias: bool) -> torch.Tensor:
+        """``P_L G P_R``, rescaled to ``G``'s norm (``||dW|| + ||db||``)."""
         # The rescale is invariant to the gradient's scale: huge or tiny gradients are
         # brought into range by an exact power of two first (none in the ordinary range),
         # so that the norms neither overflow nor vanish.
         e = pow2.row_exponents(mat, pow2.safe_exponent(mat.dtype, mat.numel()), dim=(0, 1))
         mat = pow2.mul_pow2(mat, -e)
         new = K.kron_precondition(st["left"], mat, st["right"])
-        bias = b is not None
         scale = K.norm_preserving_scale(
             K.weight_bias_norms(mat, bias), K.weight_bias_norms(new, bias)
         )
-        new = pow2.mul_pow2(new * scale, e)
-        if bias:
-            replace[w] = new[:, :-1].reshape(w.shape).to(w.dtype)
-            replace[b] = new[:, -1].to(b.dtype)
-        else:
-            replace[w] = new.reshape(w.shape).to(w.dtype)
+        return pow2.mul_pow2(new * scale, e)
+
+    def _global_stats(
+        self, due: list[int]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per due layer: the mean statistics ``(a, g)`` (``None``: none recorded).
+
+        In one process they are this process's. Data parallel (DTensor parameters, or a
+        ``DistributedDataParallel`` model), every rank's recorded sums and pass counts are
+        summed over the data-parallel ranks first (one all-reduce for all layers), so the
+        mean is over the global batch and the same on every rank.
+        """
+        dp = self._data_parallel()
+        out: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        if dp is None:
+            for index in due:
+                acc = self._stats.get(index)
+                out[index] = None if acc is None else (acc[0] / acc[2], acc[1] / acc[2])
+            return out
+        if not due:
+            return out
+        layers = [self._layers[i] for i in due]
+        recorded = [self._stats.get(i) for i in due]
+        wide = any(acc is not None and acc[0].dtype == torch.float64 for acc in recorded)
+        dtype = torch.float64 if wide else torch.float32
+        dev = self._local_params()(layers[0].weight).device
+        parts = []
+        for layer, acc in zip(layers, recorded):
+            if acc is None:
+                parts.append(torch.zeros(layer.in_dim + layer.out_dim + 1, dtype=dtype, device=dev))
+            else:
+                count = torch.full((1,), float(acc[2]), dtype=dtype, device=dev)
+                parts += [acc[0].to(dtype), acc[1].to(dtype), count]
+        buf = dp.sum_(torch.cat(parts))
+        at = 0
+        sizes = [(lay.in_dim, lay.out_dim) for lay in layers]
+        ends = [at := at + n + m + 1 for n, m in sizes]
+        counts = buf[[e - 1 for e in ends]].tolist()  # one host read per factor update
+        for index, (n, m), end, count, acc in zip(due, sizes, ends, counts, recorded):
+            if count == 0:
+                out[index] = None
+                continue
+            piece = buf[end - 1 - n - m : end - 1] / count
+            sdt = acc[0].dtype if acc is not None else torch.float32
+            out[index] = (piece[:n].to(sdt), piece[n:].to(sdt))
+        return out
+
+    def _data_parallel(self) -> D.DataParallel | None:
+        """The data-parallel ranks: the device mesh of the DTensor parameters, or the
+        process group of a ``DistributedDataParallel`` model; ``None`` in one process."""
+        model = self.__dict__.get("model")
+        if isinstance(model, DistributedDataParallel) and dist.is_initialized():
+            return D.DataParallel(group=model.process_group)
+        cached = self.__dict__.get("_mesh")
+        if cached is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            view = self._placement_view_now()  # inside a step: the real parameters
+            params += [p for p, _, _ in view.pairs] if view is not None else []
+            meshes = []
+            for p in params:
+                if is_dtensor(p) and p.device_mesh not in meshes:
+                    meshes.append(p.device_mesh)
+            if len(meshes) > 1:
+                raise ValueError(
+                    f"MKOR: the DTensor parameters live on {len(meshes)} device meshes; MKOR "
+                    "averages its layer statistics over one data-parallel mesh: shard the "
+                    "whole model on one mesh (fully_shard with the same mesh everywhere)"
+                )
+            cached = self.__dict__["_mesh"] = (meshes[0] if meshes else None,)
+        return None if cached[0] is None else D.DataParallel(mesh=cached[0])
 
     def _update_factors(
         self,
@@ -605,16 +765,10 @@ class MKOR(SecondOrderOptimizer):
         a: torch.Tensor,
         g: torch.Tensor,
         layer: _Layer,
+        dev: torch.device,
     ) -> None:
-        dev = layer.weight.device
         if "left" not in st:  # first factor update: the identity
-            dtype = group["factor_dtype"]
-            st["left"] = torch.eye(layer.out_dim, dtype=dtype, device=dev)
-            st["right"] = torch.eye(layer.in_dim, dtype=dtype, device=dev)
-            st["reset_left"] = torch.zeros((), dtype=torch.bool, device=dev)
-            st["reset_right"] = torch.zeros((), dtype=torch.bool, device=dev)
-            # rank-1 updates of left, right; resets of left, right
-            st["counts"] = torch.zeros(4, dtype=torch.int64, device=dev)
+            self._init_factors(st, group, layer, dev)
             return
         variant = group["variant"]
         decay, threshold = group["factor_decay"], group["stabilizer_threshold"]
@@ -647,6 +801,18 @@ class MKOR(SecondOrderOptimizer):
             events = torch.stack([torch.ones_like(big_l), torch.ones_like(big_r), big_l, big_r])
         st["left"], st["right"] = new_l.to(dtype), new_r.to(dtype)
         st["counts"] = st["counts"] + events.long()
+
+    @staticmethod
+    def _init_factors(
+        st: dict[str, Any], group: dict[str, Any], layer: _Layer, dev: torch.device
+    ) -> None:
+        dtype = group["factor_dtype"]
+        st["left"] = torch.eye(layer.out_dim, dtype=dtype, device=dev)
+        st["right"] = torch.eye(layer.in_dim, dtype=dtype, device=dev)
+        st["reset_left"] = torch.zeros((), dtype=torch.bool, device=dev)
+        st["reset_right"] = torch.zeros((), dtype=torch.bool, device=dev)
+        # rank-1 updates of left, right; resets of left, right
+        st["counts"] = torch.zeros(4, dtype=torch.int64, device=dev)
 
     def _base_step(
         self,
@@ -725,7 +891,8 @@ class MKOR(SecondOrderOptimizer):
                     f"parameter {tuple(p.shape)}: the state dict does not match"
                 )
         if "left" in st or "right" in st:
-            layer = next((lay for lay in self._layers if lay.weight is p), None)
+            local = self._local_params()
+            layer = next((lay for lay in self._layers if local(lay.weight) is p), None)
             if layer is None:
                 raise ValueError(
                     "loaded state has MKOR factors for a parameter this MKOR does not "
@@ -772,12 +939,13 @@ class MKOR(SecondOrderOptimizer):
         ``preconditioned`` (False) and ``reason``. Reads device values: off the hot path.
         """
         out = []
+        local = self._local_params()
         for layer in self._layers:
-            st = self.state.get(layer.weight, {})
+            st = self.state.get(local(layer.weight), {})
             counts = st["counts"].tolist() if "counts" in st else [0, 0, 0, 0]
             rec = dict(
                 layer=layer.name,
-                kind=type(layer.module).__name__,
+                kind="Linear" if layer.geometry is None else "Conv2d",  # FSDP2 renames classes
                 shape=(layer.out_dim, layer.in_dim),
                 preconditioned=True,
                 step=int(st["step"]) if "step" in st else 0,
@@ -792,7 +960,9 @@ class MKOR(SecondOrderOptimizer):
             out.append(rec)
         for name, why in self.fallbacks.items():
             out.append(dict(layer=name, preconditioned=False, reason=why))
-        covered = {p for lay in self._layers for p in (lay.weight, lay.bias) if p is not None}
+        covered = {
+            local(p) for lay in self._layers for p in (lay.weight, lay.bias) if p is not None
+        }
         idx = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -801,6 +971,11 @@ class MKOR(SecondOrderOptimizer):
                     out.append(dict(layer=None, param=idx, preconditioned=False, reason=reason))
                 idx += 1
         return out
+
+
+def _layout(t: torch.Tensor) -> Any:
+    """How ``t`` is laid out over ranks: ``None`` for a plain tensor."""
+    return (t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
 
 
 def _factor_health(p: torch.Tensor | None) -> dict[str, float] | None:
