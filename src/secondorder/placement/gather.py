@@ -205,12 +205,13 @@ def _gather(
     for i in idx:
         local, pl = items[i]
         owner = plan.owners[i]
-        if local.shape[0]:
+        if owner != me and local.shape[0]:
             send[i, owner] = local.reshape(-1)
-        if owner == me:
+        if owner == me:  # the rows of the others (its own stay here)
             for r in range(world):
                 s = shard_rows(pl.global_shape[0], world, r)
-                recv[i, r] = (s.stop - s.start) * _row_numel(local)
+                if r != me:
+                    recv[i, r] = (s.stop - s.start) * _row_numel(local)
     got = _exchange(
         rep, idx, send, recv, {i: items[i][0].dtype for i in idx}, items[idx[0]][0].device
     )
@@ -219,7 +220,11 @@ def _gather(
         if plan.owners[i] != me:
             continue
         local, pl = items[i]
-        pieces = [got[i, r].view(-1, *local.shape[1:]) for r in range(world) if (i, r) in got]
+        pieces = [
+            local if r == me else got[i, r].view(-1, *local.shape[1:])
+            for r in range(world)
+            if r == me or (i, r) in got
+        ]
         whole[i] = torch.cat(pieces) if pieces else local.new_empty(_whole_shape(local, pl))
     return whole
 
@@ -246,14 +251,17 @@ def _scatter(
                 raise ValueError(f"fn returned {y.dtype}, expected out_dtype {dtypes[i]}")
             for r in range(world):
                 s = shard_rows(y.shape[0], world, r)
-                if s.stop > s.start:
+                if r != me and s.stop > s.start:
                     send[i, r] = y[s].reshape(-1)
-        if local.numel():
+        elif local.numel():
             recv[i, owner] = local.numel()
     got = _exchange(rep, idx, send, recv, dtypes, items[idx[0]][0].device)
     out = {}
     for i in idx:
         local = items[i][0]
+        if plan.owners[i] == me:  # its own rows of the result stay here
+            out[i] = results[i][shard_rows(results[i].shape[0], world, me)]
+            continue
         flat = got.get((i, plan.owners[i]))
         out[i] = (
             flat.view(local.shape)
