@@ -27,6 +27,13 @@ list (``role="auto"``) orthogonalises every tensor with >= 2 dims; :meth:`Muon.f
 AdamW, as Muon is meant to be used.
 
 State: a float32 momentum buffer per hidden matrix, AdamW's two buffers elsewhere.
+
+FSDP2 / HSDP (DTensor parameters, ``fully_shard``): the step is single-process Muon, bit
+for bit. Everything but the orthogonalisation is elementwise and runs on each rank's rows
+(state per shard, resharded by ``torch.distributed.checkpoint``); each sharded matrix's
+momentum is gathered whole on one owner rank of its shard group, orthogonalised there
+(batched with the owner's other matrices) and its rows sent back
+(:func:`secondorder.placement.gather.apply_whole`; costs in docs/distributed.md).
 """
 
 from __future__ import annotations
