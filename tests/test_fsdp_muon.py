@@ -7,14 +7,16 @@ as 1 + 0) by default; 4 ranks (FSDP with empty shards: 3 rows as 1 + 1 + 1 + 0; 
 What each check compares against:
 
 * **gather** (:func:`apply_whole` alone): ``fn(x) = x x^T x`` of the whole tensors, computed
-  here on the full tensors, sliced to this rank's rows: ``torch.equal``. The entries the
+  here on the full tensors, sliced to this rank's rows: ``torch.equal`` (also with tensors
+  on two shard groups in one call). The entries the
   plans say each rank receives add up to each matrix's entries outside its owner's rows.
 * **Muon** on a holder module with every role (hidden matrices sharded, unevenly and with
   empty shards, of one shape class, its transpose, a conv-like 3-d kernel, a one-row
   matrix, a plain unsharded matrix in the same class; a sharded vector, embedding and
   output layer) and on a ``fully_shard``-ed MLP built with ``from_model``: single-process
   Muon on the whole tensors fed the full gradients, ``torch.equal`` on every parameter
-  and momentum after every step (several settings, a NaN step skipped everywhere). The
+  and momentum after every step (several settings, a NaN step skipped everywhere, a
+  single-process state dict loaded into the shards). The
   owners batch only their own matrices while the reference stacks all of a shape class:
   equality also checks that batching does not change a matrix's bits.
 * **checkpoints**: DCP save after 3 steps, load into a fresh optimizer on the same mesh
@@ -184,6 +186,22 @@ def _check_gather(mesh):
     assert torch.equal(out[0], full[0].to(torch.bfloat16)[items[0][1].rows()])
 
 
+def _check_gather_two_groups(meshes):
+    """Tensors on two shard groups (FSDP on 4 ranks, HSDP's shard pairs) in one call."""
+    (_, fsdp), (_, hsdp) = meshes
+    gen = torch.Generator().manual_seed(6)
+    full = [torch.randn(7, 5, generator=gen), torch.randn(5, 3, generator=gen),
+            torch.randn(3, 4, generator=gen)]  # fmt: skip
+    items = []
+    for f, mesh in zip(full, (fsdp, hsdp, fsdp)):
+        d = distribute_tensor(f, mesh, _placements(mesh))
+        items.append((d.to_local(), placement_of(d, "t")))
+    out = apply_whole(items, lambda ms: [m @ m.mT @ m for m in ms])
+    for (_, pl), f, o in zip(items, full, out):
+        assert torch.equal(o, (f @ f.mT @ f)[pl.rows()])
+    assert len(plan_whole(items).groups) == 2
+
+
 def _check_muon_holder(mesh):
     for kw in VARIANTS:
         values = _values()
@@ -198,6 +216,16 @@ def _check_muon_holder(mesh):
             _assert_equal(holder, ref, opt, ropt, (kw, step))
         assert opt.skipped_steps == ropt.skipped_steps == 1
         assert not torch.equal(holder.whole("w"), values["w"])
+        # a single-process state dict loads into the shards (rows sliced); training goes on
+        # equal to the reference
+        opt2 = Muon(holder.groups(), **kw)
+        opt2.load_state_dict(ropt.state_dict())
+        for step in range(5, 7):
+            holder.set_grads(step)
+            ref.set_grads(step)
+            opt2.step()
+            ropt.step()
+            _assert_equal(holder, ref, opt2, ropt, (kw, "loaded", step))
         # diagnostics describe the local shard and the whole matrix, without communicating
         diag = {d["param"]: d for d in opt.diagnostics()}
         rdiag = {d["param"]: d for d in ropt.diagnostics()}
@@ -283,6 +311,9 @@ def _check_named(rank, world, tmp, names):
         for (label, mesh), other in pairs:
             mark(f"dcp:{label}")
             _check_dcp(mesh, other, tmp, label)
+    if "gather-groups" in names:
+        mark("gather-groups")
+        _check_gather_two_groups(meshes)
     if "bad" in names:
         mark("bad")
         _check_bad_input(meshes[0][1])
@@ -296,7 +327,7 @@ def test_muon_fsdp_two_ranks(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_muon_fsdp_and_hsdp_four_ranks(tmp_path):
-    run_ranks(_check_named, 4, tmp_path, ("gather", "holder", "model", "dcp"))
+    run_ranks(_check_named, 4, tmp_path, ("gather", "gather-groups", "holder", "model", "dcp"))
 
 
 # ------------------------------------------------------------ single process
