@@ -389,3 +389,13 @@ def test_batching_does_not_change_a_matrix(dtype):
         for i, o in enumerate(whole):
             assert torch.equal(o, split[i % 2][i // 2]), (shape, i)
             assert torch.equal(o, alone[i]), (shape, i)
+
+
+def test_shard_rows_follow_torch_chunk():
+    """The rows of every shard, as FSDP2 cuts them (torch.chunk; empty trailing shards)."""
+    for rows in range(0, 12):
+        for count in range(1, 6):
+            chunks = torch.arange(rows).chunk(count) if rows else ()
+            got = [torch.arange(rows)[shard_rows(rows, count, i)] for i in range(count)]
+            want = [c for c in chunks] + [torch.arange(0)] * (count - len(chunks))
+            assert [g.tolist() for g in got] == [w.tolist() for w in want], (rows, count)
