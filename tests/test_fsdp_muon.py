@@ -234,6 +234,7 @@ def _check_muon_holder(mesh):
             if d["update"] == "muon":
                 assert d["matrix"] == rdiag[i]["matrix"], i
                 assert d["shape_factor"] == rdiag[i]["shape_factor"], i
+                assert d.get("sharded", False) == SPECS[list(SPECS)[i]][2], i
 
 
 def _check_muon_model(mesh):

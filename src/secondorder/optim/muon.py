@@ -240,8 +240,10 @@ class Muon(RoleOptimizer):
                            shape_factor=shape_factor(group["scaling"], rows, cols))  # fmt: skip
                 buf = self.state.get(p, {}).get("momentum_buffer")
                 pl = self._placement(p)
-                if buf is not None and pl is not None and pl.sharded:
-                    rec.update(sharded=True, shard_momentum_norm=float(buf.norm()))
+                if pl is not None and pl.sharded:
+                    rec["sharded"] = True
+                    if buf is not None:
+                        rec["shard_momentum_norm"] = float(buf.norm())
                 elif buf is not None and buf.numel():
                     o = newton_schulz(buf.reshape(rows, -1), group["ns_steps"], group["ns_dtype"])
                     sv = torch.linalg.svdvals(o.double())
