@@ -34,6 +34,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -340,31 +342,39 @@ def _placement(rows, cols, count, index):
     )  # fmt: skip
 
 
-def test_plans_agree_across_ranks_and_balance():
-    """Every rank computes the same owners (greedy on cost, from global shapes only); the
-    volumes add up over the ranks; the heaviest rank carries at most 4/3 of the optimum
-    or the largest matrix."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [tuple(int(x) for x in torch.randint(1, 40, (2,), generator=gen)) for _ in range(25)]
-    for count in (1, 2, 3, 4):
-        plans = []
-        for index in range(count):
-            items = []
-            for rows, cols in shapes:
-                pl = _placement(rows, cols, count, index)
-                items.append((torch.zeros(pl.local_shape), pl))
-            plans.append(plan_whole(items))
-        if count == 1:  # nothing sharded: every rank computes everything itself
-            assert plans[0].owners == [None] * len(shapes) and plans[0].sent == 0
-            continue
-        assert all(p.owners == plans[0].owners for p in plans)
-        assert sum(p.sent for p in plans) == sum(p.received for p in plans)
-        loads = [0] * count
-        for shape, owner in zip(shapes, plans[0].owners):
-            loads[owner] += matrix_cost(shape)
-        costs = [matrix_cost(s) for s in shapes]
-        assert max(loads) <= 4 / 3 * max(sum(costs) / count, max(costs))
-        assert sorted(i for p in plans for i in p.mine) == list(range(len(shapes)))
+@settings(max_examples=60, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=25),
+    count=st.integers(1, 5),
+)
+def test_plans_agree_across_ranks_and_balance(shapes, count):
+    """Every rank computes the same owners (greedy on cost, from global shapes only); each
+    input is computed by exactly one rank; the volumes add up over the ranks (what one
+    sends, another receives) and equal every matrix minus its owner's rows; the busiest
+    rank carries at most 4/3 of the optimum (greedy longest-processing-time's bound)."""
+    plans = []
+    for index in range(count):
+        items = []
+        for rows, cols in shapes:
+            pl = _placement(rows, cols, count, index)
+            items.append((torch.zeros(pl.local_shape), pl))
+        plans.append(plan_whole(items))
+    if count == 1:  # nothing sharded: every rank computes everything itself
+        assert plans[0].owners == [None] * len(shapes) and plans[0].sent == 0
+        return
+    assert all(p.owners == plans[0].owners for p in plans)
+    assert sorted(i for p in plans for i in p.mine) == list(range(len(shapes)))
+    own_rows = [
+        len(range(rows)[shard_rows(rows, count, owner)])
+        for (rows, _), owner in zip(shapes, plans[0].owners)
+    ]
+    moved = sum((rows - o) * cols for (rows, cols), o in zip(shapes, own_rows))
+    assert sum(p.sent for p in plans) == sum(p.received for p in plans) == moved
+    loads = [0] * count
+    for shape, owner in zip(shapes, plans[0].owners):
+        loads[owner] += matrix_cost(shape)
+    costs = [matrix_cost(s) for s in shapes]
+    assert max(loads) <= 4 / 3 * max(sum(costs) / count, max(costs))
 
 
 def test_plan_rejects_a_local_tensor_that_is_not_the_rows():
