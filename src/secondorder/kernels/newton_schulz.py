@@ -82,6 +82,11 @@ def orthogonalize_many(
 
     Matrices of shape ``(m, n)`` and ``(n, m)`` share a class (the tall ones are transposed
     before stacking). Returns the results in input order, each of its input's shape.
+
+    On the CPU a matrix's result does not depend on which other matrices share its stack
+    (torch's batched CPU matmuls and norms treat each matrix of a stack on its own; tested
+    in tests/test_fsdp_muon.py): an FSDP rank that orthogonalises only the matrices it owns
+    gets the bits one process gets stacking all of them.
     """
     out: list[torch.Tensor | None] = [None] * len(mats)
     classes: dict[tuple[int, int, torch.device], list[int]] = {}

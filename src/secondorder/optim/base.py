@@ -196,8 +196,9 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         # orthogonalisation, layer hooks): on shards it would silently differ
         return (
             f"{type(self).__name__} does not support DTensor (FSDP2 / HSDP) parameters "
-            f"yet, but {name} is one: use secondorder.Shampoo or secondorder.SONew on "
-            "fully_shard models, or keep this parameter unsharded"
+            f"yet, but {name} is one: keep this parameter unsharded, or use an optimizer "
+            "that steps shards (docs/distributed.md lists what each secondorder optimizer "
+            "computes on FSDP2 / HSDP)"
         )
 
     #: whether the optimizer's step is defined on DTensor (FSDP2 / HSDP) shards; subclasses

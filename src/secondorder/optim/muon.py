@@ -27,6 +27,13 @@ list (``role="auto"``) orthogonalises every tensor with >= 2 dims; :meth:`Muon.f
 AdamW, as Muon is meant to be used.
 
 State: a float32 momentum buffer per hidden matrix, AdamW's two buffers elsewhere.
+
+FSDP2 / HSDP (DTensor parameters, ``fully_shard``): the step is single-process Muon, bit
+for bit. Everything but the orthogonalisation is elementwise and runs on each rank's rows
+(state per shard, resharded by ``torch.distributed.checkpoint``); each sharded matrix's
+momentum is gathered whole on one owner rank of its shard group, orthogonalised there
+(batched with the owner's other matrices) and its rows sent back
+(:func:`secondorder.placement.gather.apply_whole`; costs in docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 from .._validation import check_bool, check_choice, check_float, check_int
 from ..kernels import foreach as F
 from ..kernels.newton_schulz import NS_DTYPES, newton_schulz, orthogonalize_many
+from ..placement.gather import apply_whole
 from ..roles import ROLES, muon_param_groups, resolve_role
 from ._roles_base import ADAMW_KEYS, RoleOptimizer, check_adamw_hparams, scalar, state_dtype
 
@@ -84,6 +92,11 @@ class Muon(RoleOptimizer):
         "vector": ADAMW_KEYS,
     }
     _model_groups = staticmethod(muon_param_groups)
+    # FSDP2 / HSDP: momentum and AdamW per shard; each sharded matrix is orthogonalised
+    # whole by one rank of its shard group (placement.gather), so a rank holding an empty
+    # shard still takes part in the exchanges
+    _supports_dtensor = True
+    _steps_empty_shards = True
 
     def __init__(
         self,
@@ -141,7 +154,17 @@ class Muon(RoleOptimizer):
         F.lerp_(bufs, gs, 1.0 - beta, foreach)
         for i, u in zip(at, F.lerp(gs, bufs, beta, foreach) if group["nesterov"] else bufs):
             us[i] = u
-        return [u.reshape(p.shape[0], -1) for p, u in zip(params, us)]
+        return [u.reshape(self._matrix_shape(p, local=True)) for p, u in zip(params, us)]
+
+    def _matrix_shape(self, p: torch.Tensor, local: bool = False) -> tuple[int, int]:
+        """``(rows, cols)`` of the matrix Muon orthogonalises for ``p`` (``(out, -1)``): of
+        the whole parameter, or with ``local`` of this rank's rows of it (a DTensor's shard;
+        possibly no rows)."""
+        pl = self._placement(p)
+        shape = pl.global_shape if pl is not None else p.shape
+        rows = shape[0]
+        cols = shape.numel() // rows if rows else 0
+        return (p.shape[0] if local else rows), cols
 
     def _update(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
         # Muon matrices of all groups, batched by (ns_steps, ns_dtype) and then by shape.
@@ -162,8 +185,13 @@ class Muon(RoleOptimizer):
         # shape factor) take the weight decay and the step in one multi-tensor call each.
         steps: dict[tuple[int, float], tuple[dict[str, Any], list[Any]]] = {}
         for key, entries in batches.items():
-            for (group, p), o in zip(entries, orthogonalize_many(directions[key], *key)):
-                c = shape_factor(group["scaling"], o.shape[0], o.shape[1])
+            # sharded matrices: orthogonalised whole by an owner rank, this rank's rows back
+            items = [(u, self._placement(p)) for (_, p), u in zip(entries, directions[key])]
+            ortho = apply_whole(
+                items, lambda mats, key=key: orthogonalize_many(mats, *key), out_dtype=key[1]
+            )
+            for (group, p), o in zip(entries, ortho):
+                c = shape_factor(group["scaling"], *self._matrix_shape(p))
                 steps.setdefault((id(group), c), (group, []))[1].append((p, o))
         for (_, c), (group, pairs) in steps.items():
             lr, wd = scalar(group["lr"]), scalar(group["weight_decay"])
@@ -190,6 +218,12 @@ class Muon(RoleOptimizer):
         orthogonalised update; a small ``sv_min`` means directions with almost no momentum
         (rank deficiency) that the iteration did not lift. AdamW tensors add ``step`` and
         ``exp_avg_sq_max``. Computes an SVD per matrix: call it off the hot path.
+
+        On FSDP2 / HSDP shards ``shape`` is this rank's shard, ``matrix`` and
+        ``shape_factor`` are the whole matrix's; a sharded matrix's singular values would
+        need the whole matrix (a collective), so its record has ``sharded=True`` and
+        ``shard_momentum_norm`` (the norm of this rank's rows of the momentum) instead of
+        ``momentum_norm`` / ``sv_min`` / ``sv_max``. No communication.
         """
         out = []
         idx = 0
@@ -200,13 +234,17 @@ class Muon(RoleOptimizer):
                     out.append(self._adamw_record(idx, role, p))
                     idx += 1
                     continue
-                rows = p.shape[0]
-                cols = p.numel() // rows if rows else 0
+                rows, cols = self._matrix_shape(p)
                 rec = dict(param=idx, role=role, shape=tuple(p.shape), update="muon",
                            matrix=(rows, cols),
                            shape_factor=shape_factor(group["scaling"], rows, cols))  # fmt: skip
                 buf = self.state.get(p, {}).get("momentum_buffer")
-                if buf is not None and buf.numel():
+                pl = self._placement(p)
+                if pl is not None and pl.sharded:
+                    rec["sharded"] = True
+                    if buf is not None:
+                        rec["shard_momentum_norm"] = float(buf.norm())
+                elif buf is not None and buf.numel():
                     o = newton_schulz(buf.reshape(rows, -1), group["ns_steps"], group["ns_dtype"])
                     sv = torch.linalg.svdvals(o.double())
                     rec.update(momentum_norm=float(buf.norm()), sv_min=float(sv.min()),
