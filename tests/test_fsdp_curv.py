@@ -36,6 +36,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -119,16 +120,48 @@ def _sharded_backward(model, step, rank, world, mixed):
 
 
 class _Spy:
-    """Records the statistics MKOR folds into each layer's factors."""
+    """Records the mean statistics of every due layer (all ranks get them) and the layers
+    whose factors this rank updates with them (only the rank that keeps them)."""
 
     def __init__(self, opt):
-        self.seen = {}
-        self.update = opt._update_factors
-        opt._update_factors = self
+        self.seen, self.updated = {}, set()
+        self.names = [lay.name for lay in opt._layers]
+        self.update, self.stats = opt._update_factors, opt._global_stats
+        opt._update_factors, opt._global_stats = self._update, self._stats
 
-    def __call__(self, st, group, a, g, layer, dev):
-        self.seen[layer.name] = (a.clone(), g.clone())
+    def _stats(self, due):
+        out = self.stats(due)
+        for index, ag in out.items():
+            if ag is not None:
+                self.seen[self.names[index]] = (ag[0].clone(), ag[1].clone())
+        return out
+
+    def _update(self, st, group, a, g, layer, dev):
+        self.updated.add(layer.name)
         return self.update(st, group, a, g, layer, dev)
+
+
+def _shard_group(model):
+    """The process group of the ranks holding the other shards (``None``: not sharded)."""
+    p = next(model.parameters())
+    if not hasattr(p, "device_mesh"):
+        return None
+    mesh = p.device_mesh
+    return mesh.get_group(mesh.ndim - 1)
+
+
+def _over_group(value, group):
+    """``value`` of every rank of ``group`` (in group rank order)."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _is_sharded(p):
+    if not hasattr(p, "placements"):
+        return False
+    mesh = p.device_mesh
+    return any(isinstance(pl, Shard) and mesh.size(d) > 1 for d, pl in enumerate(p.placements))
 
 
 # ------------------------------------------------------------------------- checks
@@ -139,10 +172,12 @@ def _check_mkor(model, kw, mixed=False, steps=6):
     opt, ref_opt = MKOR(model, **kw), MKOR(ref, **kw)
     spy = _Spy(opt)
     names = [lay.name for lay in opt._layers]
+    group = _shard_group(model)
+    sharded = {lay.name for lay in opt._layers if _is_sharded(lay.weight)}
     for step in range(steps):
         opt.zero_grad()
         _sharded_backward(model, step, rank, world, mixed)
-        spy.seen = {}
+        spy.seen, spy.updated = {}, set()
         opt.step()
         # the reference: one pass per rank's part of the global batch
         x, y = _batch(step)
@@ -152,12 +187,19 @@ def _check_mkor(model, kw, mixed=False, steps=6):
             ref_opt._stats = {}
             _loss(ref, _part(x, r, world), _part(y, r, world)).backward()
             passes.append(ref_opt._stats)
-        # factor updates (the first step only sets the factors to the identity)
-        due = step > 0 and (step % kw["inv_freq"] == 0 or step < kw["warmup_steps"])
-        assert set(spy.seen) == (set(names) if due else set()), step
+        # statistics on steps that record them; factor updates from the second step on
+        # (the first only sets the factors to the identity), each sharded layer's on exactly
+        # one rank of its shard group, an unsharded layer's on every rank
+        recorded = step % kw["inv_freq"] == 0 or step < kw["warmup_steps"]
+        assert set(spy.seen) == (set(names) if recorded else set()), step
+        updaters = _over_group(sorted(spy.updated), group)
+        for lay in opt._layers:
+            count = sum(lay.name in u for u in updaters)
+            want = 0 if step == 0 or not recorded else 1 if lay.name in sharded else len(updaters)
+            assert count == want, (step, lay.name, updaters)
         used = dict(passes[0]) if step == 0 else {}  # unused at step 0, but present
         for i, name in enumerate(names):
-            if name not in spy.seen:
+            if step == 0 or name not in spy.seen:
                 continue
             for k, got in enumerate(spy.seen[name]):
                 per_pass = [p[i][k] for p in passes]
@@ -172,12 +214,31 @@ def _check_mkor(model, kw, mixed=False, steps=6):
         ref_opt.step()
         for (n, p), q in zip(ref.named_parameters(), model.parameters()):
             assert torch.equal(_full(q.detach()), p.detach()), (step, n)
-    for lay, ref_lay in zip(opt._layers, ref_opt._layers):
+    # factors: only the rank that keeps a layer's factors holds them, equal to the
+    # reference's; its diagnostics too (the others report no factors)
+    keys = ("left", "right", "counts", "reset_left", "reset_right")
+    holders = _over_group([lay.name for lay in opt._layers if "left" in opt.state[lay.weight]],
+                          group)  # fmt: skip
+    diags = opt.diagnostics()
+    for d, lay, ref_lay in zip(diags, opt._layers, ref_opt._layers):
         st, ref_st = opt.state[lay.weight], ref_opt.state[ref_lay.weight]
-        for key in ("left", "right", "counts", "reset_left", "reset_right"):
-            assert torch.equal(st[key], ref_st[key]), (lay.name, key)
-    for d, e in zip(opt.diagnostics(), ref_opt.diagnostics()):
-        assert d == dict(e, layer=d["layer"]), (d, e)
+        on = [r for r, h in enumerate(holders) if lay.name in h]
+        if lay.name in sharded:
+            assert len(on) == 1 and d["factors_on"] == on[0], (lay.name, holders, d)
+        else:
+            assert len(on) == len(holders) and d["factors_on"] is None, (lay.name, holders)
+        e = dict(ref_opt.diagnostics()[names.index(lay.name)], layer=d["layer"])
+        if "left" in st:
+            for key in keys:
+                assert torch.equal(st[key], ref_st[key]), (lay.name, key)
+            assert d == dict(e, factors_on=d["factors_on"]), (d, e)
+        else:
+            assert not set(keys) & set(st), (lay.name, sorted(st))
+            none = dict.fromkeys(("left", "right", "sm_updates_left", "sm_updates_right",
+                                  "resets_left", "resets_right"))  # fmt: skip
+            assert d == dict(e, factors_on=d["factors_on"], **none), (d, e)
+    for d, e in zip(diags[len(names) :], ref_opt.diagnostics()[len(names) :]):
+        assert d == e, (d, e)
     if hasattr(next(model.parameters()), "to_local"):
         # a single-process state dict: the base optimizer's whole-tensor state is refused
         with pytest.raises(ValueError, match="base optimizer state .* does not match"):
@@ -210,6 +271,35 @@ def _check_mkor_dcp(mesh, tmp, label, mixed):
     _train(other, opt2, range(3, 7), mixed)
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(_full(a.detach()), _full(b.detach())), label
+    for lay, lay2 in zip(opt._layers, opt2._layers):  # factors where they were
+        assert ("left" in opt.state[lay.weight]) == ("left" in opt2.state[lay2.weight])
+
+    # the factors are saved under the shard index of the rank keeping them: a state dict
+    # of another shard count is refused, naming the state and the shard this run holds
+    sd = opt2.state_dict()
+    for st in sd["state"].values():
+        if isinstance(st.get("left"), dict):
+            (key,) = st["left"]
+            st["left"] = {"shard_0_of_3": st["left"][key]}
+            with pytest.raises(ValueError, match="'left'.*saved per shard.*same number of shards"):
+                opt2.load_state_dict(sd)
+            break
+
+
+def _check_mkor_reshard(meshes, tmp):
+    """Saved with 4 shards (FSDP), loaded with 2 (HSDP 2 x 2): the per-shard state is not
+    found, and the error names the shard this run looks for."""
+    (_, fsdp), (_, hsdp) = meshes
+    path = os.path.join(tmp, "mkor-reshard")
+    model = _fsdp_model(fsdp)
+    opt = MKOR(model, **MKOR_KW)
+    _train(model, opt, range(3), False)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
+    other = _fsdp_model(hsdp)
+    opt2 = MKOR(other, **MKOR_KW)
+    sd = {"optim": get_optimizer_state_dict(other, opt2)}
+    with pytest.raises(CheckpointException, match=r"Missing key.*shard_\d_of_2"):
+        dcp.load(sd, checkpoint_id=path)
 
 
 def _check_adahessian(mesh):
@@ -317,6 +407,9 @@ def _check_named(rank, world, tmp, names):
             if "dcp" in names:
                 mark(f"dcp:{label}:{mixed}")
                 _check_mkor_dcp(mesh, tmp, label, mixed)
+    if "reshard" in names:
+        mark("reshard")
+        _check_mkor_reshard(meshes, tmp)
     if "ddp" in names:
         mark("ddp")
         _check_mkor(DistributedDataParallel(_model()), MKOR_KW)
@@ -341,4 +434,4 @@ def test_mkor_and_adahessian_two_ranks(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_mkor_fsdp_and_hsdp_four_ranks(tmp_path):
-    run_ranks(_check_named, 4, tmp_path, ("mkor", "dcp"))
+    run_ranks(_check_named, 4, tmp_path, ("mkor", "dcp", "reshard"))

@@ -62,6 +62,7 @@ See ``docs/distributed.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -91,6 +92,8 @@ from ..kernels import mkor as K
 from ..kernels import pow2
 from ..kernels.adamw import saturation
 from ..placement import is_dtensor
+from ..placement.ddp import assign_blocks
+from ..placement.gather import apply_whole
 from . import _mkor_dist as D
 from .base import SecondOrderOptimizer
 
@@ -107,6 +110,8 @@ _OWN_KEYS = ("variant", "inv_freq", "factor_decay", "stabilizer_threshold", "sta
              "clip", "warmup_steps", "factor_dtype", "precondition", "base_optimizer")  # fmt: skip
 _STATE_KEYS = {"step", "base", "left", "right", "reset_left", "reset_right", "counts"}
 _DEFAULT_BLEND = {"official": 1.0, "paper": 0.1}
+#: the per-layer state only the rank that preconditions a sharded layer keeps
+_FACTOR_KEYS = ("left", "right", "reset_left", "reset_right", "counts")
 
 
 @dataclass(eq=False)
@@ -625,18 +630,26 @@ class MKOR(SecondOrderOptimizer):
             if t % group["inv_freq"] == 0 or t < group["warmup_steps"]:
                 due.append(index)
         stats = self._global_stats(due)
-        mats, rows, todo = [], [], []
+        owners = self._owners()
+        items, keep, todo, mine_work = [], [], [], []
         for index, layer, w, b in live:
             st = self.state[w]
             group = self.param_groups[layer.group]
-            if "left" not in st:
+            pl = self._placement(w)
+            pl = pl if pl is not None and pl.sharded else None
+            mine = pl is None or owners[index] == pl.shard_index
+            skip = False
+            if not mine:  # another rank of the shard group keeps this layer's factors
+                for key in _FACTOR_KEYS:
+                    st.pop(key, None)
+            elif "left" not in st:
                 # A layer's first step sets its factors to the identity (instead of a
                 # rank-1 update), statistics or not, so that every layer has its whole
-                # state from the first step on (checkpoint loaders fill a template of it).
+                # state from the first step on (checkpoint loaders fill a template of it);
+                # with statistics, the step is the base optimizer's alone.
                 self._init_factors(st, group, layer, w.device)
-                if index in stats and stats[index] is not None:
-                    continue
-            if index in stats:
+                skip = index in stats and stats[index] is not None
+            elif index in stats:
                 if stats[index] is None:
                     self._warn_once(
                         f"nostats{index}",
@@ -646,34 +659,68 @@ class MKOR(SecondOrderOptimizer):
                     )
                 else:
                     self._update_factors(st, group, *stats[index], layer, w.device)
-            if "left" not in st:
+            if skip and pl is None:
                 continue
             compute = torch.float64 if w.dtype == torch.float64 else torch.float32
             mat = w.grad.reshape(w.shape[0], math.prod(w.shape[1:])).to(compute)  # 0 rows: ok
             if b is not None:
                 mat = torch.cat([mat, b.grad.reshape(-1, 1).to(compute)], 1)
-            pl = self._placement(w)
-            mats.append(mat)
-            rows.append(pl if pl is not None and pl.sharded else None)
+            if pl is not None:  # the placement of [dW | db], rows as the weight's
+                pl = dataclasses.replace(
+                    pl,
+                    global_shape=torch.Size((pl.global_shape[0], mat.shape[1])),
+                    local_shape=torch.Size(mat.shape),
+                )
+            items.append((mat, pl))
+            keep.append(owners[index] if pl is not None else None)
             todo.append((w, b))
-        whole = list(mats)
-        sharded = [i for i, pl in enumerate(rows) if pl is not None]
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i in sharded:
-            by_dtype.setdefault(mats[i].dtype, []).append(i)
-        for idx in by_dtype.values():
-            for i, m in zip(idx, D.gather_rows([mats[i] for i in idx], [rows[i] for i in idx])):
-                whole[i] = m
-        for (w, b), mat, pl in zip(todo, whole, rows):
-            st = self.state[w]
-            new = self._preconditioned(st, mat, b is not None)
-            if pl is not None:
-                new = new[pl.rows()]
+            if mine:  # ``fn`` sees this rank's layers in this order
+                mine_work.append((None if skip else st, b is not None))
+        results = apply_whole(
+            items, self._precondition_fn(mine_work), owners=keep, cost=_precondition_cost
+        )
+        for (w, b), new in zip(todo, results):
             if b is not None:
                 replace[w] = new[:, :-1].reshape(w.shape).to(w.dtype)
                 replace[b] = new[:, -1].to(b.dtype)
             else:
                 replace[w] = new.reshape(w.shape).to(w.dtype)
+
+    def _precondition_fn(self, work: list[tuple[dict[str, Any] | None, bool]]) -> Any:
+        """``fn`` of :func:`apply_whole`: the whole ``[dW | db]`` of this rank's layers
+        (given their state and whether they have a bias, in order), preconditioned; a layer
+        whose factors were just set (state ``None``) keeps its gradient (the step is the
+        base optimizer's alone)."""
+
+        def fn(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [
+                mat if st is None else self._preconditioned(st, mat, bias)
+                for (st, bias), mat in zip(work, mats, strict=True)
+            ]
+
+        return fn
+
+    def _owners(self) -> list[int | None]:
+        """Per layer (of ``self._layers``), the shard index of the rank that keeps its
+        factors and preconditions it, ``None`` when its weight is not sharded (every rank
+        does). Greedy balancing of the layers' preconditioning work over the shard group,
+        from global shapes only: the same on every rank and at every step (whatever subset
+        of the layers a step preconditions)."""
+        local = self._local_params()
+        groups: dict[Any, list[tuple[int, Any]]] = {}
+        out: list[int | None] = [None] * len(self._layers)
+        for index, layer in enumerate(self._layers):
+            pl = self._placement(local(layer.weight))
+            if pl is not None and pl.sharded:
+                groups.setdefault((pl.mesh, pl.shard_dim), []).append((index, pl))
+        for members in groups.values():
+            costs = [
+                _precondition_cost((self._layers[i].out_dim, self._layers[i].in_dim))
+                for i, _ in members
+            ]
+            for (i, _), r in zip(members, assign_blocks(costs, members[0][1].shard_count)):
+                out[i] = r
+        return out
 
     @staticmethod
     def _preconditioned(st: dict[str, Any], mat: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -934,15 +981,23 @@ class MKOR(SecondOrderOptimizer):
         its largest entry in magnitude, the stabiliser's measure; ``cond``, the 2-norm
         condition number; ``None`` before the first factor update), ``sm_updates_left`` /
         ``sm_updates_right`` (rank-1 updates applied), ``resets_left`` / ``resets_right``,
-        ``hybrid_off`` (the step preconditioning was switched off, or None). Fallback
+        ``hybrid_off`` (the step preconditioning was switched off, or None),
+        ``factors_on`` (on FSDP2 / HSDP shards: the shard index of the rank that keeps the
+        layer's factors; ``None`` when the weight is not sharded and every rank keeps
+        them). On the other ranks of the shard group the factor fields and the four
+        counters are ``None`` (this rank holds no factors of the layer). Fallback
         records: ``layer`` (name or None), ``param`` (index over all groups, when known),
         ``preconditioned`` (False) and ``reason``. Reads device values: off the hot path.
         """
         out = []
         local = self._local_params()
-        for layer in self._layers:
-            st = self.state.get(local(layer.weight), {})
+        owners = self._owners()
+        for layer, owner in zip(self._layers, owners):
+            w = local(layer.weight)
+            st = self.state.get(w, {})
             counts = st["counts"].tolist() if "counts" in st else [0, 0, 0, 0]
+            if owner is not None and owner != self._placement(w).shard_index:
+                counts = [None] * 4
             rec = dict(
                 layer=layer.name,
                 kind="Linear" if layer.geometry is None else "Conv2d",  # FSDP2 renames classes
@@ -956,6 +1011,7 @@ class MKOR(SecondOrderOptimizer):
                 resets_left=counts[2],
                 resets_right=counts[3],
                 hybrid_off=self._hybrid["switched_at"],
+                factors_on=owner,
             )
             out.append(rec)
         for name, why in self.fallbacks.items():
@@ -971,6 +1027,12 @@ class MKOR(SecondOrderOptimizer):
                     out.append(dict(layer=None, param=idx, preconditioned=False, reason=reason))
                 idx += 1
         return out
+
+
+def _precondition_cost(shape: Any) -> int:
+    """Multiply-adds of ``P_L G P_R`` for an ``m x n`` gradient matrix."""
+    m, n = int(shape[0]), math.prod(int(d) for d in shape[1:])
+    return m * n * (m + n)
 
 
 def _layout(t: torch.Tensor) -> Any:

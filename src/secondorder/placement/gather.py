@@ -117,9 +117,18 @@ def _check(items: Sequence[tuple[torch.Tensor, ParamPlacement | None]]) -> None:
 def plan_whole(
     items: Sequence[tuple[torch.Tensor, ParamPlacement | None]],
     cost: Callable[[Sequence[int]], int] = matrix_cost,
+    owners: Sequence[int | None] | None = None,
 ) -> WholePlan:
-    """The :class:`WholePlan` of ``items`` (see the module docstring; no communication)."""
+    """The :class:`WholePlan` of ``items`` (see the module docstring; no communication).
+
+    ``owners``: per item, its owner's index in its shard group, chosen by the caller
+    (e.g. to keep state on one rank across calls whatever subset of matrices is passed);
+    ``None`` (default): greedy on ``cost``. Entries of unsharded items are ignored.
+    """
     _check(items)
+    if owners is not None and len(owners) != len(items):
+        raise ValueError(f"owners: {len(owners)} entries for {len(items)} items")
+    chosen = owners
     keys: dict[tuple[Any, int], int] = {}
     groups: list[ParamPlacement] = []
     group_of: list[int | None] = []
@@ -132,9 +141,19 @@ def plan_whole(
             keys[key] = len(groups)
             groups.append(pl)
         group_of.append(keys[key])
-    owners: list[int | None] = [None] * len(items)
+    owners = [None] * len(items)
     for gi, rep in enumerate(groups):
         idx = [i for i, g in enumerate(group_of) if g == gi]
+        if chosen is not None:
+            for i in idx:
+                r = chosen[i]
+                if not isinstance(r, int) or not 0 <= r < rep.shard_count:
+                    raise ValueError(
+                        f"owners[{i}]: expected a shard index in [0, {rep.shard_count}), "
+                        f"got {r!r}"
+                    )
+                owners[i] = r
+            continue
         costs = [cost(_whole_shape(items[i][0], items[i][1])) for i in idx]
         for i, r in zip(idx, assign_blocks(costs, rep.shard_count)):
             owners[i] = r
@@ -277,6 +296,7 @@ def apply_whole(
     *,
     out_dtype: torch.dtype | None = None,
     cost: Callable[[Sequence[int]], int] = matrix_cost,
+    owners: Sequence[int | None] | None = None,
 ) -> list[torch.Tensor]:
     """``fn`` of the whole tensors of ``items``, each returned as this rank's rows.
 
@@ -291,10 +311,11 @@ def apply_whole(
         out_dtype: dtype of ``fn``'s results (``None``: each input's dtype); results of
             sharded inputs travel in it.
         cost: per whole shape, the work of ``fn`` (balances the owners).
+        owners: the owners chosen by the caller instead (see :func:`plan_whole`).
 
     Returns this rank's rows of each result, in input order (see the module docstring).
     """
-    plan = plan_whole(items, cost)
+    plan = plan_whole(items, cost, owners)
     whole: dict[int, torch.Tensor] = {}
     for gi in range(len(plan.groups)):
         whole.update(_gather(items, plan, gi))
