@@ -49,12 +49,16 @@ counts, all layers in one buffer) are summed over the data-parallel ranks -- the
 group of a ``DistributedDataParallel`` model, or every rank of the DTensor parameters'
 device mesh (both dimensions under HSDP) -- so each rank folds the global batch's means
 into the same factors, as one process on the whole batch would. On FSDP2 / HSDP a layer's
-weight (and bias) holds only this rank's rows, but the left factor mixes rows: every step,
-the gradient matrices ``[dW | db]`` of the sharded layers are all-gathered over the shard
-group (one collective), preconditioned whole with the same arithmetic as in one process
-(``P_L G P_R`` and the norm rescale), and each rank hands its own rows to the base
-optimizer, whose state is per shard. Every rank keeps the factors of every layer and
-computes every layer's product. All DTensor parameters must share one mesh; a layer whose
+weight (and bias) holds only this rank's rows, but the left factor mixes rows. Each sharded
+layer therefore has one *owner* rank in its shard group (greedy balancing of the product's
+cost over the layers' global shapes: the same on every rank, fixed for the run), and only
+the owner keeps and updates its factors. Every step the gradient matrices ``[dW | db]``
+travel to their owners, are preconditioned whole with the same arithmetic as in one
+process (``P_L G P_R`` and the norm rescale) and each rank gets its rows back
+(:func:`secondorder.placement.gather.apply_whole`: two all-to-alls); each rank hands its
+rows to the base optimizer, whose state is per shard. Under HSDP the replicas of a shard do
+the same. Unsharded layers keep their factors on every rank. All DTensor parameters must
+share one mesh; a layer whose
 weight and bias are laid out differently falls back to the base optimizer. With
 ``hybrid_window``, the loss windows are averaged over the ranks, so all switch together.
 See ``docs/distributed.md``.
@@ -619,9 +623,11 @@ class MKOR(SecondOrderOptimizer):
         """Update due factors, then ``G -> P_L G P_R`` for every layer with factors.
 
         Data parallel, the statistics of every rank are summed first (one all-reduce), so
-        each rank's factors see the global batch; on shards, the gradient matrices of the
-        sharded layers are all-gathered (one collective), preconditioned whole (the same
-        arithmetic as in one process) and each rank keeps its own rows.
+        the factors see the global batch; on shards, only the owner of a sharded layer
+        (:meth:`_owners`) keeps and updates its factors, and the layer's gradient matrix is
+        preconditioned whole there (the same arithmetic as in one process) and each rank
+        gets its own rows back (:func:`apply_whole`). A layer whose factors were just set
+        to the identity goes through unchanged on shards (the other ranks cannot know).
         """
         due = []
         for index, layer, w, _ in live:
