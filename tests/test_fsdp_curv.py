@@ -16,10 +16,17 @@ leaves the middle layer out of ``fully_shard`` (a plain parameter next to sharde
   values differ by at most ``(W - 1) eps sum_r |a_r|`` (each is within ``(W - 1) u`` of
   the exact sum, ``u = eps / 2``), and the mean divides by ``W``, a power of two (exact);
 * given the statistics the sharded run used and its (reduce-scattered) gradients, the
-  reference then steps and every parameter, factor and diagnostic must be **bit-identical**
-  on every rank (the whole gradient matrix is gathered and preconditioned with the same
-  arithmetic as in one process; the base optimizer is elementwise);
-* a ``torch.distributed.checkpoint`` round trip continues bit for bit.
+  reference then steps and every parameter must be **bit-identical** on every rank (the
+  whole gradient matrix is preconditioned by its owner rank with the same arithmetic as in
+  one process; the base optimizer is elementwise);
+* each sharded layer's factors are updated and held by exactly one rank of its shard group
+  (the one ``diagnostics()`` names in ``factors_on``), bit-identical to the reference's
+  there, with the same diagnostics; the other ranks hold none and report ``None``; an
+  unsharded layer's factors are on every rank;
+* a ``torch.distributed.checkpoint`` round trip continues bit for bit, factors on the same
+  owners; another shard count is refused (``dcp.load``'s missing per-shard key, and
+  ``load_state_dict``'s ``ValueError``, both naming the shard);
+* ``apply_whole(..., owners=...)`` uses the caller's owners and checks them.
 
 **AdaHessian** refuses DTensor parameters: FSDP2's gradients carry no graph (its
 reduce-scatter runs outside autograd), checked here as a fact of FSDP2 and through the
@@ -48,6 +55,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from _spawn import mark, run_ranks  # tests/ is on sys.path
 from secondorder import MKOR, AdaHessian
+from secondorder.placement import placement_of
+from secondorder.placement.gather import apply_whole, plan_whole
 
 EPS = torch.finfo(torch.float32).eps
 BATCH = 12
@@ -396,6 +405,34 @@ def _check_mkor_bad_input(mesh):
     assert "laid out differently" in diag[0]["reason"]
 
 
+def _check_owners_hook(mesh):
+    """``apply_whole(..., owners=...)``: the caller's owners are used (whatever the costs
+    say), the result is ``fn`` of the whole matrices; owners out of range are refused."""
+    world = mesh.size()
+    gen = torch.Generator().manual_seed(7)
+    full = [torch.randn(*s, generator=gen) for s in ((9, 4), (2, 3), (5, 5))]
+    items = []
+    for i, f in enumerate(full):
+        d = distribute_tensor(f, mesh, [Shard(0)])
+        items.append((d.to_local(), placement_of(d, f"t{i}")))
+    owners = [world - 1, 0, world - 1]  # the largest and the smallest on the last rank
+    seen = []
+
+    def fn(mats):
+        seen.extend(tuple(m.shape) for m in mats)
+        return [m @ m.mT @ m for m in mats]
+
+    out = apply_whole(items, fn, owners=owners)
+    mine = [tuple(f.shape) for f, r in zip(full, owners) if r == dist.get_rank()]
+    assert seen == mine, (seen, mine)
+    assert plan_whole(items, owners=owners).owners == owners
+    for (_, pl), f, o in zip(items, full, out):
+        assert torch.equal(o, (f @ f.mT @ f)[pl.rows()]), pl.name
+    for bad in ([0, 0], [0, world, 0], [0, None, 0]):
+        with pytest.raises(ValueError, match="owners"):
+            plan_whole(items, owners=bad)
+
+
 def _check_named(rank, world, tmp, names):
     meshes = _meshes(world)
     for label, mesh in meshes:
@@ -419,6 +456,9 @@ def _check_named(rank, world, tmp, names):
     if "adahessian-dp" in names:
         mark("adahessian-dp")
         _check_adahessian_data_parallel()
+    if "owners" in names:
+        mark("owners")
+        _check_owners_hook(meshes[0][1])
     if "bad" in names:
         mark("bad")
         _check_mkor_bad_input(meshes[0][1])
@@ -427,7 +467,7 @@ def _check_named(rank, world, tmp, names):
 
 @pytest.mark.distributed
 def test_mkor_and_adahessian_two_ranks(tmp_path):
-    names = ("mkor", "dcp", "ddp", "adahessian", "adahessian-dp", "bad")
+    names = ("mkor", "dcp", "ddp", "adahessian", "adahessian-dp", "owners", "bad")
     run_ranks(_check_named, 2, tmp_path, names)
 
 
