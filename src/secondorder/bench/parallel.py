@@ -333,9 +333,7 @@ def _spawned(
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent in one line
         kind = "usage" if isinstance(exc, BenchUsageError) else "error"
-        text = str(exc) if kind == "usage" else f"rank {rank}: {type(exc).__name__}: {exc}"
-        if kind == "error":
-            traceback.print_exc()
+        text = str(exc) if kind == "usage" else _one_line(rank, exc)
         with open(os.path.join(tmp, f"error-{rank}.pkl"), "wb") as f:
             pickle.dump((kind, text), f)
         code = 1
@@ -344,6 +342,14 @@ def _spawned(
     # leave without interpreter teardown: with gloo's threads alive it can abort a process
     # whose work is done
     os._exit(code)
+
+
+def _one_line(rank: int, exc: BaseException) -> str:
+    """``rank R: Type: message (at file:line in function)``, the innermost frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})"
+    message = " ".join(str(exc).split())
+    return f"rank {rank}: {type(exc).__name__}: {message}" + (where if frames else "")
 
 
 def _thread_lock_for_tqdm() -> None:
@@ -366,7 +372,7 @@ def _torchrun(config: Any, stream: TextIO | None, on_update: Any) -> dict[str, A
         except Exception as exc:
             if isinstance(exc, BenchUsageError):
                 raise
-            raise RankError(f"rank {rank}: {type(exc).__name__}: {exc}") from exc
+            raise RankError(_one_line(rank, exc)) from exc
         dist.barrier()
     finally:
         dist.destroy_process_group()
