@@ -62,16 +62,22 @@ def table(results: dict[str, dict]) -> str:
         "| samples/s | final train loss |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    labels: list[str] = []  # every mode's optimizers, each after its predecessor there
+    for res in results.values():
+        previous = -1
+        for r in res["optimizers"]:
+            if r["label"] not in labels:
+                labels.insert(previous + 1, r["label"])
+            previous = labels.index(r["label"])
     rows = [(r["label"], mode, r) for mode, res in results.items() for r in res["optimizers"]]
-    order = {label: i for i, (label, _, _) in reversed(list(enumerate(rows)))}
-    for label, mode, r in sorted(rows, key=lambda x: (order[x[0]], MODES.index(x[1]))):
+    for label, mode, r in sorted(rows, key=lambda x: (labels.index(x[0]), MODES.index(x[1]))):
         if r["status"] not in ("ok", "diverged"):
             lines.append(f"| {label} | {mode} | - | {r['status']}: {r['error']} | | | | |")
             continue
         lines.append(
             f"| {label} | {mode} | {r['ranks']} | {r['state_bytes_per_rank'] / 2**20:.2f} | "
             f"{r['mean_step_seconds'] * 1e3:.1f} | {r['median_step_seconds'] * 1e3:.1f} | "
-            f"{r['samples_per_second']:.0f} | {r['final_train_loss']:.4g} |"
+            f"{r['samples_per_second']:.0f} | {r['final_train_loss']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -88,6 +94,7 @@ def main() -> None:
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--out", type=Path, help="directory of the modes' outputs (default: temp)")
     args = ap.parse_args()
+    loads = [_load()]
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         results = {}
@@ -95,9 +102,15 @@ def main() -> None:
             print("secondorder bench " + " ".join(cmd), file=sys.stderr, flush=True)
             subprocess.run([sys.executable, "-m", "secondorder", "bench", *cmd], check=True)
             results[mode] = json.loads((out / mode / "results.json").read_text())
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"\nload average (1 min) at the end: {load:.1f}\n")
+            loads.append(_load())
+        modes = ", ".join(results)
+        print(f"\nload average (1 min) before and after each mode ({modes}): "
+              + " -> ".join(f"{v:.1f}" for v in loads) + "\n")  # fmt: skip
         print(table(results))
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 if __name__ == "__main__":
