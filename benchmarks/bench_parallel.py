@@ -77,7 +77,7 @@ def table(results: dict[str, dict]) -> str:
         lines.append(
             f"| {label} | {mode} | {r['ranks']} | {r['state_bytes_per_rank'] / 2**20:.2f} | "
             f"{r['mean_step_seconds'] * 1e3:.1f} | {r['median_step_seconds'] * 1e3:.1f} | "
-            f"{r['samples_per_second']:.0f} | {r['final_train_loss']:.2f} |"
+            f"{r['samples_per_second']:.0f} | {r['final_train_loss']:.5g} |"
         )
     return "\n".join(lines)
 
