@@ -237,3 +237,41 @@ def test_torchrun_launch(runs: dict[str, dict], tmp_path: Path) -> None:
     assert proc.stdout.count("--parallel ddp: 2 ranks") == 1  # rank 0 prints, alone
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["optimizers"][0]["train_loss"] == runs["ddp"]["optimizers"][0]["train_loss"]
+
+
+def _collectives(rank: int, world: int, tmp: str) -> dict:
+    ranks = Ranks("ddp", rank, world, torch.device("cpu"), "gloo", 1)
+    loss = torch.tensor(2.0 + rank, dtype=torch.float32)  # ranks' equal-slice losses 2 and 3
+    mean, error = ranks.combine(loss, "step 3: bad" if rank == 1 else None, 3)
+    same, differs = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for p in (*same.parameters(), differs.bias):
+        torch.nn.init.constant_(p, 0.5)
+    torch.nn.init.constant_(differs.weight, 0.5 + rank)  # the weight differs between ranks
+    return {
+        "mean": mean.item(), "dtype": str(mean.dtype), "error": error,
+        "peak": ranks.max_int(100 + rank), "slowest": ranks.slowest([0.1 * (rank + 1), 0.5]),
+        "same": ranks.drift(same, "x"), "differs": ranks.drift(differs, "x"),
+    }  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_rank_collectives(tmp_path: Path) -> None:
+    """The global loss is the mean of the ranks' losses, an error on one rank reaches all,
+    memory is the largest rank's, each step's time the slowest rank's, and DDP replicas
+    that differ are reported."""
+    tests = str(REPO / "tests")  # the shared multi-process helper lives there
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from _spawn import run_ranks
+
+    zero, one = run_ranks(_collectives, 2, tmp_path)
+    assert zero["mean"] == one["mean"] == 2.5 and zero["dtype"] == "torch.float32"
+    assert one["error"] == "step 3: bad"
+    assert zero["error"] == "step 3: an optimizer raised FloatingPointError on another rank"
+    assert zero["peak"] == one["peak"] == 101
+    assert zero["slowest"] == one["slowest"] == [0.2, 0.5]
+    assert zero["same"] is None and one["same"] is None
+    assert "ranks' copies of the model differ at the end (parameter 0: sums differ by 6" in (
+        zero["differs"]
+    )
+    assert zero["differs"] == one["differs"]
