@@ -8,6 +8,7 @@ benchmark run needs the ``[bench]`` extra and says so in one line when it is mis
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ examples:
   secondorder bench byte-lm --opt adamw:lr=1e-3 --opt shampoo:lr=1e-3,graft=adam --steps 200
   secondorder bench --opt adamw --opt torch.optim.NAdam --sweep lr=1e-3,3e-3,1e-2
   secondorder bench --list                           workloads and optimizers
+  secondorder bench byte-lm --parallel fsdp2 --nproc 2 --steps 50   data-parallel, 2 processes
 
 --opt NAME is a name from --list or the dotted path of any importable optimizer class;
 hyperparameters are Python literals: lr=3e-4, betas=(0.9,0.95), nesterov=True, graft=adam
@@ -91,6 +93,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="constant (default) or adaptive[:test=norm,eta=0.1,max_batch=N,...]: "
                    "grow the batch from --batch-size when the gradient noise says so, over the "
                    "same number of examples (see docs/adaptive-batch.md)")
+    p.add_argument("--parallel", default="none", metavar="MODE",
+                   help="none (default), ddp or fsdp2: train data-parallel over --nproc local "
+                   "processes (or the torchrun group this runs in); the global batch is "
+                   "--batch-size, split evenly (see docs/bench.md)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="processes of --parallel (default 2; under torchrun: its WORLD_SIZE)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed (default 0)")
     p.add_argument(
         "--dtype",
@@ -175,6 +183,7 @@ def _error(message: str) -> int:
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
     from .bench.errors import BenchUsageError
     from .bench.mnist import IDXFormatError, MNISTNotFoundError
+    from .bench.parallel import RankError
 
     if args.list:
         _list()
@@ -183,11 +192,24 @@ def bench(args: argparse.Namespace, argv: list[str]) -> int:
         return _bench(args, argv)
     except (BenchUsageError, MNISTNotFoundError, IDXFormatError) as exc:
         return _error(str(exc))
+    except RankError as exc:  # a rank of --parallel failed: one line naming it
+        print(f"secondorder bench: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _save(run: dict[str, Any], out: Any, argv: list[str]) -> None:
+    """Write results.json after each optimizer (module level: a spawned rank 0 calls it)."""
+    from .bench.report import build_results, write_json
+
+    write_json(build_results(run, argv), out)
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    import functools
+
     from .bench.output import check_extras, default_out_dir, prepare_out_dir
-    from .bench.report import build_results, format_table, write_json, write_outputs
+    from .bench.parallel import under_torchrun
+    from .bench.report import build_results, format_table, write_outputs
     from .bench.runner import BenchConfig, check_request, run_benchmark
     from .bench.workloads import DEFAULT_WORKLOAD
 
@@ -208,17 +230,22 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         threads=args.threads,
         sweep=args.sweep,
         batch_schedule=args.batch_schedule,
+        parallel=args.parallel,
+        nproc=args.nproc,
     )
     # everything that can be checked is checked before data is loaded or a step is taken
     workload_cls, _ = check_request(config)
     check_extras(progress=not args.quiet, workload_modules=workload_cls.requires)
+    if config.parallel != "none" and under_torchrun() and os.environ["RANK"] != "0":
+        # another rank of a torchrun group: it trains, rank 0 reports and writes
+        run_benchmark(config, stream=None, on_update=None)
+        return 0
     out = prepare_out_dir(args.out or default_out_dir(config.workload), args.overwrite)
-
-    def save(run: dict[str, Any]) -> None:  # after each optimizer: never lose a finished run
-        write_json(build_results(run, argv), out)
-
+    # after each optimizer: never lose a finished run
+    save = functools.partial(_save, out=out, argv=argv)
     try:
         run = run_benchmark(config, stream=None if args.quiet else sys.stderr, on_update=save)
+        assert run is not None  # rank 0 (or one process) always has the results
     except KeyboardInterrupt:
         kept = out / "results.json"
         where = f"the finished optimizers are in {kept}" if kept.exists() else "nothing finished"

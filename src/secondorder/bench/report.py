@@ -134,9 +134,12 @@ def format_table(results: dict[str, Any]) -> str:
     w, s = results["workload"], results["settings"]
     has_val = w.get("has_validation", False)
     sweep = s.get("sweep")
+    par = s.get("parallel") or {}
+    ranks = par.get("ranks") or 1
+    parallel = par.get("mode", "none") != "none"
     columns = ["optimizer", "lr", "wd", "train loss"] + (["val loss"] if has_val else []) + [
         "steps", "wall s", "train s", "step ms", "median ms", "x step", "x median",
-        "steps->tgt", "s->tgt", "state MB",
+        "steps->tgt", "s->tgt", "samples/s", "state MB/rank" if parallel else "state MB",
     ]  # fmt: skip
     rows, notes = [], []
     for r in results["optimizers"]:
@@ -179,6 +182,7 @@ def format_table(results: dict[str, Any]) -> str:
             sig(r.get("median_step_ratio"), 3),
             "-" if r.get("steps_to_target") is None else str(r["steps_to_target"]),
             sig(r.get("seconds_to_target"), 3),
+            sig(r.get("samples_per_second"), 3),
             sig(r["peak_state_bytes"] / 2**20, 3),
         ]
         if r["status"] == "diverged":
@@ -203,14 +207,25 @@ def format_table(results: dict[str, Any]) -> str:
         f"{s['device']} ({plural(s.get('threads') or 0, 'thread')}), seed {s['seed']}, "
         f"schedule {s['schedule']} (warm-up {plural(s['warmup_steps'], 'step')})"
     )
+    if parallel:
+        header += (
+            f"\n--parallel {par['mode']}: {plural(ranks, 'rank')} ({par.get('backend')}, "
+            f"{plural(par.get('threads_per_rank') or 0, 'thread')} per rank), each rank "
+            f"{s['batch_size'] // ranks} examples of the global batch"
+        )
     target = s.get("target_loss")
     legend = (
         f"lr, wd: the optimizer's learning rate and weight decay as resolved (defaults "
         f"included); train loss: mean of the last {plural(s['smoothing_window'], 'step')};\n"
         f"train s: optimizer seconds, the sum of the timed steps (zero_grad + forward + "
         f"backward + optimizer.step; wall s adds data, evaluation, bookkeeping);\n"
-        f"step ms: mean timed step; x: ratio to the first optimizer; state MB: peak optimizer "
-        f"state; tgt: target train loss {sig(target, 4)} ({s.get('target_source')})"
+        f"step ms: mean timed step"
+        + (" (the slowest rank's, step by step)" if parallel else "")
+        + "; x: ratio to the first optimizer; samples/s: "
+        + ("global " if parallel else "")
+        + "examples per optimizer second;\nstate MB: peak optimizer state"
+        + (" of the rank holding the most" if parallel else "")
+        + f"; tgt: target train loss {sig(target, 4)} ({s.get('target_source')})"
     )
     body = [line(columns), "  ".join("-" * n for n in widths)] + [line(r) for r in rows]
     return "\n".join([header, *body, legend, *notes])

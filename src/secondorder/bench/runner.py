@@ -28,6 +28,7 @@ from .optimizers import (
     parse_spec,
     parse_value,
 )
+from .parallel import Ranks, RunRefused, check_parallel, launch
 from .progress import Progress
 from .training import (  # noqa: F401  (re-exported: the runner's building blocks)
     Plan,
@@ -65,6 +66,8 @@ class BenchConfig:
     threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
     sweep: str | None = None  # "key=v1,v2,...": each optimizer at its best value
     batch_schedule: str | None = None  # "adaptive:test=norm,eta=0.1" (see .adaptive)
+    parallel: str = "none"  # "ddp" or "fsdp2": data-parallel over ``nproc`` ranks (.parallel)
+    nproc: int | None = None  # ranks of --parallel (default 2; torchrun: its WORLD_SIZE)
 
 
 @dataclass(frozen=True)
@@ -266,7 +269,10 @@ def check_request(config: BenchConfig) -> tuple[type[Workload], list[OptimizerSp
     if config.sweep is not None:
         parse_sweep(config.sweep)
     parse_batch_schedule(config.batch_schedule)
-    resolve_device(config.device)
+    device = resolve_device(config.device)
+    check_parallel(config.parallel, config.nproc,
+                   config.batch_size or workload_cls.default_batch_size,
+                   config.batch_schedule, device.type)  # fmt: skip
     return workload_cls, specs
 
 
@@ -274,11 +280,17 @@ def run_benchmark(
     config: BenchConfig,
     stream: TextIO | None = sys.stderr,
     on_update: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    ranks: Ranks | None = None,
+) -> dict[str, Any] | None:
     """Run every optimizer of ``config`` on its workload; the content of results.json.
 
-    ``on_update`` gets the results so far each time an optimizer finishes."""
+    ``on_update`` gets the results so far each time an optimizer finishes. With
+    ``config.parallel`` set, the ranks are launched here (see :mod:`.parallel`; ``on_update``
+    must then be picklable) and rank 0's results are returned (``None`` on the other ranks
+    of a torchrun launch); ``ranks`` is set only inside a rank."""
     workload_cls, specs = check_request(config)
+    if config.parallel != "none" and ranks is None:
+        return launch(config, stream, on_update)
     sweep = parse_sweep(config.sweep) if config.sweep is not None else None
     device = resolve_device(config.device)
     previous_threads = torch.get_num_threads()
@@ -288,7 +300,7 @@ def run_benchmark(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(config, workload_cls, specs, sweep, device, stream, on_update)
+        return _run(config, workload_cls, specs, sweep, device, stream, on_update, ranks)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -318,6 +330,7 @@ def _run(
     device: torch.device,
     stream: TextIO | None,
     on_update: Callable[[dict[str, Any]], None] | None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     workload = workload_cls(config.data_dir)
     dtype = DTYPES[config.dtype]
@@ -347,6 +360,7 @@ def _run(
         warmup_steps=warmup_steps,
         eval_every=eval_every,
         window=window,
+        ranks=ranks,
     )
     probe = make_model(plan)
     num_params = sum(p.numel() for p in probe.parameters())
@@ -393,11 +407,14 @@ def _run(
             "target_loss": None,
             "target_source": None,
             "batch_schedule": None if batch_schedule is None else batch_schedule.text,
+            "parallel": _parallel_settings(ranks),
         },
         "optimizers": [],
     }
     progress = Progress(stream, sum(len(r) for g, r in enumerate(groups) if g not in unavailable))
     _warn_if_busy(device, progress)
+    if ranks is not None:
+        progress.note(ranks.describe())
     progress.note(
         f"secondorder bench: {workload_cls.name}, {num_params:,} parameters, "
         f"{plural(steps, 'step')} of batch {batch_size} ({steps / per_epoch:.3g} epochs), "
@@ -415,6 +432,7 @@ def _run(
                                _pick_best(trials, runs, sweep, use_val))  # type: ignore[arg-type]
             target, source = _add_comparisons(records, config.target_loss)
             add_examples_to_target(records)
+            _add_throughput(records, batch_size, ranks)
             result["settings"]["target_loss"] = target
             result["settings"]["target_source"] = source
             if on_update is not None:
@@ -433,7 +451,12 @@ def _train(plan: Plan, run: _Run, build, progress: Progress, trainer=train_run) 
         measured = trainer(plan, build, label, progress)
     except (KeyboardInterrupt, BenchUsageError):
         raise
+    except RunRefused as exc:  # every rank failed to build it: an error row, the bench goes on
+        progress.finish(f"{label}: failed ({exc}); the other optimizers go on")
+        return _record(run, None, "failed", str(exc))
     except Exception as exc:  # noqa: BLE001 - a third-party optimizer may fail in any way
+        if plan.ranks is not None:  # the other ranks may wait in a collective: stop them all
+            raise
         message = f"{type(exc).__name__}: {exc}"
         progress.finish(f"{label}: failed ({message}); the other optimizers go on")
         return _record(run, None, "failed", message)
@@ -448,6 +471,28 @@ def _train(plan: Plan, run: _Run, build, progress: Progress, trainer=train_run) 
     for note in measured["warnings"]:
         progress.note(f"secondorder bench: warning: {note}")
     return record
+
+
+def _parallel_settings(ranks: Ranks | None) -> dict[str, Any]:
+    if ranks is None:
+        return {"mode": "none", "ranks": 1, "backend": None, "threads_per_rank": None}
+    return ranks.settings()
+
+
+def _add_throughput(records: list[dict[str, Any]], batch_size: int, ranks: Ranks | None) -> None:
+    """Per record: mode, ranks, optimizer bytes per rank (the peak, largest over ranks) and
+    global examples per optimizer second."""
+    for r in records:
+        r["mode"] = "none" if ranks is None else ranks.mode
+        r["ranks"] = 1 if ranks is None else ranks.world
+        if r["status"] not in ("ok", "diverged") or not r.get("steps_run"):
+            r.setdefault("state_bytes_per_rank", None)
+            r.setdefault("samples_per_second", None)
+            continue
+        r["state_bytes_per_rank"] = r["peak_state_bytes"]
+        examples = r.get("examples_processed", r["steps_run"] * batch_size)
+        seconds = r["train_seconds"]
+        r["samples_per_second"] = examples / seconds if seconds else None
 
 
 def _sweep_key(run: _Run) -> str:

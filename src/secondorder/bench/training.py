@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from . import health
 from .optimizers import Built
 from .progress import Progress
 from .workloads import Workload
+
+if TYPE_CHECKING:
+    from .parallel import Ranks
 
 
 def lr_factor(schedule: str, total: int, warmup: int) -> Callable[[int], float]:
@@ -63,7 +66,7 @@ def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> to
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state: the optimizer's own ``state_bytes()`` where it has one (the
     optimizers of this package do, and know what they hold), else the bytes of distinct
-    tensor storage reachable from ``optimizer.state``."""
+    tensor storage reachable from ``optimizer.state`` (of a DTensor, this rank's shard)."""
     own = getattr(optimizer, "state_bytes", None)
     if callable(own):
         return int(own())
@@ -73,6 +76,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
+            item = item.to_local() if hasattr(item, "to_local") else item  # a DTensor: its shard
             storage = item.untyped_storage()
             key = (str(item.device), storage.data_ptr())
             if key not in seen:
@@ -125,6 +129,13 @@ class _Timer:
         return [a.elapsed_time(b) / 1000.0 for a, b in self.spans]
 
 
+class _Slowest(_Timer):
+    """Step durations already combined over the ranks."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        self.cuda, self.spans = False, seconds
+
+
 @dataclass
 class Plan:
     """What is shared by every run of one benchmark."""
@@ -138,6 +149,7 @@ class Plan:
     warmup_steps: int
     eval_every: int
     window: int
+    ranks: Ranks | None = None  # this process's rank in a --parallel benchmark
 
 
 def _wants_graph(built: Built) -> bool:
@@ -228,6 +240,12 @@ def run_record(
     }
 
 
+def _index(plan: Plan, step: int) -> torch.Tensor:
+    """Example indices of 0-based ``step``: the global batch, or this rank's slice of it."""
+    index = plan.order[step]
+    return index if plan.ranks is None else plan.ranks.local(index)
+
+
 def make_model(plan: Plan) -> nn.Module:
     torch.manual_seed(plan.seed)
     return plan.workload.make_model().to(device=plan.device, dtype=plan.dtype)
@@ -244,9 +262,13 @@ def train_run(
     Returns the measured part of a results.json record: status (``ok`` or ``diverged``),
     losses, step times, peak state bytes, health samples and warnings.
     """
-    workload, steps = plan.workload, plan.order.shape[0]
+    workload, steps, ranks = plan.workload, plan.order.shape[0], plan.ranks
     model = make_model(plan)
-    built = build(model)
+    if ranks is not None:  # DDP / FSDP2; every rank builds, or all report why not
+        model = ranks.wrap(model)
+        built = ranks.build(build, model)
+    else:
+        built = build(model)
     optimizer = built.optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(plan.schedule, steps, plan.warmup_steps)
@@ -254,7 +276,7 @@ def train_run(
 
     # one untimed forward/backward so that the first timed step is not a cold start
     with forward_context(built):
-        warm = workload.loss(model, workload.train_batch(plan.order[0]))
+        warm = workload.loss(model, workload.train_batch(_index(plan, 0)))
     _backward(warm, built)
     optimizer.zero_grad(set_to_none=True)
 
@@ -270,20 +292,25 @@ def train_run(
 
     _evaluate(model, workload, val, 0)
     for step in range(1, steps + 1):
-        batch = workload.train_batch(plan.order[step - 1])
+        batch = workload.train_batch(_index(plan, step - 1))
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         with forward_context(built):
             loss = workload.loss(model, batch)
         _backward(loss, built)
+        failure = None
         try:
             optimizer.step()
         except FloatingPointError as exc:  # an optimizer told to raise on non-finite input
-            timer.stop()
-            status, error = "diverged", f"step {step}: {exc}"
-            break
+            failure = f"step {step}: {exc}"
         timer.stop()
-        losses.append(loss.detach())
+        loss = loss.detach()
+        if ranks is not None:  # the global batch's loss; every rank stops if any failed
+            loss, failure = ranks.combine(loss, failure, step)
+        if failure is not None:
+            status, error = "diverged", failure
+            break
+        losses.append(loss)
         scheduler.step()
         peak = max(peak, state_bytes(optimizer))
         if step % plan.eval_every == 0 or step == steps:
@@ -302,8 +329,13 @@ def train_run(
                 progress.loss(latest)
     wall = time.perf_counter() - wall_start
     optimizer.zero_grad(set_to_none=True)  # drop a create_graph graph held by the grads
+    if ranks is not None:  # the largest state of any rank, the slowest rank of every step
+        peak = ranks.max_int(peak)
+        timer = _Slowest(ranks.slowest(timer.seconds()))
 
     notes = [n for n in [health.warm_up_note(optimizer, len(losses), label)] if n]
+    if ranks is not None:
+        notes += [n for n in [ranks.drift(model, label)] if n]
     return run_record(
         built=built, status=status, error=error, losses=losses, timer=timer,
         window=plan.window, val=val, samples=samples, peak=peak, wall=wall, warnings=notes,
