@@ -44,7 +44,7 @@ def _note_rank(path: str, run: dict) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """One process, 2-rank DDP and 2-rank FSDP2 runs of AdamW and SGD (Nesterov 0.9); the
-    FSDP2 one through the command line, with M-FAC (which refuses DTensor parameters)."""
+    FSDP2 one through the command line, with AdaHessian (which refuses DTensor parameters)."""
     tmp = tmp_path_factory.mktemp("parallel")
     log = tmp / "updates.txt"
     runs = {
@@ -54,7 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     }  # fmt: skip
     out = tmp / "out"
     args = ["bench", "--steps", str(STEPS), "--batch-size", str(BATCH), "--threads", "1",
-            "--quiet", "--opt", "adamw", "--opt", "sgd", "--opt", "mfac",
+            "--quiet", "--opt", "adamw", "--opt", "sgd", "--opt", "adahessian",
             "--parallel", "fsdp2", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     runs["fsdp2"] = json.loads((out / "results.json").read_text())
@@ -146,9 +146,9 @@ def test_outputs_written_by_rank_zero_only(runs: dict[str, dict]) -> None:
     assert results["settings"]["parallel"]["mode"] == "fsdp2"
     assert "--parallel fsdp2" in results["command"]
     # an optimizer that refuses DTensor parameters is an error row with its own message
-    mfac = results["optimizers"][2]
-    assert mfac["status"] == "failed" and "DTensor" in mfac["error"]
-    assert mfac["error"].startswith("under --parallel fsdp2, rank 0: ValueError:")
+    refused = results["optimizers"][2]
+    assert refused["status"] == "failed" and "DTensor" in refused["error"]
+    assert refused["error"].startswith("under --parallel fsdp2, rank 0: ValueError:")
 
 
 @pytest.mark.distributed
@@ -158,7 +158,7 @@ def test_table_says_mode_and_per_rank_memory(runs: dict[str, dict]) -> None:
     table = format_table(runs["fsdp2"])
     assert "--parallel fsdp2: 2 ranks (gloo, 1 thread per rank), each rank 25 examples" in table
     assert "state MB/rank" in table and "samples/s" in table
-    assert "mfac" in table and "failed: under --parallel fsdp2" in table
+    assert "adahessian" in table and "failed: under --parallel fsdp2" in table
 
 
 class FailsOnRankOne(torch.optim.SGD):
