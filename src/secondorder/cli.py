@@ -181,6 +181,21 @@ def _error(message: str) -> int:
 
 
 def bench(args: argparse.Namespace, argv: list[str]) -> int:
+    code = _bench_reported(args, argv)
+    from .bench.parallel import joined_torchrun_group
+
+    if joined_torchrun_group():
+        # A torchrun rank that used gloo: its outputs are written and its process group is
+        # gone. Interpreter teardown with gloo's C++ threads alive can still abort the
+        # process (rarely: "terminate called without an active exception"), which torchrun
+        # would report as a failed run, so leave without it, as the spawned ranks do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _bench_reported(args: argparse.Namespace, argv: list[str]) -> int:
     from .bench.errors import BenchUsageError
     from .bench.mnist import IDXFormatError, MNISTNotFoundError
     from .bench.parallel import RankError

@@ -233,10 +233,12 @@ def test_torchrun_launch(runs: dict[str, dict], tmp_path: Path) -> None:
            "bench", "--steps", str(STEPS), "--batch-size", str(BATCH), "--threads", "1",
            "--opt", "adamw", "--parallel", "ddp", "--quiet", "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("--parallel ddp: 2 ranks") == 1  # rank 0 prints, alone
+    said = f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, said
+    assert proc.stdout.count("--parallel ddp: 2 ranks") == 1, said  # rank 0 prints, alone
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["optimizers"][0]["train_loss"] == runs["ddp"]["optimizers"][0]["train_loss"]
+    got, want = (r["optimizers"][0]["train_loss"] for r in (results, runs["ddp"]))
+    assert got == want, f"torchrun {got!r} vs spawned {want!r}\n{said}"
 
 
 def _collectives(rank: int, world: int, tmp: str) -> dict:

@@ -362,10 +362,19 @@ def _thread_lock_for_tqdm() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+_JOINED: list[bool] = []  # set once this process joined a torchrun group
+
+
+def joined_torchrun_group() -> bool:
+    """Whether this process joined a torchrun process group (``--parallel`` under torchrun)."""
+    return bool(_JOINED)
+
+
 def _torchrun(config: Any, stream: TextIO | None, on_update: Any) -> dict[str, Any] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     ranks = _plan_ranks(config, world, rank, int(os.environ["LOCAL_RANK"]))
     _init_group(ranks.backend, rank, world, "env://")
+    _JOINED[:] = [True]
     try:
         try:
             result = _run_rank(config, ranks, stream is not None, on_update)
