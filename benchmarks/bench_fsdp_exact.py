@@ -27,16 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import _fsdp  # benchmarks/ is on sys.path when a script runs
 import secondorder
 import secondorder.placement.ddp as ddp_placement
 import secondorder.placement.fsdp as fsdp_placement
@@ -45,66 +40,13 @@ MODES = ("local", "exact", "exact-allgather")
 SIZES = (784, 512, 256, 128)
 
 
-class _Counter:
-    """Bytes received by the optimizer's own collectives while ``on``."""
-
-    def __init__(self) -> None:
-        self.on, self.bytes = False, 0
-        self._a2a = dist.all_to_all_single
-        self._ag = {m: m._all_gather_single for m in (ddp_placement, fsdp_placement)}
-        self._ar = dist.all_reduce
-        counter = self
-
-        def a2a(out, inp, *args, **kwargs):
-            if counter.on:
-                counter.bytes += out.numel() * out.element_size()
-            return counter._a2a(out, inp, *args, **kwargs)
-
-        def ar(t, *args, **kwargs):
-            if counter.on:
-                counter.bytes += t.numel() * t.element_size()
-            return counter._ar(t, *args, **kwargs)
-
-        def wrap(fn):
-            def ag(out, inp, *args, **kwargs):
-                if counter.on:
-                    counter.bytes += (out.numel() - inp.numel()) * out.element_size()
-                return fn(out, inp, *args, **kwargs)
-
-            return ag
-
-        dist.all_to_all_single = a2a
-        dist.all_reduce = ar
-        for m, fn in self._ag.items():
-            m._all_gather_single = wrap(fn)
-
-
-def _model(mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(SIZES[:-1], SIZES[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def _worker(rank, world, init_file, args, out_path):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(args.threads_per_rank)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    counter = _Counter()
+    mesh = _fsdp.start(rank, world, init_file, args.threads_per_rank)
+    counter = _fsdp.Counter(gathers=(ddp_placement, fsdp_placement))
     results = {}
     for mode in MODES:
         fsdp_placement.EXCHANGE = "all_gather" if mode == "exact-allgather" else "owners"
-        model = _model(mesh)
+        model = _fsdp.sharded_mlp(mesh, SIZES)
         opt = secondorder.Shampoo(
             model.parameters(),
             lr=1e-3,
@@ -113,36 +55,16 @@ def _worker(rank, world, init_file, args, out_path):
             start_preconditioning_step=1,
             fsdp_mode="local" if mode == "local" else "exact",
         )
-        gen = torch.Generator().manual_seed(rank)
-        times, received = [], []
-        for step in range(args.warmup + args.steps):
-            x = torch.randn(args.batch, SIZES[0], generator=gen)
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            counter.on, counter.bytes = True, 0
-            t0 = time.perf_counter()
-            opt.step()
-            dt = time.perf_counter() - t0
-            counter.on = False
-            if step >= args.warmup:
-                times.append(dt)
-                received.append(counter.bytes)
+        timed = _fsdp.time_steps(model, opt, args, torch.Generator().manual_seed(rank), counter)
         opt.close()
         mine = dict(
-            step_s=statistics.median(times),
-            received_bytes=max(received),
+            step_s=timed["step_s"],
+            received_bytes=timed["bytes"],
             state_bytes=opt.state_bytes(),
             moments_bytes=opt.memory_diagnostics()["moments"],
         )
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        results[mode] = {k: max(r[k] for r in every) for k in mine}
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+        results[mode] = _fsdp.max_over_ranks(mine, world)
+    _fsdp.finish(rank, results, out_path)
 
 
 def main(argv=None):
@@ -155,12 +77,7 @@ def main(argv=None):
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        init = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(args.world, init, args, out), nprocs=args.world)
-        with open(out) as f:
-            results = json.load(f)
+    results = _fsdp.spawn(_worker, args.world, args)
     numel = sum(a * b + b for a, b in zip(SIZES[:-1], SIZES[1:]))
     mib = 2**20
     print(

@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import _fsdp  # benchmarks/ is on sys.path when a script runs
 import secondorder
 import secondorder.optim.muon as muon_module
 import secondorder.placement.fsdp as fsdp_placement
@@ -61,90 +57,22 @@ def _shard_local(items, fn, *, out_dtype=None, cost=None):
     return list(fn([x for x, _ in items])) if items else []
 
 
-class _Counter:
-    """Bytes received by the collectives Muon's step runs while ``on``."""
-
-    def __init__(self) -> None:
-        self.on, self.bytes = False, 0
-        self._a2a = dist.all_to_all_single
-        self._ag = fsdp_placement._all_gather_single
-        self._ar = dist.all_reduce
-        counter = self
-
-        def a2a(out, inp, *args, **kwargs):
-            if counter.on:
-                counter.bytes += out.numel() * out.element_size()
-            return counter._a2a(out, inp, *args, **kwargs)
-
-        def ar(t, *args, **kwargs):
-            if counter.on:
-                counter.bytes += t.numel() * t.element_size()
-            return counter._ar(t, *args, **kwargs)
-
-        def ag(out, inp, *args, **kwargs):
-            if counter.on:
-                counter.bytes += (out.numel() - inp.numel()) * out.element_size()
-            return counter._ag(out, inp, *args, **kwargs)
-
-        dist.all_to_all_single = a2a
-        dist.all_reduce = ar
-        fsdp_placement._all_gather_single = ag
-
-
-def _model(mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(SIZES[:-1], SIZES[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
 def _worker(rank, world, init_file, args, out_path):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(args.threads_per_rank)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    counter = _Counter()
+    mesh = _fsdp.start(rank, world, init_file, args.threads_per_rank)
+    counter = _fsdp.Counter(gathers=(fsdp_placement,))
     impl = {"owners": apply_whole, "allgather": _allgather_whole, "shard-local": _shard_local}
     results = {}
     for _ in range(args.repeats):
         for mode in MODES:
             muon_module.apply_whole = impl[mode]
-            model = _model(mesh)
+            model = _fsdp.sharded_mlp(mesh, SIZES)
             opt = secondorder.Muon(model.parameters(), lr=1e-3)
             gen = torch.Generator().manual_seed(rank)
-            times, received = [], []
-            for step in range(args.warmup + args.steps):
-                x = torch.randn(args.batch, SIZES[0], generator=gen)
-                opt.zero_grad()
-                model(x).square().mean().backward()
-                counter.on, counter.bytes = True, 0
-                t0 = time.perf_counter()
-                opt.step()
-                dt = time.perf_counter() - t0
-                counter.on = False
-                if step >= args.warmup:
-                    times.append(dt)
-                    received.append(counter.bytes)
-            mine = dict(step_s=statistics.median(times), received_bytes=max(received))
-            every = [None] * world
-            dist.all_gather_object(every, mine)
-            results.setdefault(mode, []).append({k: max(r[k] for r in every) for k in mine})
+            timed = _fsdp.time_steps(model, opt, args, gen, counter)
+            mine = dict(step_s=timed["step_s"], received_bytes=timed["bytes"])
+            results.setdefault(mode, []).append(_fsdp.max_over_ranks(mine, world))
     muon_module.apply_whole = apply_whole
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    _fsdp.finish(rank, results, out_path)
 
 
 def main(argv=None):
@@ -157,12 +85,7 @@ def main(argv=None):
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        init = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(args.world, init, args, out), nprocs=args.world)
-        with open(out) as f:
-            runs = json.load(f)
+    runs = _fsdp.spawn(_worker, args.world, args)
     # per mode: the median over repeats of each round's median step time
     results = {
         m: dict(

@@ -19,15 +19,12 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+import _fsdp  # benchmarks/ is on sys.path when a script runs
 import secondorder
 
 SIZES = (784, 512, 256, 128)
@@ -44,101 +41,23 @@ CONFIGS = {
 }
 
 
-class _Counter:
-    """Calls, bytes and seconds of ``dist.all_reduce`` while ``on``."""
-
-    def __init__(self) -> None:
-        self.on, self.calls, self.bytes, self.seconds = False, 0, 0, 0.0
-        self._ar = dist.all_reduce
-        counter = self
-
-        def ar(t, *args, **kwargs):
-            if not counter.on:
-                return counter._ar(t, *args, **kwargs)
-            t0 = time.perf_counter()
-            out = counter._ar(t, *args, **kwargs)
-            counter.seconds += time.perf_counter() - t0
-            counter.calls += 1
-            counter.bytes += t.numel() * t.element_size()
-            return out
-
-        dist.all_reduce = ar
-
-    def reset(self) -> None:
-        self.calls, self.bytes, self.seconds = 0, 0, 0.0
-
-
-def _mlp():
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(SIZES[:-1], SIZES[1:]):
-        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
-    return torch.nn.Sequential(*layers[:-1])
-
-
-def _shard(model, mesh):
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def _time_steps(model, opt, args, gen, counter=None):
-    times, calls, sent, reduce_s = [], [], [], []
-    for step in range(args.warmup + args.steps):
-        x = torch.randn(args.batch, SIZES[0], generator=gen)
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        if counter is not None:
-            counter.reset()
-            counter.on = True
-        t0 = time.perf_counter()
-        opt.step()
-        dt = time.perf_counter() - t0
-        if counter is not None:
-            counter.on = False
-        if step >= args.warmup:
-            times.append(dt)
-            if counter is not None:
-                calls.append(counter.calls)
-                sent.append(counter.bytes)
-                reduce_s.append(counter.seconds)
-    out = dict(step_s=statistics.median(times))
-    if counter is not None:
-        out.update(
-            all_reduces=max(calls), bytes=max(sent), reduce_s=statistics.median(reduce_s)
-        )
-    return out
-
-
 def _worker(rank, world, init_file, args, out_path):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    torch.set_num_threads(args.threads_per_rank)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    counter = _Counter()
+    mesh = _fsdp.start(rank, world, init_file, args.threads_per_rank)
+    counter = _fsdp.Counter()
     results = {}
     for name, make in CONFIGS.items():
-        base = _mlp()
-        model = _shard(copy.deepcopy(base), mesh)
-        mine = _time_steps(model, make(model), args, torch.Generator().manual_seed(rank), counter)
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        results[name] = {k: max(r[k] for r in every) for k in mine}
+        base = _fsdp.mlp(SIZES)
+        model = _fsdp.shard(copy.deepcopy(base), mesh)
+        gen = torch.Generator().manual_seed(rank)
+        timed = _fsdp.time_steps(model, make(model), args, gen, counter)
+        mine = dict(step_s=timed["step_s"], all_reduces=timed["calls"], bytes=timed["bytes"],
+                    reduce_s=timed["collective_s"])  # fmt: skip
+        results[name] = _fsdp.max_over_ranks(mine, world)
         if rank == 0:  # the same optimizer on the whole model, one process
-            single = _time_steps(base, make(base), args, torch.Generator().manual_seed(0))
+            single = _fsdp.time_steps(base, make(base), args, torch.Generator().manual_seed(0))
             results[name]["single_step_s"] = single["step_s"]
         dist.barrier()
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    _fsdp.finish(rank, results, out_path)
 
 
 def main(argv=None):
@@ -150,12 +69,7 @@ def main(argv=None):
     ap.add_argument("--threads-per-rank", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        init = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(args.world, init, args, out), nprocs=args.world)
-        with open(out) as f:
-            results = json.load(f)
+    results = _fsdp.spawn(_worker, args.world, args)
     numel = sum(a * b + b for a, b in zip(SIZES[:-1], SIZES[1:]))
     print(f"world={args.world} params={numel} (sharded: the largest rank; load: "
           f"{os.getloadavg()[0]:.1f})")  # fmt: skip
