@@ -45,6 +45,15 @@ def mark(stage: str) -> None:
             f.write(stage + "\n")
 
 
+def chosen(names: Any, name: str, where: str | None = None) -> bool:
+    """Whether the check ``name`` is among the selected ``names``; if it is, the stage
+    (``name``, or ``name:where``) is marked first, so a rank that dies in it is named."""
+    if name not in names:
+        return False
+    mark(name if where is None else f"{name}:{where}")
+    return True
+
+
 def _worker(
     rank: int,
     world: int,

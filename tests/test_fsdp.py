@@ -50,7 +50,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 import secondorder
 import secondorder.optim.base
 import secondorder.placement.fsdp as fsdp_placement
-from _spawn import mark, run_ranks  # tests/ is on sys.path
+from _spawn import chosen, run_ranks  # tests/ is on sys.path
 from secondorder import Shampoo, SONew
 from secondorder.kernels import sonew as K
 from test_distributed import KW, _batch, _model  # noqa: E402 - tests/ is on sys.path
@@ -461,17 +461,13 @@ def _check_named(rank, world, tmp, names):
             ("sonew", _check_sonew_cut_links, (mesh,)),
             ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
         ):
-            if name in names:
-                mark(f"{name}:{label}")
+            if chosen(names, name, label):
                 check(*args)
-    if "bad" in names:
-        mark("bad")
+    if chosen(names, "bad"):
         _check_bad_input(meshes[0][1])
-    if "exact-groups" in names:
-        mark("exact-groups")
+    if chosen(names, "exact-groups"):
         _check_exact_one_group(meshes)
-    if "reshard" in names:
-        mark("reshard")
+    if chosen(names, "reshard"):
         _check_reshard(meshes, tmp)
 
 

@@ -53,10 +53,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from _spawn import mark, run_ranks  # tests/ is on sys.path
+from _spawn import chosen, mark, run_ranks  # tests/ is on sys.path
 from secondorder import MKOR, AdaHessian
 from secondorder.placement import placement_of
 from secondorder.placement.gather import apply_whole, plan_whole
+from test_fsdp import _meshes  # tests/ is on sys.path
 
 EPS = torch.finfo(torch.float32).eps
 BATCH = 12
@@ -64,15 +65,6 @@ MKOR_KW = dict(lr=0.05, inv_freq=2, warmup_steps=3, weight_decay=0.01)
 
 
 # ------------------------------------------------------------------------ helpers
-def _meshes(world):
-    if world == 2:
-        return [("fsdp2", init_device_mesh("cpu", (2,)))]
-    return [
-        ("fsdp4", init_device_mesh("cpu", (4,))),
-        ("hsdp2x2", init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))),
-    ]
-
-
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -444,23 +436,17 @@ def _check_named(rank, world, tmp, names):
             if "dcp" in names:
                 mark(f"dcp:{label}:{mixed}")
                 _check_mkor_dcp(mesh, tmp, label, mixed)
-    if "reshard" in names:
-        mark("reshard")
+    if chosen(names, "reshard"):
         _check_mkor_reshard(meshes, tmp)
-    if "ddp" in names:
-        mark("ddp")
+    if chosen(names, "ddp"):
         _check_mkor(DistributedDataParallel(_model()), MKOR_KW)
-    if "adahessian" in names:
-        mark("adahessian")
+    if chosen(names, "adahessian"):
         _check_adahessian(meshes[0][1])
-    if "adahessian-dp" in names:
-        mark("adahessian-dp")
+    if chosen(names, "adahessian-dp"):
         _check_adahessian_data_parallel()
-    if "owners" in names:
-        mark("owners")
+    if chosen(names, "owners"):
         _check_owners_hook(meshes[0][1])
-    if "bad" in names:
-        mark("bad")
+    if chosen(names, "bad"):
         _check_mkor_bad_input(meshes[0][1])
     return list(names)
 

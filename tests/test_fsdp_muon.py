@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from _spawn import mark, run_ranks  # tests/ is on sys.path
+from _spawn import chosen, mark, run_ranks  # tests/ is on sys.path
 from secondorder import Muon
 from secondorder.kernels.newton_schulz import orthogonalize_many
 from secondorder.placement import ParamPlacement, placement_of
@@ -307,18 +307,15 @@ def _check_named(rank, world, tmp, names):
     for label, mesh in meshes:
         for name, check in (("gather", _check_gather), ("holder", _check_muon_holder),
                             ("model", _check_muon_model)):  # fmt: skip
-            if name in names:
-                mark(f"{name}:{label}")
+            if chosen(names, name, label):
                 check(mesh)
     if "dcp" in names:
         for (label, mesh), other in pairs:
             mark(f"dcp:{label}")
             _check_dcp(mesh, other, tmp, label)
-    if "gather-groups" in names:
-        mark("gather-groups")
+    if chosen(names, "gather-groups"):
         _check_gather_two_groups(meshes)
-    if "bad" in names:
-        mark("bad")
+    if chosen(names, "bad"):
         _check_bad_input(meshes[0][1])
 
 

@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from _spawn import mark, run_ranks  # tests/ is on sys.path
+from _spawn import chosen, mark, run_ranks  # tests/ is on sys.path
 from secondorder import MFAC, SCALE, AdaGradNorm
 from test_fsdp import EPS, _Holder, _local_rows, _meshes, _shard_count, _shard_rows
 
@@ -586,17 +586,13 @@ def _check_named(rank, world, tmp, names):
     meshes = _meshes(world)
     for label, mesh in meshes:
         for name, check in CHECKS.items():
-            if name in names:
-                mark(f"{name}:{label}")
+            if chosen(names, name, label):
                 check(mesh)
-        if "dcp" in names:
-            mark(f"dcp:{label}")
+        if chosen(names, "dcp", label):
             _check_dcp_round_trip(mesh, tmp, label)
-    if "bad" in names:
-        mark("bad")
+    if chosen(names, "bad"):
         _check_bad_input(meshes[0][1])
-    if "reshard" in names:
-        mark("reshard")
+    if chosen(names, "reshard"):
         _check_reshard(meshes, tmp)
 
 

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from _spawn import mark, run_ranks  # tests/ is on sys.path
+from _spawn import chosen, run_ranks  # tests/ is on sys.path
 from secondorder import SOAP
 from secondorder.optim.soap import SAFE_EXP
 from test_fsdp import (  # noqa: E402 - tests/ is on sys.path
@@ -341,14 +341,11 @@ def _check_named(rank, world, tmp, names):
             ("whole", _check_whole, (mesh,)),
             ("dcp", _check_dcp_round_trip, (mesh, tmp, label)),
         ):
-            if name in names:
-                mark(f"{name}:{label}")
+            if chosen(names, name, label):
                 check(*args)
-    if "bad" in names:
-        mark("bad")
+    if chosen(names, "bad"):
         _check_bad_input(meshes[0][1])
-    if "reshard" in names:
-        mark("reshard")
+    if chosen(names, "reshard"):
         _check_reshard(meshes, tmp)
 
 
