@@ -6,6 +6,7 @@ count what its own collectives move. This module holds the parts that are the sa
 
 * :func:`mlp` / :func:`shard` / :func:`sharded_mlp`: the model (Linear + Tanh layers of
   the given widths, seeded) and its sharding (every Linear, then the root);
+* :func:`parser`: the command-line options they share;
 * :func:`spawn` starts the ranks and returns rank 0's results; a worker calls
   :func:`start` first and :func:`finish` last;
 * :class:`Counter`: calls, bytes received and seconds of the collectives an optimizer step
@@ -17,6 +18,7 @@ count what its own collectives move. This module holds the parts that are the sa
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -29,6 +31,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every FSDP script takes: ranks, steps, warm-up, batch, threads, JSON."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads-per-rank", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    return ap
 
 
 def mlp(sizes: Sequence[int]) -> torch.nn.Sequential:

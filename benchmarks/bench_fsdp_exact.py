@@ -25,7 +25,6 @@ mode kept on every rank before it stored only the entries a rank uses) and the b
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -68,14 +67,8 @@ def _worker(rank, world, init_file, args, out_path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
+    ap = _fsdp.parser(__doc__)
     ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--threads-per-rank", type=int, default=1)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = _fsdp.spawn(_worker, args.world, args)
     numel = sum(a * b + b for a, b in zip(SIZES[:-1], SIZES[1:]))

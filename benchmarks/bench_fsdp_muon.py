@@ -22,7 +22,6 @@ to ``owners``. Compare only within one run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -76,14 +75,8 @@ def _worker(rank, world, init_file, args, out_path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap = _fsdp.parser(__doc__)
     ap.add_argument("--repeats", type=int, default=2, help="rounds of all modes (interleaved)")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads-per-rank", type=int, default=1)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     runs = _fsdp.spawn(_worker, args.world, args)
     # per mode: the median over repeats of each round's median step time
