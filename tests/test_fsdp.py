@@ -160,6 +160,17 @@ def _shard_count(mesh):
     return mesh.size(mesh.ndim - 1)
 
 
+def _local(t):
+    """This rank's shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _assert_same_local_params(a, b, where):
+    """Every parameter of module ``a`` equals ``b``'s, bit for bit, on this rank."""
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(_local(p), _local(q)), where
+
+
 def _local_rows(full, p):
     """The rows of ``full`` that ``p`` (a DTensor parameter) holds on this rank."""
     chunk = -(-full.shape[0] // _shard_count(p.device_mesh))
@@ -374,10 +385,7 @@ def _check_dcp_round_trip(mesh, tmp, label):
         dcp.load(sd, checkpoint_id=path)
         set_optimizer_state_dict(other, opt2, sd["optim"])
         _train_holder(other, opt2, range(3, 6))
-        for a, b in zip(holder.parameters(), other.parameters()):
-            a = a.to_local() if hasattr(a, "to_local") else a
-            b = b.to_local() if hasattr(b, "to_local") else b
-            assert torch.equal(a, b), (label, cls.__name__)
+        _assert_same_local_params(holder, other, (label, cls.__name__))
 
         if cls is Shampoo:  # per-shard state names its shard; another count is rejected
             sd = opt.state_dict()

@@ -49,6 +49,7 @@ from secondorder.blocking import BlockPlan
 from secondorder.placement.fsdp import UsedEntries
 from test_fsdp import (
     EXACT,
+    _assert_same_local_params,
     _fsdp_backward,
     _fsdp_model,
     _Holder,
@@ -251,10 +252,7 @@ def _check_dcp_old(mesh, tmp, label):
     dcp.load(sd, checkpoint_id=path)
     set_optimizer_state_dict(other, opt2, sd["optim"])
     _train_holder(other, opt2, range(3, 6))
-    for a, b in zip(holder.parameters(), other.parameters()):
-        a = a.to_local() if hasattr(a, "to_local") else a
-        b = b.to_local() if hasattr(b, "to_local") else b
-        assert torch.equal(a, b), label
+    _assert_same_local_params(holder, other, label)
     for p, q in zip(holder.parameters(), other.parameters()):
         for k in MOMENTS:
             assert torch.equal(opt.state[p][k], opt2.state[q][k]), (label, k)

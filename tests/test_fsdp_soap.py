@@ -49,6 +49,7 @@ from test_fsdp import (  # noqa: E402 - tests/ is on sys.path
     _fsdp_backward,
     _fsdp_model,
     _Holder,
+    _local,
     _meshes,
     _placements,
     _shard_count,
@@ -61,10 +62,6 @@ VARIANTS = (KW, dict(KW, basis_method="eigh", precondition_1d=True))
 
 
 # ------------------------------------------------------------------------ helpers
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _assert_tree_equal(a, b, where):
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
