@@ -25,6 +25,7 @@ from ..kernels.grafting import (
     graft_norm,
     robust_norm,
 )
+from ..placement.reduce import all_reduce_over_shards
 from .base import SecondOrderOptimizer
 
 __all__ = ["SONew"]
@@ -432,19 +433,12 @@ class SONew(SecondOrderOptimizer):
         shards (one collective per shard group), so every shard derives the same scale ``c``
         (max is exact: the one a single process holding the whole tensor derives); ``None``
         when no tensor is sharded."""
-        groups: dict[tuple[Any, int], tuple[Any, list[int]]] = {}
-        for i, (_, p, _) in enumerate(items):
-            pl = self._placement(p)
-            if pl is not None and pl.sharded:
-                groups.setdefault((pl.mesh, pl.shard_dim), (pl, []))[1].append(i)
-        if not groups:
+        placements = [self._placement(p) for _, p, _ in items]
+        if not any(pl is not None and pl.sharded for pl in placements):
             return None
         bound, gmax = bound.clone(), gmax.clone()
-        for pl, idx in groups.values():
-            at = torch.tensor(idx, device=bound.device)
-            both = torch.stack([bound[at], gmax[at]])
-            pl.all_reduce_(both, "max")
-            bound[at], gmax[at] = both[0], both[1]
+        entries = [(pl, t[i : i + 1]) for t in (bound, gmax) for i, pl in enumerate(placements)]
+        all_reduce_over_shards(entries, "max")
         return bound, gmax
 
     def _step_param(
